@@ -1,0 +1,212 @@
+"""Configuration: TOML, validated at start; a bad value fails naming its key and the fix.
+
+``config.example.toml`` documents every key with its default. Environment overrides:
+``OUTBOX_DATABASE_URL`` and ``RECRYPT_API_KEY``. The API key may also come from
+``[recrypt] api_key_file`` or from systemd credentials (``$CREDENTIALS_DIRECTORY/recrypt-api-key``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from outbox.errors import ConfigError
+
+DEFAULT_TARGET = "api.recrypt.net:8443"
+CREDENTIAL_NAME = "recrypt-api-key"
+DEFAULT_HOLD_METHODS = (
+    "/recrypt.market.v1.Market/PlaceOrder",
+    "/recrypt.market.v1.Market/CancelOrder",
+)
+
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_DAYS = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")
+_WINDOW = re.compile(r"^(MON|TUE|WED|THU|FRI|SAT|SUN) (\d\d):(\d\d)-(\d\d):(\d\d)$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Section):
+    url: str = Field("sqlite:///outbox.db", description="an SQLAlchemy URL")
+
+
+class RecryptConfig(_Section):
+    target: str = Field(DEFAULT_TARGET, description="host:port of the Recrypt gRPC API")
+    tls: bool = Field(True, description="true, or false only for a loopback simulator")
+    ca_file: str = Field("", description="a PEM CA bundle; empty uses the system trust store")
+    api_key_file: str = Field("", description="a file holding the API key (mode 0600)")
+    proto_path: str = Field("", description="Recrypt's .proto directory or a descriptor set")
+    deadline: Seconds = Field(10.0, description="per-call deadline in seconds")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("must be host:port, e.g. api.recrypt.net:8443")
+        return value
+
+
+class WorkerConfig(_Section):
+    batch_size: int = Field(100, gt=0, le=10_000, description="rows claimed per round trip")
+    max_in_flight: int = Field(64, gt=0, le=10_000, description="gRPC calls in flight at once")
+    poll_interval: Seconds = Field(1.0, description="seconds between polls when idle")
+    lease: Seconds = Field(60.0, description="seconds a claim is held before another worker may take it")
+
+
+class RetryConfig(_Section):
+    initial_backoff: Seconds = Field(1.0, description="first retry delay in seconds")
+    max_backoff: Seconds = Field(180.0, description="cap on the retry delay (the guide: 3 minutes)")
+    multiplier: float = Field(2.0, ge=1.0, description="growth of the delay per attempt")
+    jitter: float = Field(0.2, ge=0.0, le=1.0, description="fraction of the delay randomised")
+    max_unknown_attempts: int = Field(
+        10, gt=0, description="resends on an unknown outcome before the row is parked"
+    )
+
+
+class MaintenanceConfig(_Section):
+    probe_interval: Seconds = Field(60.0, description="seconds between MaintenanceCheck polls")
+    unauthenticated_probe_interval: Seconds = Field(
+        300.0, description="seconds between re-probes while the API key is refused"
+    )
+    rollover_window: str = Field(
+        "TUE 18:00-18:30", description='weekly UTC window as "DAY HH:MM-HH:MM", or "" for none'
+    )
+    hold_methods: tuple[str, ...] = Field(
+        DEFAULT_HOLD_METHODS, description="gRPC paths held during the rollover window"
+    )
+
+    @field_validator("rollover_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if value and not _WINDOW.match(value):
+            raise ValueError('must look like "TUE 18:00-18:30" (UTC), or be "" for no window')
+        return value
+
+    def window(self) -> tuple[int, time, time] | None:
+        """(weekday 0=Monday, start, end) in UTC, or None."""
+        found = _WINDOW.match(self.rollover_window)
+        if not found:
+            return None
+        day, h1, m1, h2, m2 = found.groups()
+        return _DAYS.index(day), time(int(h1), int(m1)), time(int(h2), int(m2))
+
+
+class MetricsConfig(_Section):
+    listen: str = Field("127.0.0.1:9464", description='host:port for /metrics, or "" to disable')
+
+
+class LoggingConfig(_Section):
+    format: Literal["text", "json"] = Field("text", description='"text" (key=value) or "json"')
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+
+class RetentionConfig(_Section):
+    days: float = Field(30.0, ge=0, description="finished rows older than this are purged; 0 never")
+    batch_size: int = Field(1000, gt=0, description="rows deleted per transaction")
+    interval: Seconds = Field(3600.0, description="seconds between purge runs")
+
+
+class CheckConfig(_Section):
+    parked_warning: int = Field(1, ge=0, description="parked rows for a warning")
+    parked_critical: int = Field(50, ge=0, description="parked rows for critical")
+    oldest_due_warning: Seconds = Field(300.0, description="age in seconds of the oldest due row")
+    oldest_due_critical: Seconds = Field(1800.0, description="as above, for critical")
+    heartbeat_stale: Seconds = Field(60.0, description="seconds after which a worker counts as dead")
+
+
+class Config(_Section):
+    database: DatabaseConfig = DatabaseConfig()
+    recrypt: RecryptConfig = RecryptConfig()
+    worker: WorkerConfig = WorkerConfig()
+    retry: RetryConfig = RetryConfig()
+    maintenance: MaintenanceConfig = MaintenanceConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    retention: RetentionConfig = RetentionConfig()
+    check: CheckConfig = CheckConfig()
+    api_key: SecretStr | None = Field(None, exclude=True)
+
+    def require_api_key(self) -> SecretStr:
+        if self.api_key is None or not self.api_key.get_secret_value():
+            raise ConfigError(
+                "no Recrypt API key: set RECRYPT_API_KEY, or [recrypt] api_key_file, or a "
+                f"systemd credential named {CREDENTIAL_NAME} (LoadCredential=)"
+            )
+        return self.api_key
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, resolve the API key."""
+    env = dict(os.environ) if env is None else env
+    data = _read_toml(Path(path)) if path else {}
+    if env.get("OUTBOX_DATABASE_URL"):
+        data.setdefault("database", {})["url"] = env["OUTBOX_DATABASE_URL"]
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+    key = _api_key(config.recrypt, env)
+    return config.model_copy(update={"api_key": SecretStr(key) if key else None})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; copy config.example.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _api_key(recrypt: RecryptConfig, env: dict[str, str]) -> str | None:
+    if env.get("RECRYPT_API_KEY"):
+        return env["RECRYPT_API_KEY"].strip()
+    if recrypt.api_key_file:
+        return _read_key_file(Path(recrypt.api_key_file), "[recrypt] api_key_file")
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
+        return _read_key_file(Path(credentials) / CREDENTIAL_NAME, "$CREDENTIALS_DIRECTORY")
+    return None
+
+
+def _read_key_file(path: Path, origin: str) -> str:
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: cannot read {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"{origin}: {path} is empty; put the API key from recrypt.net/api in it")
+    return key
+
+
+def _explain(exc: ValidationError, path: str | os.PathLike[str] | None) -> str:
+    where = f"config file {path}" if path else "configuration"
+    lines = [f"{where} is invalid:"]
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0]
+        hint = _hint(loc)
+        msg = "unknown key (a typo?)" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"  {key}: {msg}" + (f"; expected {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def _hint(loc: list[str]) -> str:
+    if len(loc) != 2:
+        return ""
+    section = Config.model_fields.get(loc[0])
+    model = section.annotation if section else None
+    if not isinstance(model, type) or not issubclass(model, BaseModel):
+        return ""
+    field = model.model_fields.get(loc[1])
+    return field.description or "" if field else ""

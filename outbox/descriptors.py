@@ -1,0 +1,239 @@
+"""The Recrypt API surface, read from .proto files or a descriptor set at start.
+
+Nothing here knows Recrypt's methods by name: a customer points ``[recrypt] proto_path`` at
+Recrypt's real ``.proto`` directory (or a compiled ``FileDescriptorSet``) and every unary
+method whose request has a ``string idempotency_key`` becomes submittable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, json_format, message
+from google.protobuf import message_factory
+
+from outbox.errors import BadRowError, ConfigError
+from outbox.resources import protos_dir
+
+KEY_FIELD = "idempotency_key"
+ACCESS_OPTION = "recrypt.options.v1.key_access"
+DESCRIPTOR_SET_SUFFIXES = (".pb", ".binpb", ".desc", ".protoset")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC of the surface, with what the daemon needs to call it generically."""
+
+    path: str  # "/recrypt.wallet.v1.Wallet/Transfer"
+    request_class: type[message.Message]
+    response_class: type[message.Message]
+    server_streaming: bool
+    client_streaming: bool
+    key_access: str  # "read_only", "write" or "unspecified"
+
+    @property
+    def submittable(self) -> bool:
+        """Unary, with a ``string idempotency_key`` in the request: the outbox may send it."""
+        if self.server_streaming or self.client_streaming:
+            return False
+        field = self.request_class.DESCRIPTOR.fields_by_name.get(KEY_FIELD)
+        return field is not None and field.type == descriptor.FieldDescriptor.TYPE_STRING
+
+    def serialize(self) -> Callable[[message.Message], bytes]:
+        return self.request_class.SerializeToString
+
+    def deserialize(self) -> Callable[[bytes], message.Message]:
+        return self.response_class.FromString
+
+
+class Catalog:
+    """Every method of the loaded surface, by gRPC path."""
+
+    def __init__(self, files: descriptor_pb2.FileDescriptorSet, source: str) -> None:
+        self.source = source
+        self._pool = descriptor_pool.DescriptorPool()
+        for file in files.file:
+            self._pool.Add(file)
+        self._methods: dict[str, Method] = {}
+        for file in files.file:
+            for service in file.service:
+                self._add_service(f"{file.package}.{service.name}" if file.package else service.name)
+
+    @classmethod
+    def load(cls, proto_path: str | os.PathLike[str] | None = None) -> Catalog:
+        """Load the bundled model (``None``), a directory of .proto files, or a descriptor set."""
+        path = Path(proto_path) if proto_path else protos_dir()
+        if not path.exists():
+            raise ConfigError(
+                f"[recrypt] proto_path: {path} does not exist; point it at the directory of "
+                "Recrypt's .proto files or at a compiled descriptor set"
+            )
+        if path.is_file():
+            return cls(_read_descriptor_set(path), str(path))
+        return cls(_compile(path), str(path))
+
+    def method(self, path: str) -> Method:
+        found = self._methods.get(path)
+        if found is None:
+            raise BadRowError(
+                f"unknown method {path!r}: no such RPC in the protos at {self.source}; "
+                "use the full gRPC path, e.g. /recrypt.wallet.v1.Wallet/Transfer",
+                reason="bad_row",
+            )
+        return found
+
+    def submittable(self, path: str) -> Method:
+        found = self.method(path)
+        if not found.submittable:
+            raise BadRowError(
+                f"method {path!r} cannot be sent from the outbox: only unary methods whose "
+                f"request has a string {KEY_FIELD} field are idempotent",
+                reason="bad_row",
+            )
+        return found
+
+    @property
+    def methods(self) -> Mapping[str, Method]:
+        return self._methods
+
+    @cached_property
+    def _access_extension(self) -> descriptor.FieldDescriptor | None:
+        try:
+            return self._pool.FindExtensionByName(ACCESS_OPTION)
+        except KeyError:
+            return None
+
+    def _add_service(self, full_name: str) -> None:
+        service = self._pool.FindServiceByName(full_name)
+        for m in service.methods:
+            path = f"/{full_name}/{m.name}"
+            self._methods[path] = Method(
+                path=path,
+                request_class=message_factory.GetMessageClass(m.input_type),
+                response_class=message_factory.GetMessageClass(m.output_type),
+                server_streaming=bool(m.server_streaming),
+                client_streaming=bool(m.client_streaming),
+                key_access=self._key_access(m),
+            )
+
+    def _key_access(self, method: descriptor.MethodDescriptor) -> str:
+        """Read the custom method option; it lives in our pool, not the default one."""
+        ext = self._access_extension
+        if ext is None or not method.has_options:
+            return "unspecified"
+        options_class = message_factory.GetMessageClass(ext.containing_type)
+        options = options_class.FromString(method.GetOptions().SerializeToString())
+        number = options.Extensions[ext]
+        name = ext.enum_type.values_by_number[number].name if ext.enum_type else str(number)
+        if "READ" in name:
+            return "read_only"
+        if "WRITE" in name:
+            return "write"
+        return "unspecified"
+
+
+def build_request(method: Method, payload: Any, key: str) -> message.Message:
+    """The request from the row's JSON, with ``idempotency_key`` set to the row's key.
+
+    Raises ``BadRowError`` saying exactly which part of the payload is wrong.
+    """
+    if not isinstance(payload, dict):
+        raise BadRowError(
+            f"payload must be a JSON object (the request in protobuf JSON mapping), "
+            f"got {type(payload).__name__}"
+        )
+    body = dict(payload)
+    for name in (KEY_FIELD, "idempotencyKey"):
+        if name in body:
+            if body.pop(name) != key:
+                raise BadRowError(
+                    f"payload field {name} differs from the row's idempotency_key; "
+                    "leave it out of the payload (the daemon sets it)"
+                )
+    request = method.request_class()
+    try:
+        json_format.ParseDict(body, request)
+    except json_format.ParseError as exc:
+        raise BadRowError(
+            f"payload does not parse as {method.request_class.DESCRIPTOR.full_name}: {exc}"
+        ) from exc
+    setattr(request, KEY_FIELD, key)
+    return request
+
+
+def parse_payload(raw: Any) -> Any:
+    """The payload as the store returns it (text, or already decoded) to a Python value."""
+    if isinstance(raw, (bytes, bytearray)):
+        raw = raw.decode("utf-8", errors="replace")
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise BadRowError(f"payload is not valid JSON: {exc}") from exc
+    return raw
+
+
+def fingerprint(raw: Any) -> str:
+    """SHA-256 of the payload in canonical JSON, so a changed payload is caught before a resend.
+
+    A payload that is not JSON is fingerprinted as its text; it is parked anyway.
+    """
+    try:
+        value = parse_payload(raw)
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except BadRowError:
+        text = raw if isinstance(raw, str) else repr(raw)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def response_to_json(response: message.Message) -> dict[str, Any]:
+    return json_format.MessageToDict(response, preserving_proto_field_name=False)
+
+
+def _include_dir() -> str:
+    import grpc_tools  # noqa: PLC0415 - only needed when compiling
+
+    return str(Path(grpc_tools.__file__).parent / "_proto")
+
+
+def _compile(root: Path) -> descriptor_pb2.FileDescriptorSet:
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*.proto"))
+    if not files:
+        raise ConfigError(
+            f"[recrypt] proto_path: no .proto files under {root}; point it at the directory "
+            "holding Recrypt's .proto files"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "set.pb"
+        argv = [sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"-I{_include_dir()}"]
+        argv += ["--include_imports", f"--descriptor_set_out={out}", *files]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ConfigError(
+                f"[recrypt] proto_path: the .proto files under {root} do not compile:\n"
+                f"{done.stderr.strip()}"
+            )
+        return _read_descriptor_set(out)
+
+
+def _read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
+    if path.suffix not in DESCRIPTOR_SET_SUFFIXES:
+        raise ConfigError(
+            f"[recrypt] proto_path: {path} is a file but not a descriptor set "
+            f"({', '.join(DESCRIPTOR_SET_SUFFIXES)}); build one with "
+            "`protoc --include_imports --descriptor_set_out=recrypt.pb ...`"
+        )
+    try:
+        return descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+    except Exception as exc:
+        raise ConfigError(f"[recrypt] proto_path: {path} is not a FileDescriptorSet: {exc}") from exc
