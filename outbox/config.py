@@ -59,7 +59,9 @@ class WorkerConfig(_Section):
     batch_size: int = Field(100, gt=0, le=10_000, description="rows claimed per round trip")
     max_in_flight: int = Field(64, gt=0, le=10_000, description="gRPC calls in flight at once")
     poll_interval: Seconds = Field(1.0, description="seconds between polls when idle")
-    lease: Seconds = Field(60.0, description="seconds a claim is held before another worker may take it")
+    lease: Seconds = Field(
+        60.0, description="seconds a claim is held before another worker may take it"
+    )
 
 
 class RetryConfig(_Section):
@@ -120,7 +122,9 @@ class CheckConfig(_Section):
     parked_critical: int = Field(50, ge=0, description="parked rows for critical")
     oldest_due_warning: Seconds = Field(300.0, description="age in seconds of the oldest due row")
     oldest_due_critical: Seconds = Field(1800.0, description="as above, for critical")
-    heartbeat_stale: Seconds = Field(60.0, description="seconds after which a worker counts as dead")
+    heartbeat_stale: Seconds = Field(
+        60.0, description="seconds after which a worker counts as dead"
+    )
 
 
 class Config(_Section):

@@ -16,7 +16,11 @@ from sqlalchemy.engine import URL, Engine, make_url
 from outbox.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
+_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
 
 
 def normalise_url(url: str | URL) -> URL:

@@ -7,8 +7,6 @@ method whose request has a ``string idempotency_key`` becomes submittable.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -19,8 +17,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, json_format, message
-from google.protobuf import message_factory
+from google.protobuf import (
+    descriptor,
+    descriptor_pb2,
+    descriptor_pool,
+    json_format,
+    message,
+    message_factory,
+)
 
 from outbox.errors import BadRowError, ConfigError
 from outbox.resources import protos_dir
@@ -49,12 +53,6 @@ class Method:
         field = self.request_class.DESCRIPTOR.fields_by_name.get(KEY_FIELD)
         return field is not None and field.type == descriptor.FieldDescriptor.TYPE_STRING
 
-    def serialize(self) -> Callable[[message.Message], bytes]:
-        return self.request_class.SerializeToString
-
-    def deserialize(self) -> Callable[[bytes], message.Message]:
-        return self.response_class.FromString
-
 
 class Catalog:
     """Every method of the loaded surface, by gRPC path."""
@@ -67,7 +65,9 @@ class Catalog:
         self._methods: dict[str, Method] = {}
         for file in files.file:
             for service in file.service:
-                self._add_service(f"{file.package}.{service.name}" if file.package else service.name)
+                self._add_service(
+                    f"{file.package}.{service.name}" if file.package else service.name
+                )
 
     @classmethod
     def load(cls, proto_path: str | os.PathLike[str] | None = None) -> Catalog:
@@ -154,12 +154,11 @@ def build_request(method: Method, payload: Any, key: str) -> message.Message:
         )
     body = dict(payload)
     for name in (KEY_FIELD, "idempotencyKey"):
-        if name in body:
-            if body.pop(name) != key:
-                raise BadRowError(
-                    f"payload field {name} differs from the row's idempotency_key; "
-                    "leave it out of the payload (the daemon sets it)"
-                )
+        if name in body and body.pop(name) != key:
+            raise BadRowError(
+                f"payload field {name} differs from the row's idempotency_key; "
+                "leave it out of the payload (the daemon sets it)"
+            )
     request = method.request_class()
     try:
         json_format.ParseDict(body, request)
@@ -171,33 +170,9 @@ def build_request(method: Method, payload: Any, key: str) -> message.Message:
     return request
 
 
-def parse_payload(raw: Any) -> Any:
-    """The payload as the store returns it (text, or already decoded) to a Python value."""
-    if isinstance(raw, (bytes, bytearray)):
-        raw = raw.decode("utf-8", errors="replace")
-    if isinstance(raw, str):
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise BadRowError(f"payload is not valid JSON: {exc}") from exc
-    return raw
-
-
-def fingerprint(raw: Any) -> str:
-    """SHA-256 of the payload in canonical JSON, so a changed payload is caught before a resend.
-
-    A payload that is not JSON is fingerprinted as its text; it is parked anyway.
-    """
-    try:
-        value = parse_payload(raw)
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    except BadRowError:
-        text = raw if isinstance(raw, str) else repr(raw)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def response_to_json(response: message.Message) -> dict[str, Any]:
-    return json_format.MessageToDict(response, preserving_proto_field_name=False)
+    converted: dict[str, Any] = json_format.MessageToDict(response)
+    return converted
 
 
 def _include_dir() -> str:
@@ -236,4 +211,6 @@ def _read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
     try:
         return descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
     except Exception as exc:
-        raise ConfigError(f"[recrypt] proto_path: {path} is not a FileDescriptorSet: {exc}") from exc
+        raise ConfigError(
+            f"[recrypt] proto_path: {path} is not a FileDescriptorSet: {exc}"
+        ) from exc

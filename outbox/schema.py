@@ -13,6 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -69,6 +71,28 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+class utc_now(sa.sql.expression.FunctionElement[datetime]):
+    """The current time in UTC whatever the writer's session time zone (a column default).
+
+    MariaDB/MySQL ``CURRENT_TIMESTAMP`` follows the session time zone, so a plain-SQL writer in
+    ``+05:00`` would store a time five hours off; ``UTC_TIMESTAMP(6)`` does not.
+    """
+
+    type = sa.DateTime()
+    inherit_cache = True
+
+
+@compiles(utc_now)
+def _utc_now_default(_element: utc_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(utc_now, "mysql")
+@compiles(utc_now, "mariadb")
+def _utc_now_mysql(_element: utc_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    return "(UTC_TIMESTAMP(6))"
+
+
 def _json() -> sa.types.TypeEngine[Any]:
     return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
@@ -101,7 +125,7 @@ messages = sa.Table(
     sa.Column("payload_fingerprint", sa.String(64), nullable=True),
     sa.Column("lease_owner", sa.String(64), nullable=True),
     sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
-    sa.Column("created_at", UTCDateTime(), nullable=False, server_default=sa.func.now()),
+    sa.Column("created_at", UTCDateTime(), nullable=False, server_default=utc_now()),
     sa.Column("updated_at", UTCDateTime(), nullable=True),
     sa.Column("committed_at", UTCDateTime(), nullable=True),
     sa.Column("response", _json(), nullable=True),

@@ -1,0 +1,129 @@
+"""The Recrypt client: one reused channel, the ``apikey`` metadata, deadlines, generic calls.
+
+Calls are made through the descriptors (``outbox.descriptors``), never generated stubs, so the
+customer's real ``.proto`` files work unchanged. ``RecryptClient`` is the protocol the dispatcher
+depends on; ``GrpcClient`` is the one implementation, tested against the simulator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import message as pb
+
+from outbox.config import RecryptConfig
+from outbox.descriptors import Method
+from outbox.errors import ConfigError
+
+# Keep idle connections healthy through NATs and load balancers; gRPC's own defaults otherwise.
+_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one call ended with: a status code, its message, and the response on OK."""
+
+    code: grpc.StatusCode
+    message: str
+    response: pb.Message | None
+    duration_ms: float
+
+
+class PendingCall(Protocol):
+    def wait(self) -> Answer: ...
+
+
+class RecryptClient(Protocol):
+    def start(self, method: Method, request: pb.Message) -> PendingCall: ...
+
+    def close(self) -> None: ...
+
+
+class _GrpcPendingCall:
+    def __init__(self, future: grpc.Future, started: float) -> None:
+        self._future = future
+        self._started = started
+
+    def wait(self) -> Answer:
+        try:
+            response = self._future.result()
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.RpcError as error:
+            response = None
+            code, details = error.code(), error.details() or ""
+        elapsed = (time.perf_counter() - self._started) * 1000.0
+        return Answer(code, details, response, elapsed)
+
+
+class GrpcClient:
+    """A thread-safe client over one channel; callables are cached per method path."""
+
+    def __init__(self, config: RecryptConfig, api_key: str) -> None:
+        self._deadline = config.deadline
+        self._metadata = (("apikey", api_key),)
+        self._channel = open_channel(config)
+        self._callables: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never show the metadata
+        return f"GrpcClient(deadline={self._deadline})"
+
+    def start(self, method: Method, request: pb.Message) -> PendingCall:
+        call = self._callable(method)
+        started = time.perf_counter()
+        future = call.future(request, timeout=self._deadline, metadata=self._metadata)
+        return _GrpcPendingCall(future, started)
+
+    def call(self, method: Method, request: pb.Message) -> Answer:
+        return self.start(method, request).wait()
+
+    def stream(self, method: Method, request: pb.Message) -> Any:
+        """A server stream (no deadline: it is long-lived); iterate it, cancel() to stop."""
+        multi = self._channel.unary_stream(
+            method.path,
+            request_serializer=method.request_class.SerializeToString,
+            response_deserializer=method.response_class.FromString,
+        )
+        return multi(request, metadata=self._metadata)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _callable(self, method: Method) -> Any:
+        with self._lock:
+            found = self._callables.get(method.path)
+            if found is None:
+                found = self._channel.unary_unary(
+                    method.path,
+                    request_serializer=method.request_class.SerializeToString,
+                    response_deserializer=method.response_class.FromString,
+                )
+                self._callables[method.path] = found
+            return found
+
+
+def open_channel(config: RecryptConfig) -> grpc.Channel:
+    """TLS to the target unless the config explicitly says ``tls = false``."""
+    if not config.tls:
+        return grpc.insecure_channel(config.target, options=_CHANNEL_OPTIONS)
+    root = None
+    if config.ca_file:
+        try:
+            root = Path(config.ca_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"[recrypt] ca_file: cannot read {config.ca_file}: {exc.strerror}; point it at a "
+                "PEM CA bundle, or leave it empty for the system trust store"
+            ) from None
+    credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    return grpc.secure_channel(config.target, credentials, options=_CHANNEL_OPTIONS)

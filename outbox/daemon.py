@@ -1,0 +1,324 @@
+"""The daemon: APScheduler drives small jobs around the dispatcher; signals stop or reload it.
+
+Jobs (each a short function, safe to run late or twice):
+
+- ``dispatch``: drain due rows (every ``[worker] poll_interval``, or at once on a wake-up)
+- ``probe``: while maintenance or a refused key closes the gate, call Core.MaintenanceCheck
+- ``reaper``: hand back rows whose lease ran out; expire rows past ``expires_at``
+- ``heartbeat``: record this worker and its gate in ``outbox_workers``
+- ``retention``: purge finished rows older than ``[retention] days``
+
+SIGTERM/SIGINT: stop claiming, let the cycle in flight finish, hand back what is still held,
+exit 0. A second SIGTERM exits at once (rows held are resent later with the same key: safe).
+SIGHUP: reload the config and API key and reopen the gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from outbox import __version__
+from outbox.client import Answer, GrpcClient
+from outbox.config import Config, load
+from outbox.database import make_engine
+from outbox.descriptors import Catalog
+from outbox.dispatcher import Dispatcher, DispatchSettings
+from outbox.gates import Gates, GateView
+from outbox.logs import kv, register_secret
+from outbox.migrate import ensure_at_head
+from outbox.policy import Backoff
+from outbox.store import Claim, Committed, HandedBack, Outcome, Parked, Retry, Store, WorkerBeat
+
+log = logging.getLogger("outbox.daemon")
+
+HEARTBEAT_SECONDS = 5.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def backoff_from(config: Config) -> Backoff:
+    r = config.retry
+    return Backoff(r.initial_backoff, r.max_backoff, r.multiplier, r.jitter)
+
+
+def gates_from(config: Config, rng: random.Random | None = None) -> Gates:
+    return Gates(
+        backoff_from(config),
+        config.worker.max_in_flight,
+        unauthenticated_probe=config.maintenance.unauthenticated_probe_interval,
+        maintenance_probe=config.maintenance.probe_interval,
+        window=config.maintenance.window(),
+        hold_methods=config.maintenance.hold_methods,
+        rng=rng,
+    )
+
+
+def settings_from(config: Config) -> DispatchSettings:
+    return DispatchSettings(
+        batch_size=min(config.worker.batch_size, config.worker.max_in_flight),
+        lease=config.worker.lease,
+        backoff=backoff_from(config),
+        max_unknown_attempts=config.retry.max_unknown_attempts,
+    )
+
+
+class Daemon:
+    """One worker process: a dispatcher, its jobs, and their lifecycle."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock
+        self.worker_id = new_worker_id()
+        self.started_at = clock()
+        self.stopping = threading.Event()
+        self._reload = threading.Event()
+        self.engine = make_engine(config.database.url)
+        ensure_at_head(self.engine)
+        self.store = Store(self.engine)
+        self.catalog = Catalog.load(config.recrypt.proto_path or None)
+        api_key = config.require_api_key().get_secret_value()
+        register_secret(api_key)
+        self.gates = gates_from(config)
+        self.gates.subscribe(self._gate_changed)
+        self.dispatcher = Dispatcher(
+            self.store,
+            GrpcClient(config.recrypt, api_key),
+            self.catalog,
+            self.gates,
+            worker_id=self.worker_id,
+            settings=settings_from(config),
+            clock=clock,
+        )
+        self.dispatcher.observe(_log_outcome)
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(4)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        w = self.config.worker
+        add = self.scheduler.add_job
+        now = datetime.now(UTC)
+        add(
+            self._guard(self._dispatch),
+            "interval",
+            seconds=w.poll_interval,
+            id="dispatch",
+            next_run_time=now,
+        )
+        add(
+            self._guard(self.dispatcher.probe),
+            "interval",
+            seconds=min(1.0, w.poll_interval),
+            id="probe",
+        )
+        add(
+            self._guard(self._reap),
+            "interval",
+            seconds=max(w.lease / 2, 0.05),
+            id="reaper",
+            next_run_time=now,
+        )
+        add(
+            self._guard(self._heartbeat),
+            "interval",
+            seconds=HEARTBEAT_SECONDS,
+            id="heartbeat",
+            next_run_time=now,
+        )
+        if self.config.retention.days > 0:
+            add(
+                self._guard(self._retention),
+                "interval",
+                seconds=self.config.retention.interval,
+                id="retention",
+            )
+        self.scheduler.start()
+        log.info(
+            kv(
+                "started",
+                worker=self.worker_id,
+                version=__version__,
+                target=self.config.recrypt.target,
+                tls=self.config.recrypt.tls,
+            )
+        )
+
+    def run(self) -> int:
+        """Run in the foreground until SIGTERM/SIGINT; returns the exit code."""
+        self._install_signals()
+        self.start()
+        while not self.stopping.wait(0.2):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        self.shutdown()
+        return 0
+
+    def wake(self) -> None:
+        """Run the dispatch job now (a row was inserted)."""
+        if not self.stopping.is_set():
+            self.scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        self.scheduler.shutdown(wait=True)
+        handed = self.store.hand_back_all(self.worker_id, self.clock())
+        self.store.worker_stopped(self.worker_id, self.clock())
+        self.dispatcher.client.close()
+        self.engine.dispose()
+        log.info(kv("stopped", worker=self.worker_id, handed_back=handed))
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and API key; reopen the gate; keep the work."""
+        try:
+            fresh = load(self.config_path)
+            api_key = fresh.require_api_key().get_secret_value()
+        except Exception as exc:  # a bad reload keeps the running config
+            log.error(kv("reload_failed", error=str(exc)))
+            return
+        register_secret(api_key)
+        old = self.dispatcher.client
+        self.dispatcher.client = GrpcClient(fresh.recrypt, api_key)
+        old.close()
+        self.config = fresh
+        self.gates.reset(self.clock())
+        log.info(kv("reloaded", worker=self.worker_id))
+        self.wake()
+
+    # ---- jobs
+
+    def _dispatch(self) -> None:
+        self.dispatcher.drain(self.stopping)
+
+    def _reap(self) -> None:
+        now = self.clock()
+        for key in self.store.release_expired_leases(now):
+            log.warning(kv("lease_expired", key=key, action="resend with the same key"))
+        expired, parked = self.store.expire_due(now)
+        if expired or parked:
+            log.info(kv("expired", expired=expired, parked_unknown=parked))
+
+    def _heartbeat(self) -> None:
+        view = self.gates.view(self.clock())
+        self.store.heartbeat(
+            WorkerBeat(
+                self.worker_id,
+                socket.gethostname(),
+                os.getpid(),
+                __version__,
+                self.started_at,
+                view.gate,
+                view.reason,
+                view.until,
+            ),
+            self.clock(),
+        )
+
+    def _retention(self) -> None:
+        cutoff = self.clock() - timedelta(days=self.config.retention.days)
+        total = 0
+        while not self.stopping.is_set():
+            purged = self.store.purge_finished(cutoff, self.config.retention.batch_size)
+            total += purged
+            if purged < self.config.retention.batch_size:
+                break
+        if total:
+            log.info(kv("purged", rows=total, older_than=cutoff.isoformat()))
+
+    def _guard(self, job: Callable[[], Any]) -> Callable[[], None]:
+        """A job that fails logs one line and runs again next time; it never kills the daemon."""
+        name = getattr(job, "__name__", "job").lstrip("_")
+
+        def run() -> None:
+            try:
+                job()
+            except Exception as exc:
+                log.error(kv("job_failed", job=name, error=f"{type(exc).__name__}: {exc}"))
+
+        run.__name__ = name
+        return run
+
+    def _gate_changed(self, view: GateView) -> None:
+        until = view.until.isoformat() if view.until else None
+        log.warning(kv("gate_changed", gate=view.gate, until=until, reason=view.reason))
+
+    def _install_signals(self) -> None:
+        def on_term(signum: int, _frame: FrameType | None) -> None:
+            if self.stopping.is_set():
+                log.warning(kv("exit_now", signal=signal.Signals(signum).name))
+                os._exit(0)
+            log.info(kv("stopping", signal=signal.Signals(signum).name))
+            self.stopping.set()
+
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
+    fields: dict[str, Any] = {
+        "key": claim.idempotency_key,
+        "method": claim.method,
+        "code": answer.code.name if answer else None,
+        "attempt": claim.attempts + 1,
+        "duration_ms": f"{answer.duration_ms:.1f}" if answer else None,
+    }
+    match outcome:
+        case Committed():
+            log.info(kv("committed", **fields))
+        case Retry():
+            log.info(
+                kv(
+                    "retry_scheduled",
+                    **fields,
+                    at=outcome.at.isoformat(),
+                    maybe_executed=outcome.maybe_executed,
+                )
+            )
+        case Parked():
+            log.warning(
+                kv(
+                    "parked",
+                    **fields,
+                    reason=outcome.reason,
+                    why=outcome.call.message if outcome.call else None,
+                )
+            )
+        case HandedBack():
+            log.info(kv("handed_back", **fields))

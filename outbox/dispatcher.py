@@ -1,0 +1,254 @@
+"""The dispatcher: claim due rows → send each with its key → record what the answer means.
+
+It never writes SQL (the store does) and never interprets a status code itself (the policy
+does). One ``run_once`` is one cycle; the daemon's scheduler calls ``drain`` when a poll is due
+or a wake-up arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from google.protobuf import message
+
+from outbox import policy
+from outbox.client import Answer, PendingCall, RecryptClient
+from outbox.descriptors import Catalog, Method, build_request, response_to_json
+from outbox.errors import BadRowError
+from outbox.gates import Gates
+from outbox.payload import check_key, parse_payload
+from outbox.policy import Action, Backoff, Decision, Gate
+from outbox.store import Call, Claim, Committed, HandedBack, Outcome, Parked, Retry, Store
+
+log = logging.getLogger("outbox.dispatcher")
+
+MAINTENANCE_CHECK = "/recrypt.core.v1.Core/MaintenanceCheck"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    batch_size: int = 100
+    lease: float = 60.0
+    backoff: Backoff = field(default_factory=Backoff)
+    max_unknown_attempts: int = 10
+    maintenance_check: str = MAINTENANCE_CHECK
+
+
+@dataclass
+class CycleReport:
+    """What one cycle did, for logs, metrics and tests."""
+
+    claimed: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)
+    lost: list[Outcome] = field(default_factory=list)
+
+
+Observer = Callable[[Claim, Answer | None, Outcome], None]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        client: RecryptClient,
+        catalog: Catalog,
+        gates: Gates,
+        *,
+        worker_id: str,
+        settings: DispatchSettings,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.catalog = catalog
+        self.gates = gates
+        self.worker_id = worker_id
+        self.settings = settings
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self._observers: list[Observer] = []
+        self.cycles = 0  # completed cycles: the daemon's watchdog reads it
+
+    def observe(self, observer: Observer) -> None:
+        """Called once per recorded outcome (logging and metrics hook here)."""
+        self._observers.append(observer)
+
+    # ---- the cycle
+
+    def drain(self, stop: threading.Event | None = None) -> int:
+        """Run cycles while full batches keep coming; returns rows claimed in total."""
+        total = 0
+        while stop is None or not stop.is_set():
+            report = self.run_once()
+            total += report.claimed
+            if report.claimed == 0 or report.claimed < self.settings.batch_size:
+                break
+        return total
+
+    def run_once(self) -> CycleReport:
+        now = self.clock()
+        report = CycleReport()
+        allowance = self.gates.allowance(now)
+        if allowance > 0:
+            claims = self.store.claim_due(
+                self.worker_id,
+                min(allowance, self.settings.batch_size),
+                self.settings.lease,
+                now,
+                exclude_methods=self.gates.excluded_methods(now),
+            )
+            report.claimed = len(claims)
+            if claims:
+                report.outcomes = self._send(claims)
+                report.lost = self.store.record(report.outcomes, self.clock())
+                self._report_lost(report.lost)
+        self.cycles += 1
+        return report
+
+    def _send(self, claims: Sequence[Claim]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        started: list[tuple[Claim, Method, PendingCall]] = []
+        for claim in claims:
+            try:
+                method, request = self._prepare(claim)
+            except BadRowError as exc:
+                outcomes.append(self._bad_row(claim, exc))
+                continue
+            started.append((claim, method, self.client.start(method, request)))
+        answers = [(claim, method, pending.wait()) for claim, method, pending in started]
+        self._fold_gates(answers)
+        outcomes += [self._decide(claim, method, answer) for claim, method, answer in answers]
+        return outcomes
+
+    def _prepare(self, claim: Claim) -> tuple[Method, message.Message]:
+        """Every check that can fail before a call: a failure parks the row, never crashes."""
+        key = check_key(claim.idempotency_key)
+        if claim.payload_changed:
+            raise BadRowError(
+                "payload changed after the first send: re-using a key with a different payload "
+                "is undefined at Recrypt; restore the original payload and requeue, or cancel "
+                "and enqueue the new payload under a new key",
+                reason=policy.ParkReason.PAYLOAD_CHANGED,
+            )
+        method = self.catalog.submittable(claim.method)
+        return method, build_request(method, parse_payload(claim.payload), key)
+
+    def _bad_row(self, claim: Claim, exc: BadRowError) -> Outcome:
+        decision = policy.bad_row(str(exc), policy.ParkReason(exc.reason))
+        outcome = Parked(
+            claim,
+            Call("system", "parked", None, str(exc)),
+            reason=exc.reason,
+            counts_attempt=False,
+        )
+        log.debug("bad row %s: %s", claim.id, decision.explanation)
+        self._emit(claim, None, outcome)
+        return outcome
+
+    def _fold_gates(self, answers: Sequence[tuple[Claim, Method, Answer]]) -> None:
+        """One gate update per batch: the calls of a batch ran together, so they count once."""
+        strongest, message = Gate.NONE, ""
+        for _claim, method, answer in answers:
+            decision = policy.decide(answer.code, answer.message)
+            if decision.gate == Gate.METHOD_REMOVED:
+                self.gates.remove_method(method.path)
+            elif _GATE_RANK[decision.gate] > _GATE_RANK[strongest]:
+                strongest, message = decision.gate, answer.message
+        if answers:
+            self.gates.on_answer(strongest, self.clock(), message)
+
+    def _decide(self, claim: Claim, method: Method, answer: Answer) -> Outcome:
+        decision = policy.decide(answer.code, answer.message)
+        outcome = self._outcome(claim, answer, decision)
+        self._emit(claim, answer, outcome)
+        return outcome
+
+    def _outcome(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
+        text = decision.explanation + (
+            f"; Recrypt said: {answer.message}" if answer.message else ""
+        )
+        call = Call("call", decision.action.value, answer.code.name, text, answer.duration_ms)
+        attempts = claim.attempts + int(decision.counts_attempt)
+        match decision.action:
+            case Action.COMMIT:
+                response = response_to_json(answer.response) if answer.response else None
+                return Committed(claim, call, response)
+            case Action.RETRY if (
+                decision.bounded and attempts >= self.settings.max_unknown_attempts
+            ):
+                parked = policy.unknown_outcome_exhausted(attempts)
+                call = Call(
+                    "call",
+                    "park",
+                    answer.code.name,
+                    f"{parked.explanation}; {text}",
+                    answer.duration_ms,
+                )
+                return Parked(claim, call, str(parked.park_reason), maybe_executed=True)
+            case Action.RETRY:
+                delay = self.settings.backoff.delay(attempts, self._rng)
+                at = self.clock() + timedelta(seconds=delay)
+                return Retry(claim, call, at, maybe_executed=decision.maybe_executed)
+            case Action.PARK:
+                reason = str(decision.park_reason or policy.ParkReason.REJECTED)
+                return Parked(claim, call, reason, maybe_executed=decision.maybe_executed)
+        return HandedBack(claim, call)
+
+    def _emit(self, claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
+        for observer in self._observers:
+            observer(claim, answer, outcome)
+
+    def _report_lost(self, lost: Sequence[Outcome]) -> None:
+        for outcome in lost:
+            log.warning(
+                "event=lost_row key=%s worker=%s: another worker owns the row now (our lease "
+                "expired); our outcome was not recorded and theirs stands",
+                outcome.claim.idempotency_key,
+                self.worker_id,
+            )
+
+    # ---- the maintenance probe
+
+    def probe(self) -> bool | None:
+        """If the gate wants it, call Core.MaintenanceCheck; True when the gate reopened."""
+        now = self.clock()
+        if not self.gates.needs_probe(now):
+            return None
+        try:
+            method = self.catalog.method(self.settings.maintenance_check)
+        except BadRowError:
+            log.error("event=probe_unavailable method=%s", self.settings.maintenance_check)
+            self.gates.on_probe(True, now)  # cannot probe: fall back to probing with real rows
+            return True
+        answer = self.client.start(method, method.request_class()).wait()
+        ok = answer.code == grpc.StatusCode.OK and not _maintenance_on(answer.response)
+        gate = policy.decide(answer.code, answer.message).gate
+        self.gates.on_probe(ok, self.clock(), gate if gate != Gate.NONE else None, answer.message)
+        return ok
+
+
+def _maintenance_on(response: message.Message | None) -> bool:
+    if response is None:
+        return False
+    return bool(getattr(response, "maintenance_mode", False))
+
+
+_GATE_RANK = {
+    Gate.NONE: 0,
+    Gate.METHOD_REMOVED: 0,
+    Gate.RATE_LIMITED: 1,
+    Gate.ROLLOVER: 2,
+    Gate.MAINTENANCE: 3,
+    Gate.UNAUTHENTICATED: 4,
+}

@@ -1,0 +1,231 @@
+"""The dispatcher's gate: may it send now, how much, and if not, why and until when.
+
+Whole-API answers (SPEC §5) close or narrow the gate; it is pure state over an injected clock,
+so every transition is unit-tested without sleeping. Precedence when several apply:
+unauthenticated > maintenance > rollover > rate limited > open.
+
+- ``rollover`` (UNAVAILABLE vgw-db): back off exponentially (jitter, cap); when the wait is
+  over, let exactly one call through as a probe; on any other answer, reopen and ramp up.
+  Calls during a rollover therefore grow with the log of its length, not with the backlog.
+- ``maintenance`` (PERMISSION_DENIED): send nothing; ``Core.MaintenanceCheck`` is probed with
+  backoff and reopens the gate when it answers normally.
+- ``unauthenticated``: halt; re-probe slowly; a reload (SIGHUP) reopens at once.
+- ``rate_limited`` (RESOURCE_EXHAUSTED): halve the calls per cycle and pause briefly; each clean
+  cycle doubles them back.
+- Removed methods (NOT_FOUND) are not sent again until restart or reload.
+- The rollover window holds ``hold_methods`` (market orders by default).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+
+from outbox.policy import Backoff, Gate
+
+OPEN = "open"
+
+
+@dataclass(frozen=True)
+class GateView:
+    """What status, logs and metrics show."""
+
+    gate: str  # "open" or a policy.Gate value
+    reason: str | None
+    until: datetime | None
+    limit: int  # calls allowed per cycle now (0 = none)
+    removed_methods: tuple[str, ...]
+    held_methods: tuple[str, ...]
+
+
+class Gates:
+    def __init__(
+        self,
+        backoff: Backoff,
+        max_in_flight: int,
+        *,
+        unauthenticated_probe: float = 300.0,
+        maintenance_probe: float = 60.0,
+        window: tuple[int, time, time] | None = None,
+        hold_methods: tuple[str, ...] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._backoff = backoff
+        self._max = max_in_flight
+        self._unauth_probe = unauthenticated_probe
+        self._maint_backoff = Backoff(
+            initial=min(5.0, maintenance_probe), maximum=maintenance_probe, jitter=backoff.jitter
+        )
+        self._window = window
+        self._hold = hold_methods
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._gate = OPEN
+        self._reason: str | None = None
+        self._until: datetime | None = None
+        self._level = 0  # consecutive closures of the current gate
+        self._probe_out = False  # a rollover probe is in flight
+        self._limit = max_in_flight
+        self._removed: set[str] = set()
+        self._listeners: list[Callable[[GateView], None]] = []
+
+    # ---- asking
+
+    def allowance(self, now: datetime) -> int:
+        """How many calls the dispatcher may start now (0: none)."""
+        with self._lock:
+            if self._gate in (Gate.UNAUTHENTICATED, Gate.MAINTENANCE):
+                return 0
+            if self._until is not None and now < self._until:
+                return 0
+            if self._gate == Gate.ROLLOVER:
+                if self._probe_out:
+                    return 0
+                self._probe_out = True
+                return 1
+            return self._limit
+
+    def excluded_methods(self, now: datetime) -> tuple[str, ...]:
+        with self._lock:
+            held = self._hold if self.in_window(now) else ()
+            return tuple(sorted(self._removed)) + held
+
+    def in_window(self, now: datetime) -> bool:
+        if self._window is None:
+            return False
+        day, start, end = self._window
+        return now.weekday() == day and start <= now.time() < end
+
+    def needs_probe(self, now: datetime) -> bool:
+        """Maintenance or a refused key: is it time to call Core.MaintenanceCheck?"""
+        with self._lock:
+            closed = self._gate in (Gate.MAINTENANCE, Gate.UNAUTHENTICATED)
+            return closed and (self._until is None or now >= self._until)
+
+    def view(self, now: datetime) -> GateView:
+        with self._lock:
+            return self._view_locked(now)
+
+    # ---- telling
+
+    def on_answer(self, gate: Gate, now: datetime, message: str = "") -> None:
+        """Fold one call's whole-API effect (``Gate.NONE`` for a normal answer) into the gate."""
+        with self._lock:
+            before = (self._gate, self._reason)
+            self._fold(gate, now, message)
+            changed = (self._gate, self._reason) != before
+            view = self._view_locked(now)
+        if changed:
+            self._notify(view)
+
+    def remove_method(self, path: str) -> None:
+        with self._lock:
+            self._removed.add(path)
+
+    def on_probe(
+        self, ok: bool, now: datetime, gate: Gate | None = None, message: str = ""
+    ) -> None:
+        """A MaintenanceCheck answered: ``ok`` reopens, otherwise wait for the next probe.
+
+        A failed probe keeps the current gate (re-armed with backoff) unless it revealed a
+        stronger one (a maintenance probe answered UNAUTHENTICATED, say).
+        """
+        if ok:
+            self.on_answer(Gate.NONE, now)
+            return
+        with self._lock:
+            current = self._gate if isinstance(self._gate, Gate) else Gate.MAINTENANCE
+        stronger = gate is not None and _RANK[gate] > _RANK[current]
+        self.on_answer(gate if stronger and gate else current, now, message)
+
+    def reset(self, now: datetime) -> None:
+        """A reload (SIGHUP): forget every closure and removed method, try again at once."""
+        with self._lock:
+            self._open()
+            self._removed.clear()
+            view = self._view_locked(now)
+        self._notify(view)
+
+    def subscribe(self, listener: Callable[[GateView], None]) -> None:
+        self._listeners.append(listener)
+
+    # ---- internals (lock held)
+
+    def _fold(self, gate: Gate, now: datetime, message: str) -> None:
+        if gate == Gate.NONE:
+            self._clear_after_success()
+            return
+        if gate == Gate.METHOD_REMOVED:
+            return  # handled per method by remove_method()
+        if _RANK[gate] < _RANK.get(self._gate, 0):
+            return  # a stronger gate is closed already
+        self._level = self._level + 1 if self._gate == gate else 1
+        self._gate = gate
+        self._probe_out = False
+        self._reason = _REASONS[gate] + (f" (Recrypt said: {message})" if message else "")
+        self._until = now + timedelta(seconds=self._wait(gate))
+        if gate == Gate.RATE_LIMITED:
+            self._limit = max(1, self._limit // 2)
+
+    def _wait(self, gate: Gate) -> float:
+        if gate == Gate.UNAUTHENTICATED:
+            return self._unauth_probe
+        if gate == Gate.MAINTENANCE:
+            return self._maint_backoff.delay(self._level, self._rng)
+        if gate == Gate.RATE_LIMITED:
+            return min(self._backoff.initial * self._level, self._backoff.maximum)
+        return self._backoff.delay(self._level, self._rng)
+
+    def _clear_after_success(self) -> None:
+        if self._gate == Gate.RATE_LIMITED and self._until is not None:
+            self._limit = min(self._max, self._limit * 2)
+            if self._limit < self._max:
+                self._probe_out = False
+                return
+        if self._gate != OPEN:
+            self._open(keep_limit=self._gate == Gate.RATE_LIMITED)
+        elif self._limit < self._max:
+            self._limit = min(self._max, self._limit * 2)
+
+    def _open(self, keep_limit: bool = False) -> None:
+        self._gate, self._reason, self._until = OPEN, None, None
+        self._level, self._probe_out = 0, False
+        if not keep_limit:
+            self._limit = self._max
+
+    def _view_locked(self, now: datetime) -> GateView:
+        closed = self._gate in (Gate.UNAUTHENTICATED, Gate.MAINTENANCE)
+        waiting = self._until is not None and now < self._until
+        limit = 0 if closed or waiting else (1 if self._gate == Gate.ROLLOVER else self._limit)
+        return GateView(
+            gate=str(self._gate),
+            reason=self._reason,
+            until=self._until,
+            limit=limit,
+            removed_methods=tuple(sorted(self._removed)),
+            held_methods=self._hold if self.in_window(now) else (),
+        )
+
+    def _notify(self, view: GateView) -> None:
+        for listener in self._listeners:
+            listener(view)
+
+
+_RANK = {
+    OPEN: 0,
+    Gate.RATE_LIMITED: 1,
+    Gate.ROLLOVER: 2,
+    Gate.MAINTENANCE: 3,
+    Gate.UNAUTHENTICATED: 4,
+}
+_REASONS = {
+    Gate.RATE_LIMITED: "rate limited by Recrypt: fewer calls per cycle",
+    Gate.ROLLOVER: "rollover maintenance (UNAVAILABLE vgw-db): backing off, one probe at a time",
+    Gate.MAINTENANCE: "Recrypt maintenance mode (PERMISSION_DENIED): paused, probing "
+    "Core.MaintenanceCheck; updates at https://x.com/RecryptCS",
+    Gate.UNAUTHENTICATED: "API key refused (UNAUTHENTICATED): halted; check the key and its IP "
+    "allow-list at recrypt.net/api, then `systemctl reload outbox` (SIGHUP)",
+}

@@ -1,0 +1,243 @@
+"""What each answer from Recrypt means: one table, read side by side with the guide's.
+
+The table maps (gRPC status code, message) to a ``Decision``. It is pure: no I/O, no clock.
+The dispatcher applies decisions; the store records them. Each decision carries the sentence
+written into ``last_message`` and the attempt history, so an operator never has to guess.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+
+class Action(enum.StrEnum):
+    COMMIT = "commit"  # the effect happened exactly once: row committed
+    RETRY = "retry"  # resend later with the same key (attempt counted)
+    PARK = "park"  # a human must act: row parked
+    HAND_BACK = "hand_back"  # row goes back to pending untouched (no attempt counted)
+
+
+class Gate(enum.StrEnum):
+    """What a whole-API answer does to the dispatcher (SPEC §5; applied by the dispatcher)."""
+
+    NONE = "none"
+    ROLLOVER = "rollover"  # UNAVAILABLE vgw-db: the whole dispatcher backs off
+    MAINTENANCE = "maintenance"  # PERMISSION_DENIED: pause, probe Core.MaintenanceCheck
+    UNAUTHENTICATED = "unauthenticated"  # key refused: halt, re-probe slowly, SIGHUP retries
+    RATE_LIMITED = "rate_limited"  # RESOURCE_EXHAUSTED without a number: throttle
+    METHOD_REMOVED = "method_removed"  # NOT_FOUND: stop sending that method
+
+
+class ParkReason(enum.StrEnum):
+    """Why a row waits for a human; docs/operations.md says what to do for each."""
+
+    PRECONDITION = "precondition"  # compliance question or transaction limit
+    OBJECT_LIMIT = "object_limit"  # RESOURCE_EXHAUSTED with a number
+    METHOD_REMOVED = "method_removed"  # NOT_FOUND: the API was deprecated and removed
+    REJECTED = "rejected"  # UNIMPLEMENTED / INVALID_ARGUMENT / OUT_OF_RANGE
+    BAD_ROW = "bad_row"  # the row's data can never be sent as it is
+    PAYLOAD_CHANGED = "payload_changed"  # payload edited after the first send
+    UNKNOWN_OUTCOME = "unknown_outcome"  # too many attempts whose outcome we cannot know
+    EXPIRED_UNKNOWN = "expired_unknown"  # expires_at passed after a maybe-executed attempt
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    explanation: str
+    maybe_executed: bool = False  # the call may have taken effect at Recrypt
+    counts_attempt: bool = True
+    park_reason: ParkReason | None = None
+    gate: Gate = Gate.NONE
+    bounded: bool = False  # unknown outcome: park after [retry] max_unknown_attempts
+
+
+Matcher = Callable[[str], bool]
+
+
+def _any(_message: str) -> bool:
+    return True
+
+
+def _vgw_db(message: str) -> bool:
+    return "vgw-db" in message.lower()
+
+
+def _number(message: str) -> bool:
+    # "Message contains the limit": any digit means an object limit. Parking on a number is the
+    # safe side: a rate limit mistaken for a limit waits for a human; never the reverse loop.
+    return re.search(r"\d", message) is not None
+
+
+_UNKNOWN = Decision(
+    Action.RETRY,
+    "outcome unknown (the call may have executed); resending with the same key is safe",
+    maybe_executed=True,
+    bounded=True,
+)
+
+C = grpc.StatusCode
+#: (code, message matcher, decision), first match wins: the guide's table, in its order.
+TABLE: tuple[tuple[grpc.StatusCode, Matcher, Decision], ...] = (
+    (C.OK, _any, Decision(Action.COMMIT, "committed: Recrypt answered OK")),
+    (
+        C.ALREADY_EXISTS,
+        _any,
+        Decision(Action.COMMIT, "committed: key already used at Recrypt, the effect happened once"),
+    ),
+    (
+        C.UNAUTHENTICATED,
+        _any,
+        Decision(
+            Action.HAND_BACK,
+            "API key refused (UNAUTHENTICATED 'Session key'): check the key and its IP "
+            "allow-list at recrypt.net/api, then reload the daemon (SIGHUP)",
+            counts_attempt=False,
+            gate=Gate.UNAUTHENTICATED,
+        ),
+    ),
+    (
+        C.UNAVAILABLE,
+        _vgw_db,
+        Decision(
+            Action.RETRY,
+            "rollover maintenance (UNAVAILABLE vgw-db): retrying with the same key and backoff",
+            maybe_executed=True,
+            gate=Gate.ROLLOVER,
+        ),
+    ),
+    (
+        C.PERMISSION_DENIED,
+        _any,
+        Decision(
+            Action.HAND_BACK,
+            "Recrypt is in maintenance mode (PERMISSION_DENIED): dispatch paused, "
+            "see https://x.com/RecryptCS",
+            counts_attempt=False,
+            gate=Gate.MAINTENANCE,
+        ),
+    ),
+    (
+        C.DEADLINE_EXCEEDED,
+        _vgw_db,
+        Decision(
+            Action.RETRY,
+            "transaction timed out inside Recrypt (DEADLINE_EXCEEDED vgw-db), most likely "
+            "rolled back; resending with the same key is safe",
+            maybe_executed=True,
+        ),
+    ),
+    (
+        C.NOT_FOUND,
+        _any,
+        Decision(
+            Action.PARK,
+            "Recrypt deprecated and removed this API (NOT_FOUND): the method is no longer "
+            "sent; rewrite the row for the replacement API, then cancel this one",
+            park_reason=ParkReason.METHOD_REMOVED,
+            gate=Gate.METHOD_REMOVED,
+        ),
+    ),
+    (
+        C.FAILED_PRECONDITION,
+        _any,
+        Decision(
+            Action.PARK,
+            "Recrypt refused (FAILED_PRECONDITION): answer the compliance question on the "
+            "website, or ask support to raise the transaction limit; then requeue",
+            park_reason=ParkReason.PRECONDITION,
+        ),
+    ),
+    (
+        C.RESOURCE_EXHAUSTED,
+        _number,
+        Decision(
+            Action.PARK,
+            "object limit reached (RESOURCE_EXHAUSTED; the number is the limit): free or "
+            "raise the limit at Recrypt, then requeue",
+            park_reason=ParkReason.OBJECT_LIMIT,
+        ),
+    ),
+    (
+        C.RESOURCE_EXHAUSTED,
+        _any,
+        Decision(
+            Action.HAND_BACK,
+            "rate limited (RESOURCE_EXHAUSTED): dispatcher throttled, resending with the same key",
+            counts_attempt=False,
+            gate=Gate.RATE_LIMITED,
+        ),
+    ),
+    *(
+        (
+            code,
+            _any,
+            Decision(
+                Action.PARK,
+                f"Recrypt rejected the request ({code.name}): retrying cannot help; fix the "
+                "payload and enqueue it again under a new key, then cancel this row",
+                park_reason=ParkReason.REJECTED,
+            ),
+        )
+        for code in (C.UNIMPLEMENTED, C.INVALID_ARGUMENT, C.OUT_OF_RANGE)
+    ),
+    # Transport failures, client deadlines and the guide's "should not be possible" codes.
+    *((code, _any, _UNKNOWN) for code in (C.UNAVAILABLE, C.DEADLINE_EXCEEDED)),
+    *((code, _any, _UNKNOWN) for code in (C.UNKNOWN, C.INTERNAL, C.ABORTED, C.CANCELLED)),
+    (C.DATA_LOSS, _any, _UNKNOWN),
+)
+
+
+def decide(code: grpc.StatusCode, message: str) -> Decision:
+    """The decision for one answer. Every status code has a row; unknown ones are unknowns."""
+    for row_code, matches, decision in TABLE:
+        if row_code == code and matches(message or ""):
+            return decision
+    return _UNKNOWN
+
+
+def bad_row(message: str, reason: ParkReason = ParkReason.BAD_ROW) -> Decision:
+    """A row whose data can never be sent as it is: parked before any call."""
+    return Decision(Action.PARK, message, counts_attempt=False, park_reason=reason)
+
+
+def unknown_outcome_exhausted(attempts: int) -> Decision:
+    return Decision(
+        Action.PARK,
+        f"outcome unknown after {attempts} attempts: check on recrypt.net whether the "
+        "transaction with this idempotency key happened, then requeue (same key, safe) "
+        "or cancel --force",
+        maybe_executed=True,
+        park_reason=ParkReason.UNKNOWN_OUTCOME,
+    )
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter and a cap (dramatiq-style: one small pure function)."""
+
+    initial: float = 1.0
+    maximum: float = 180.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds before attempt ``attempt + 1``; ``attempt`` counts from 1.
+
+        Jitter only ever shortens the delay, so the cap holds: within
+        ``[base * (1 - jitter), base]`` where ``base = min(maximum, initial * multiplier**(n-1))``.
+        """
+        exponent = max(attempt - 1, 0)
+        base = (
+            self.maximum
+            if exponent > 64
+            else min(self.maximum, self.initial * self.multiplier**exponent)
+        )
+        spread = (rng or random).random() * self.jitter
+        return base * (1.0 - spread)

@@ -1,0 +1,799 @@
+"""The store: every SQL statement of the outbox lives here, as named operations.
+
+Each state transition is one guarded UPDATE: the expected state (and, for a claimed row, the
+lease owner) is in the WHERE clause, and the affected row count tells a stale worker that it
+lost the row instead of letting it overwrite a newer outcome (River's ``…IfRunning`` pattern).
+The store knows rows and states; it never knows gRPC.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from outbox.errors import DuplicateKeyError, OperatorActionError, RowNotFoundError
+from outbox.payload import fingerprint
+from outbox.schema import FINISHED_STATES, OPEN_STATES, State, attempts, messages, workers
+
+m = messages
+
+
+# --------------------------------------------------------------------------- rows and views
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """What a writer puts in the outbox (SPEC §3)."""
+
+    idempotency_key: str
+    method: str
+    payload: dict[str, Any]
+    lane: str | None = None
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A row claimed by one worker under a lease. ``payload`` is the raw text from the table."""
+
+    id: int
+    idempotency_key: Any  # as stored: validated by the dispatcher, never trusted
+    method: str
+    payload: Any
+    lane: str | None
+    attempts: int
+    maybe_executed: bool
+    worker: str
+    stored_fingerprint: str | None  # set at an earlier claim; None on the first claim
+    fingerprint: str  # of the payload as claimed now
+
+    @property
+    def payload_changed(self) -> bool:
+        return self.stored_fingerprint is not None and self.stored_fingerprint != self.fingerprint
+
+
+@dataclass(frozen=True)
+class Call:
+    """The attempt-history line for one outcome."""
+
+    kind: str  # "call" or "system"
+    decision: str
+    code: str | None = None
+    message: str | None = None
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Committed:
+    claim: Claim
+    call: Call
+    response: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    claim: Claim
+    call: Call
+    at: datetime
+    maybe_executed: bool
+    counts_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class Parked:
+    claim: Claim
+    call: Call
+    reason: str
+    maybe_executed: bool = False
+    counts_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class HandedBack:
+    """Back to pending untouched: no attempt counted (gates, shutdown)."""
+
+    claim: Claim
+    call: Call | None = None
+    at: datetime | None = None
+
+
+Outcome = Committed | Retry | Parked | HandedBack
+
+
+@dataclass(frozen=True)
+class RowView:
+    """A row as operators see it (CLI, JSON)."""
+
+    id: int
+    idempotency_key: str
+    method: str
+    state: str
+    attempts: int
+    last_code: str | None
+    last_message: str | None
+    park_reason: str | None
+    maybe_executed: bool
+    lane: str | None
+    reference: str | None
+    not_before: datetime | None
+    expires_at: datetime | None
+    next_attempt_at: datetime | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    committed_at: datetime | None
+    lease_owner: str | None
+    payload: Any = None
+    response: Any = None
+
+
+@dataclass(frozen=True)
+class HistoryLine:
+    at: datetime
+    kind: str
+    actor: str | None
+    code: str | None
+    message: str | None
+    decision: str
+    duration_ms: float | None
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    last_beat_at: datetime
+    gate: str
+    gate_reason: str | None
+    gate_until: datetime | None
+    stopped_at: datetime | None
+
+
+@dataclass(frozen=True)
+class WorkerBeat:
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    gate: str = "open"
+    gate_reason: str | None = None
+    gate_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StatusView:
+    counts: dict[str, int]
+    oldest_due_at: datetime | None
+    parked_by_reason: dict[str, int]
+    blocked_lanes: list[str]
+    maybe_executed_open: int
+    workers: list[WorkerView] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def enqueue_row(conn: Connection | Session, row: NewRow, now: datetime) -> None:
+    """Insert one row on the caller's connection, inside the caller's transaction."""
+    exists = conn.execute(
+        sa.select(m.c.id).where(m.c.idempotency_key == row.idempotency_key)
+    ).first()
+    if exists is not None:
+        raise DuplicateKeyError(
+            f"idempotency_key {row.idempotency_key} is already in the outbox (row {exists.id}); "
+            "a key is sent once: use a new key for a new transfer"
+        )
+    try:
+        conn.execute(
+            m.insert().values(
+                idempotency_key=row.idempotency_key,
+                method=row.method,
+                payload=row.payload,
+                lane=row.lane,
+                not_before=row.not_before,
+                expires_at=row.expires_at,
+                reference=row.reference,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    except sa.exc.IntegrityError as exc:
+        raise DuplicateKeyError(
+            f"idempotency_key {row.idempotency_key} is already in the outbox (inserted "
+            "concurrently); use a new key for a new transfer"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """Named operations over one engine. Each public method is one transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ---- the dispatcher's operations
+
+    def claim_due(
+        self,
+        worker: str,
+        batch: int,
+        lease: float,
+        now: datetime,
+        *,
+        exclude_methods: Collection[str] = (),
+    ) -> list[Claim]:
+        """Claim up to ``batch`` due rows, oldest first, under a lease for ``worker``.
+
+        PostgreSQL and MariaDB lock with ``FOR UPDATE SKIP LOCKED`` so daemons share work;
+        SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
+        The payload's fingerprint is stored at the first claim, before any send.
+        """
+        with self._tx() as conn:
+            rows = conn.execute(self._due_query(batch, now, exclude_methods)).all()
+            if not rows:
+                return []
+            claims = [self._claim_from(row, worker) for row in rows]
+            conn.execute(
+                m.update()
+                .where(m.c.id == sa.bindparam("b_id"), m.c.state == State.PENDING)
+                .values(
+                    state=State.INFLIGHT,
+                    lease_owner=worker,
+                    lease_expires_at=now + timedelta(seconds=lease),
+                    updated_at=now,
+                    payload_fingerprint=sa.func.coalesce(
+                        m.c.payload_fingerprint, sa.bindparam("b_fp")
+                    ),
+                ),
+                [{"b_id": c.id, "b_fp": c.fingerprint} for c in claims],
+            )
+        return claims
+
+    def _due_query(
+        self, batch: int, now: datetime, exclude_methods: Collection[str]
+    ) -> sa.Select[Any]:
+        earlier = m.alias("earlier")
+        lane_free = sa.or_(
+            m.c.lane.is_(None),
+            ~sa.exists().where(
+                earlier.c.lane == m.c.lane,
+                earlier.c.id < m.c.id,
+                earlier.c.state.in_([s.value for s in OPEN_STATES]),
+            ),
+        )
+        query = (
+            sa.select(
+                m.c.id,
+                m.c.idempotency_key,
+                m.c.method,
+                sa.cast(m.c.payload, sa.Text).label("payload"),
+                m.c.lane,
+                m.c.attempts,
+                m.c.maybe_executed,
+                m.c.payload_fingerprint,
+            )
+            .where(
+                m.c.state == State.PENDING,
+                sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
+                sa.or_(m.c.not_before.is_(None), m.c.not_before <= now),
+                sa.or_(m.c.expires_at.is_(None), m.c.expires_at > now),
+                lane_free,
+            )
+            .order_by(m.c.id)
+            .limit(batch)
+            .with_for_update(skip_locked=True, of=m)
+        )
+        if exclude_methods:
+            query = query.where(m.c.method.not_in(list(exclude_methods)))
+        return query
+
+    @staticmethod
+    def _claim_from(row: sa.Row[Any], worker: str) -> Claim:
+        return Claim(
+            id=row.id,
+            idempotency_key=row.idempotency_key,
+            method=row.method,
+            payload=row.payload,
+            lane=row.lane,
+            attempts=row.attempts,
+            maybe_executed=bool(row.maybe_executed),
+            worker=worker,
+            stored_fingerprint=row.payload_fingerprint,
+            fingerprint=fingerprint(row.payload),
+        )
+
+    def record(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
+        """Record outcomes in one transaction; returns those whose row this worker lost."""
+        lost: list[Outcome] = []
+        with self._tx() as conn:
+            for outcome in outcomes:
+                if not self._record_one(conn, outcome, now):
+                    lost.append(outcome)
+        return lost
+
+    def _record_one(self, conn: Connection, outcome: Outcome, now: datetime) -> bool:
+        claim = outcome.claim
+        values = _transition_values(outcome, now)
+        done = conn.execute(
+            m.update()
+            .where(
+                m.c.id == claim.id,
+                m.c.state == State.INFLIGHT,
+                m.c.lease_owner == claim.worker,
+            )
+            .values(**values)
+        )
+        if done.rowcount != 1:
+            return False
+        if outcome.call is not None:
+            _add_history(conn, claim.id, now, claim.worker, outcome.call)
+        return True
+
+    def renew_leases(self, worker: str, ids: Collection[int], lease: float, now: datetime) -> int:
+        """Extend the lease of rows this worker still holds (long calls)."""
+        if not ids:
+            return 0
+        with self._tx() as conn:
+            done = conn.execute(
+                m.update()
+                .where(
+                    m.c.id.in_(list(ids)), m.c.state == State.INFLIGHT, m.c.lease_owner == worker
+                )
+                .values(lease_expires_at=now + timedelta(seconds=lease))
+            )
+        return done.rowcount
+
+    def release_expired_leases(self, now: datetime, limit: int = 500) -> list[str]:
+        """The reaper: inflight rows whose lease ran out go back to pending, maybe executed.
+
+        The worker died or hung mid-call, so the call may have executed: the row is resent
+        with the same key (safe) and counts an attempt. Returns the keys released.
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(m.c.id, m.c.idempotency_key, m.c.lease_owner)
+                .where(m.c.state == State.INFLIGHT, m.c.lease_expires_at < now)
+                .order_by(m.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            released = []
+            for row in rows:
+                done = conn.execute(
+                    m.update()
+                    .where(
+                        m.c.id == row.id,
+                        m.c.state == State.INFLIGHT,
+                        m.c.lease_owner == row.lease_owner,
+                    )
+                    .values(
+                        state=State.PENDING,
+                        attempts=m.c.attempts + 1,
+                        maybe_executed=True,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        next_attempt_at=None,
+                        last_code="LEASE_EXPIRED",
+                        last_message=f"lease of worker {row.lease_owner} expired mid-call: "
+                        "resending with the same key (safe)",
+                        updated_at=now,
+                    )
+                )
+                if done.rowcount == 1:
+                    released.append(row.idempotency_key)
+                    _add_history(
+                        conn,
+                        row.id,
+                        now,
+                        "reaper",
+                        Call(
+                            "system", "lease_expired", "LEASE_EXPIRED", f"worker {row.lease_owner}"
+                        ),
+                    )
+        return released
+
+    def expire_due(self, now: datetime, limit: int = 500) -> tuple[int, int]:
+        """Pending rows past ``expires_at``: expired, or parked if an attempt may have executed.
+
+        Returns (expired, parked).
+        """
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(m.c.id, m.c.maybe_executed)
+                .where(m.c.state == State.PENDING, m.c.expires_at <= now)
+                .order_by(m.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            counts = [0, 0]
+            for row in rows:
+                unknown = bool(row.maybe_executed)
+                values: dict[str, Any] = {"updated_at": now, "next_attempt_at": None}
+                if unknown:
+                    values |= {
+                        "state": State.PARKED,
+                        "park_reason": "expired_unknown",
+                        "last_message": "expired with unknown outcome: an earlier attempt may "
+                        "have executed; check on recrypt.net, then cancel --force or requeue",
+                    }
+                else:
+                    values |= {
+                        "state": State.EXPIRED,
+                        "last_message": "expired: not sent before expires_at (never executed)",
+                    }
+                done = conn.execute(
+                    m.update().where(m.c.id == row.id, m.c.state == State.PENDING).values(**values)
+                )
+                if done.rowcount == 1:
+                    counts[1 if unknown else 0] += 1
+                    decision = "parked" if unknown else "expired"
+                    _add_history(conn, row.id, now, "expirer", Call("system", decision))
+        return counts[0], counts[1]
+
+    def hand_back_all(self, worker: str, now: datetime) -> int:
+        """On shutdown: every row this worker still holds goes back to pending untouched."""
+        with self._tx() as conn:
+            done = conn.execute(
+                m.update()
+                .where(m.c.state == State.INFLIGHT, m.c.lease_owner == worker)
+                .values(
+                    state=State.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now
+                )
+            )
+        return done.rowcount
+
+    # ---- operators
+
+    def requeue(self, key: str, actor: str, reason: str, now: datetime) -> RowView:
+        """parked → pending, same key, due now."""
+        with self._tx() as conn:
+            row = self._locked_row(conn, key)
+            if row.state != State.PARKED:
+                raise OperatorActionError(
+                    f"row {key} is {row.state}, not parked: only parked rows can be requeued"
+                )
+            conn.execute(
+                m.update()
+                .where(m.c.id == row.id, m.c.state == State.PARKED)
+                .values(
+                    state=State.PENDING,
+                    next_attempt_at=None,
+                    park_reason=None,
+                    last_message=f"requeued by {actor}: {reason}",
+                    updated_at=now,
+                )
+            )
+            _add_history(conn, row.id, now, actor, Call("operator", "requeue", None, reason))
+        return self.get(key)
+
+    def cancel(self, key: str, actor: str, reason: str, now: datetime, force: bool) -> RowView:
+        """pending/parked → cancelled. Refuses a row that may have executed unless ``force``."""
+        with self._tx() as conn:
+            row = self._locked_row(conn, key)
+            if row.state not in (State.PENDING, State.PARKED):
+                raise OperatorActionError(
+                    f"row {key} is {row.state}: only pending or parked rows can be cancelled"
+                    + (
+                        " (wait for the call in flight to finish)"
+                        if row.state == "inflight"
+                        else ""
+                    )
+                )
+            if row.maybe_executed and not force:
+                raise OperatorActionError(
+                    f"row {key} may already have executed at Recrypt (maybe_executed): check on "
+                    "recrypt.net whether a transaction with this idempotency key happened; if it "
+                    "did not, cancel again with --force; if it did, requeue it (it will commit "
+                    "on ALREADY_EXISTS)"
+                )
+            conn.execute(
+                m.update()
+                .where(m.c.id == row.id, m.c.state == row.state)
+                .values(
+                    state=State.CANCELLED,
+                    next_attempt_at=None,
+                    last_message=f"cancelled by {actor}: {reason}",
+                    updated_at=now,
+                )
+            )
+            decision = "cancel_forced" if force and row.maybe_executed else "cancel"
+            _add_history(conn, row.id, now, actor, Call("operator", decision, None, reason))
+        return self.get(key)
+
+    def _locked_row(self, conn: Connection, key: str) -> Any:
+        row = conn.execute(
+            sa.select(m.c.id, m.c.state, m.c.maybe_executed)
+            .where(m.c.idempotency_key == key)
+            .with_for_update()
+        ).first()
+        if row is None:
+            raise RowNotFoundError(f"no outbox row has idempotency_key {key}")
+        return row
+
+    # ---- reading
+
+    def get(self, key: str) -> RowView:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                _view_query(with_payload=True).where(m.c.idempotency_key == key)
+            ).first()
+        if row is None:
+            raise RowNotFoundError(f"no outbox row has idempotency_key {key}")
+        return _view(row)
+
+    def history(self, key: str) -> list[HistoryLine]:
+        a = attempts
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    a.c.at,
+                    a.c.kind,
+                    a.c.actor,
+                    a.c.code,
+                    a.c.message,
+                    a.c.decision,
+                    a.c.duration_ms,
+                )
+                .join(m, m.c.id == a.c.message_id)
+                .where(m.c.idempotency_key == key)
+                .order_by(a.c.id)
+            ).all()
+        return [HistoryLine(**row._mapping) for row in rows]
+
+    def list_rows(
+        self,
+        *,
+        state: str | None = None,
+        method: str | None = None,
+        lane: str | None = None,
+        limit: int = 50,
+    ) -> list[RowView]:
+        query = _view_query(with_payload=False).order_by(m.c.id.desc()).limit(limit)
+        for column, value in ((m.c.state, state), (m.c.method, method), (m.c.lane, lane)):
+            if value is not None:
+                query = query.where(column == value)
+        with self.engine.connect() as conn:
+            return [_view(row) for row in conn.execute(query)]
+
+    def status(self, now: datetime) -> StatusView:
+        with self.engine.connect() as conn:
+            counts: dict[str, int] = dict(
+                conn.execute(sa.select(m.c.state, sa.func.count()).group_by(m.c.state)).all()
+            )
+            oldest = conn.execute(
+                sa.select(sa.func.min(sa.func.coalesce(m.c.next_attempt_at, m.c.created_at))).where(
+                    m.c.state == State.PENDING,
+                    sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
+                )
+            ).scalar()
+            parked: dict[str, int] = dict(
+                conn.execute(
+                    sa.select(sa.func.coalesce(m.c.park_reason, "unknown"), sa.func.count())
+                    .where(m.c.state == State.PARKED)
+                    .group_by(sa.func.coalesce(m.c.park_reason, "unknown"))
+                ).all()
+            )
+            lanes = (
+                conn.execute(
+                    sa.select(m.c.lane)
+                    .where(m.c.state == State.PARKED, m.c.lane.is_not(None))
+                    .distinct()
+                )
+                .scalars()
+                .all()
+            )
+            maybe = conn.execute(
+                sa.select(sa.func.count()).where(
+                    m.c.maybe_executed.is_(True), m.c.state.in_([s.value for s in OPEN_STATES])
+                )
+            ).scalar_one()
+        return StatusView(
+            counts={s.value: int(counts.get(s.value, 0)) for s in State},
+            oldest_due_at=_aware(oldest),
+            parked_by_reason={str(k): int(v) for k, v in parked.items()},
+            blocked_lanes=sorted(lanes),
+            maybe_executed_open=int(maybe),
+            workers=self.list_workers(),
+        )
+
+    # ---- workers and retention
+
+    def heartbeat(self, beat: WorkerBeat, now: datetime) -> None:
+        values = {
+            "host": beat.host,
+            "pid": beat.pid,
+            "version": beat.version,
+            "started_at": beat.started_at,
+            "last_beat_at": now,
+            "gate": beat.gate,
+            "gate_reason": beat.gate_reason,
+            "gate_until": beat.gate_until,
+            "stopped_at": None,
+        }
+        with self._tx() as conn:
+            done = conn.execute(
+                workers.update().where(workers.c.worker_id == beat.worker_id).values(**values)
+            )
+            if done.rowcount == 0:
+                conn.execute(workers.insert().values(worker_id=beat.worker_id, **values))
+
+    def worker_stopped(self, worker_id: str, now: datetime) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                workers.update()
+                .where(workers.c.worker_id == worker_id)
+                .values(stopped_at=now, last_beat_at=now, gate="stopped")
+            )
+
+    def list_workers(self) -> list[WorkerView]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(workers).order_by(workers.c.started_at)).all()
+        return [
+            WorkerView(
+                **{k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+            )
+            for row in rows
+        ]
+
+    def purge_finished(self, older_than: datetime, batch: int) -> int:
+        """Delete one batch of finished rows (and their history) last updated before a time."""
+        with self._tx() as conn:
+            ids = (
+                conn.execute(
+                    sa.select(m.c.id)
+                    .where(
+                        m.c.state.in_([s.value for s in FINISHED_STATES]),
+                        m.c.updated_at < older_than,
+                    )
+                    .order_by(m.c.id)
+                    .limit(batch)
+                )
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return 0
+            conn.execute(attempts.delete().where(attempts.c.message_id.in_(ids)))
+            conn.execute(m.delete().where(m.c.id.in_(ids)))
+        return len(ids)
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _transition_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
+    released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    call = outcome.call
+    if call is not None:
+        released |= {"last_code": call.code, "last_message": call.message}
+    match outcome:
+        case Committed():
+            return released | {
+                "state": State.COMMITTED,
+                "committed_at": now,
+                "response": outcome.response,
+                "attempts": m.c.attempts + 1,
+                "next_attempt_at": None,
+            }
+        case Retry():
+            return (
+                released
+                | {
+                    "state": State.PENDING,
+                    "next_attempt_at": outcome.at,
+                    "attempts": m.c.attempts + int(outcome.counts_attempt),
+                }
+                | _sticky_maybe(outcome.maybe_executed)
+            )
+        case Parked():
+            return (
+                released
+                | {
+                    "state": State.PARKED,
+                    "park_reason": outcome.reason,
+                    "next_attempt_at": None,
+                    "attempts": m.c.attempts + int(outcome.counts_attempt),
+                }
+                | _sticky_maybe(outcome.maybe_executed)
+            )
+        case HandedBack():
+            return released | {"state": State.PENDING, "next_attempt_at": outcome.at}
+    raise TypeError(f"unknown outcome {outcome!r}")
+
+
+def _sticky_maybe(maybe_executed: bool) -> dict[str, Any]:
+    """Once a row may have executed it stays so: the flag is only ever set, never cleared."""
+    return {"maybe_executed": True} if maybe_executed else {}
+
+
+def _add_history(conn: Connection, message_id: int, now: datetime, actor: str, call: Call) -> None:
+    conn.execute(
+        attempts.insert().values(
+            message_id=message_id,
+            at=now,
+            kind=call.kind,
+            actor=actor,
+            code=call.code,
+            message=call.message,
+            decision=call.decision,
+            duration_ms=call.duration_ms,
+        )
+    )
+
+
+_VIEW_COLUMNS = [
+    "id",
+    "idempotency_key",
+    "method",
+    "state",
+    "attempts",
+    "last_code",
+    "last_message",
+    "park_reason",
+    "maybe_executed",
+    "lane",
+    "reference",
+    "not_before",
+    "expires_at",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+    "committed_at",
+    "lease_owner",
+]
+
+
+def _view_query(*, with_payload: bool) -> sa.Select[Any]:
+    columns: list[Any] = [m.c[name] for name in _VIEW_COLUMNS]
+    if with_payload:
+        columns += [
+            sa.cast(m.c.payload, sa.Text).label("payload"),
+            sa.cast(m.c.response, sa.Text).label("response"),
+        ]
+    return sa.select(*columns)
+
+
+def _view(row: sa.Row[Any]) -> RowView:
+    data = {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+    data["maybe_executed"] = bool(data["maybe_executed"])
+    return RowView(**data)
+
+
+def _aware(value: Any) -> Any:
+    """Aggregates (min) bypass the column type on some drivers: make sure datetimes are UTC."""
+    from outbox.schema import UTCDateTime  # noqa: PLC0415
+
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        return UTCDateTime().process_result_value(value, None)  # type: ignore[arg-type]
+    return value
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,65 @@
+"""``outbox.enqueue``: the Python writers' API, on the caller's own connection and transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from functools import cache
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from outbox.descriptors import Catalog, build_request
+from outbox.errors import BadRowError
+from outbox.payload import check_key
+from outbox.schema import utcnow
+from outbox.store import NewRow, enqueue_row, new_key
+
+
+@cache
+def _bundled_catalog() -> Catalog:
+    return Catalog.load()
+
+
+def enqueue(
+    conn: Connection | Session,
+    method: str,
+    payload: Mapping[str, Any],
+    *,
+    key: str | None = None,
+    lane: str | None = None,
+    not_before: datetime | None = None,
+    expires_at: datetime | None = None,
+    reference: str | None = None,
+    catalog: Catalog | None = None,
+) -> str:
+    """Insert one outbox row inside the caller's transaction and return its idempotency key.
+
+    The method and payload are checked against the descriptors first (the bundled Recrypt
+    model unless ``catalog`` is given), so a row that could never be sent is refused here with
+    ``BadRowError`` rather than parked later. ``Decimal`` values are stored as decimal strings;
+    amounts are never floats. A key already in the outbox raises ``DuplicateKeyError``.
+    A rollback of the caller's transaction leaves no row.
+    """
+    key = check_key(key) if key is not None else new_key()
+    body = _decimals_to_strings(dict(payload))
+    found = (catalog or _bundled_catalog()).submittable(method)
+    build_request(found, body, key)  # raises BadRowError naming what does not parse
+    for name, value in (("not_before", not_before), ("expires_at", expires_at)):
+        if value is not None and value.tzinfo is None:
+            raise BadRowError(f"{name} must be an aware datetime (UTC), got a naive one")
+    row = NewRow(key, method, body, lane, not_before, expires_at, reference)
+    enqueue_row(conn, row, utcnow())
+    return key
+
+
+def _decimals_to_strings(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _decimals_to_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decimals_to_strings(v) for v in value]
+    return value

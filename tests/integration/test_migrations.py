@@ -1,0 +1,151 @@
+"""The Alembic history and ``outbox/schema.py`` describe the same schema, on every backend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import Engine
+
+from outbox import migrate
+from outbox.database import make_engine
+from outbox.errors import SchemaNotReadyError
+from outbox.schema import messages, metadata
+
+REPO = Path(__file__).resolve().parents[2]
+OUTBOX_TABLES = {"outbox_messages", "outbox_attempts", "outbox_workers"}
+
+
+@pytest.fixture
+def empty_engine(backend: str, fresh_empty_url: Callable[[str], str]) -> Iterator[Engine]:
+    engine = make_engine(fresh_empty_url(backend))
+    yield engine
+    engine.dispose()
+
+
+def schema_diff(engine: Engine) -> list[Any]:
+    """What autogenerate would change to make the database match the metadata."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, metadata))
+
+
+def where_clause(options: dict[str, Any]) -> str:
+    """A reflected index's WHERE (text on PostgreSQL, a TextClause on SQLite), or ""."""
+    where = options.get("postgresql_where", options.get("sqlite_where"))
+    return "" if where is None else str(where)
+
+
+def table_names(engine: Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+def test_upgrade_matches_metadata_and_downgrade_drops_everything(empty_engine: Engine) -> None:
+    migrate.upgrade(empty_engine)
+    assert table_names(empty_engine) >= OUTBOX_TABLES
+    assert schema_diff(empty_engine) == []
+    assert migrate.current(empty_engine) == migrate.head() == "0001"
+
+    migrate.downgrade(empty_engine, "base")
+    assert table_names(empty_engine) & OUTBOX_TABLES == set()
+    assert migrate.current(empty_engine) is None
+
+    migrate.upgrade(empty_engine)
+    migrate.ensure_at_head(empty_engine)
+    assert schema_diff(empty_engine) == []
+
+
+def test_the_comparison_notices_a_missing_index(engine: Engine) -> None:
+    """Proof that ``schema_diff`` really looks at the database (an empty diff means something)."""
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("DROP INDEX ix_outbox_messages_state_updated ON outbox_messages")
+            if connection.dialect.name in ("mysql", "mariadb")
+            else sa.text("DROP INDEX ix_outbox_messages_state_updated")
+        )
+    diff = schema_diff(engine)
+    assert [(d[0], d[1].name) for d in diff] == [("add_index", "ix_outbox_messages_state_updated")]
+
+
+def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) -> None:
+    """Autogenerate does not compare index WHERE clauses, so check them here.
+
+    PostgreSQL and SQLite get partial indexes; MariaDB/MySQL have none and get plain ones.
+    """
+    where_by_index = {
+        index["name"]: where_clause(index.get("dialect_options", {}))
+        for index in sa.inspect(engine).get_indexes("outbox_messages")
+    }
+    if engine.dialect.name in ("mysql", "mariadb"):
+        assert set(where_by_index.values()) == {""}
+        return
+    assert "pending" in where_by_index["ix_outbox_messages_due"]
+    assert "inflight" in where_by_index["ix_outbox_messages_lease"]
+    assert "lane IS NOT NULL" in where_by_index["ix_outbox_messages_lane_open"]
+    assert where_by_index["ix_outbox_messages_state_updated"] == ""
+
+
+def test_ensure_at_head_refuses_an_empty_database(empty_engine: Engine) -> None:
+    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0001: run `outbox db upgrade`"):
+        migrate.ensure_at_head(empty_engine)
+
+
+def test_ensure_at_head_accepts_a_fresh_database(engine: Engine) -> None:
+    migrate.ensure_at_head(engine)
+
+
+def test_a_writer_needs_only_the_three_contract_columns(engine: Engine) -> None:
+    """SPEC §3: the minimal plain-SQL INSERT works on every backend; the rest are defaults."""
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO outbox_messages (idempotency_key, method, payload) VALUES "
+                "('6f1c2a9e-8d4b-4c1e-9a7f-0b3d5e6f7a8b', '/recrypt.wallet.v1.Wallet/Transfer', "
+                """'{"fromAccount": "A-1", "toAccount": "B-2", "amount": "10.00"}')"""
+            )
+        )
+    with engine.connect() as connection:
+        row = connection.execute(sa.select(messages)).one()
+    assert row.state == "pending"
+    assert row.attempts == 0
+    assert row.maybe_executed is False
+    assert row.created_at is not None
+    assert row.created_at.tzinfo is not None
+    assert row.payload == {"fromAccount": "A-1", "toAccount": "B-2", "amount": "10.00"}
+    assert row.next_attempt_at is None  # NULL is "due now"
+
+
+def test_in_memory_sqlite_is_migrated_on_the_callers_connection() -> None:
+    """Migrations run on the engine's own connection: an in-memory database keeps its tables."""
+    engine = make_engine("sqlite://")
+    try:
+        migrate.upgrade(engine)
+        migrate.ensure_at_head(engine)
+        assert table_names(engine) >= OUTBOX_TABLES
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_migrations_and_protos(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        timeout=110,
+    )
+    (wheel,) = tmp_path.glob("recrypt_outbox-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {
+        "outbox/_migrations/env.py",
+        "outbox/_migrations/script.py.mako",
+        "outbox/_migrations/versions/0001_initial.py",
+        "outbox/_protos/recrypt/wallet/v1/wallet.proto",
+    } <= names

@@ -1,0 +1,104 @@
+"""The gate, over an injected clock: no sleeps."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, time, timedelta
+
+from outbox.gates import Gates
+from outbox.policy import Backoff, Gate
+
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)  # a Tuesday
+
+
+def gates(**kwargs) -> Gates:
+    backoff = Backoff(initial=1.0, maximum=180.0, multiplier=2.0, jitter=0.0)
+    return Gates(backoff, 64, rng=random.Random(1), **kwargs)
+
+
+def test_open_gate_allows_max_in_flight() -> None:
+    assert gates().allowance(T0) == 64
+
+
+def test_rollover_backs_off_then_sends_one_probe_at_a_time() -> None:
+    g = gates()
+    g.on_answer(Gate.ROLLOVER, T0, "vgw-db")
+    assert g.allowance(T0) == 0
+    assert g.allowance(T0 + timedelta(seconds=1)) == 1  # the probe
+    assert g.allowance(T0 + timedelta(seconds=1)) == 0  # only one probe out
+    g.on_answer(Gate.ROLLOVER, T0 + timedelta(seconds=1))  # probe failed: wait 2 s
+    assert g.allowance(T0 + timedelta(seconds=2.5)) == 0
+    assert g.allowance(T0 + timedelta(seconds=3)) == 1
+    g.on_answer(Gate.NONE, T0 + timedelta(seconds=3))  # probe succeeded: open
+    assert g.allowance(T0 + timedelta(seconds=3)) == 64
+
+
+def test_rollover_calls_grow_with_log_of_window() -> None:
+    g = gates()
+    now, calls, window_end = T0, 0, T0 + timedelta(minutes=30)
+    g.on_answer(Gate.ROLLOVER, now, "vgw-db")
+    while now < window_end:
+        if g.allowance(now):
+            calls += 1
+            g.on_answer(Gate.ROLLOVER, now, "vgw-db")
+        now += timedelta(seconds=0.5)
+    # 1,2,4,...,128 s then 180 s steps: about 8 + 1800/180 probes, not one per row
+    assert calls <= 20
+
+
+def test_maintenance_pauses_until_a_probe_succeeds() -> None:
+    g = gates(maintenance_probe=60.0)
+    g.on_answer(Gate.MAINTENANCE, T0, "maintenance")
+    assert g.allowance(T0 + timedelta(hours=5)) == 0
+    assert not g.needs_probe(T0)
+    assert g.needs_probe(T0 + timedelta(seconds=5))
+    g.on_probe(False, T0 + timedelta(seconds=5))
+    assert not g.needs_probe(T0 + timedelta(seconds=6))
+    g.on_probe(True, T0 + timedelta(seconds=20))
+    assert g.allowance(T0 + timedelta(seconds=20)) == 64
+
+
+def test_unauthenticated_halts_and_reload_reopens() -> None:
+    g = gates(unauthenticated_probe=300.0)
+    g.on_answer(Gate.UNAUTHENTICATED, T0, "Session key")
+    assert g.view(T0).gate == "unauthenticated"
+    assert g.allowance(T0 + timedelta(seconds=299)) == 0
+    assert not g.needs_probe(T0 + timedelta(seconds=299))
+    assert g.needs_probe(T0 + timedelta(seconds=300))
+    g.reset(T0 + timedelta(seconds=10))
+    assert g.allowance(T0 + timedelta(seconds=10)) == 64
+
+
+def test_weaker_gate_does_not_override_stronger() -> None:
+    g = gates()
+    g.on_answer(Gate.UNAUTHENTICATED, T0)
+    g.on_answer(Gate.ROLLOVER, T0)
+    assert g.view(T0).gate == "unauthenticated"
+
+
+def test_rate_limit_halves_then_recovers() -> None:
+    g = gates()
+    g.on_answer(Gate.RATE_LIMITED, T0)
+    later = T0 + timedelta(seconds=2)
+    assert g.allowance(later) == 32
+    g.on_answer(Gate.NONE, later)
+    assert g.allowance(later) == 64
+
+
+def test_removed_method_is_excluded_until_reset() -> None:
+    g = gates()
+    g.remove_method("/x.v1.S/M")
+    assert "/x.v1.S/M" in g.excluded_methods(T0)
+    g.reset(T0)
+    assert g.excluded_methods(T0) == ()
+
+
+def test_rollover_window_holds_configured_methods_in_utc() -> None:
+    held = ("/recrypt.market.v1.Market/PlaceOrder",)
+    g = gates(window=(1, time(18, 0), time(18, 30)), hold_methods=held)
+    tuesday = datetime(2026, 11, 24, tzinfo=UTC)
+    assert g.excluded_methods(tuesday.replace(hour=17, minute=59)) == ()
+    assert g.excluded_methods(tuesday.replace(hour=18, minute=0)) == held
+    assert g.excluded_methods(tuesday.replace(hour=18, minute=29)) == held
+    assert g.excluded_methods(tuesday.replace(hour=18, minute=30)) == ()
+    assert g.excluded_methods(tuesday.replace(hour=18) + timedelta(days=1)) == ()
