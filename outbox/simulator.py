@@ -555,6 +555,7 @@ class Simulator:
             for fault in self._faults:
                 if fault.matches(path, key):
                     fault.hits += 1
+                    self._cond.notify_all()  # tests wait on hits (a held call has arrived)
                     return fault
         return None
 

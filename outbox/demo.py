@@ -1,0 +1,160 @@
+"""``outbox demo``: the whole path on one machine — SQLite, the simulator, the real daemon.
+
+It enqueues a few transfers and orders (one through a plain SQL INSERT, one over the
+transaction limit, one whose first call executes but answers ``UNAVAILABLE vgw-db``), runs the
+daemon until nothing is due, and prints the state table with what an operator would do next.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import grpc
+import sqlalchemy as sa
+from rich.console import Console
+
+import outbox
+from outbox.config import Config, load
+from outbox.daemon import Daemon
+from outbox.database import make_engine
+from outbox.logs import setup
+from outbox.migrate import upgrade
+from outbox.simulator import PLACE_ORDER, TRANSFER, Fault, Simulator
+from outbox.store import Store
+
+DEMO_KEY = "demo-api-key"
+WAIT_SECONDS = 30.0
+
+
+def run_demo() -> int:
+    console = Console()
+    setup("INFO", "text")
+    with (
+        tempfile.TemporaryDirectory(prefix="outbox-demo-") as tmp,
+        Simulator(api_keys=[DEMO_KEY], transfer_limit=Decimal("10000")) as sim,
+    ):
+        url = f"sqlite:///{Path(tmp) / 'outbox.db'}"
+        console.rule("1. schema: outbox db upgrade")
+        engine = make_engine(url)
+        upgrade(engine)
+        console.print(f"database {url} at head; simulator listening on {sim.target}")
+        console.rule("2. writers enqueue rows inside their own transactions")
+        flaky = _enqueue_examples(engine, console)
+        sim.inject(
+            Fault(
+                grpc.StatusCode.UNAVAILABLE,
+                "vgw-db",
+                execute=True,
+                keys=frozenset([flaky]),
+                times=1,
+            )
+        )
+        console.print(f"fault injected: {flaky} executes, but the answer is UNAVAILABLE vgw-db")
+        console.rule("3. the daemon (outbox run) sends them")
+        _run_daemon_until_idle(_demo_config(url, sim.target), Store(engine))
+        console.rule("4. the state table (outbox list)")
+        return _report(Store(engine), sim, console)
+
+
+def _enqueue_examples(engine: sa.Engine, console: Console) -> str:
+    def send(amount: str, memo: str) -> str:
+        payload = {
+            "fromAccount": "acme-ops",
+            "toAccount": "supplier-7",
+            "amount": amount,
+            "currency": "AUD",
+            "memo": memo,
+        }
+        return outbox.enqueue(conn, TRANSFER, payload, reference=memo)
+
+    with engine.begin() as conn:
+        send("125.00", "invoice-1001")
+        flaky = send("80.50", "invoice-1002")
+        send("25000.00", "invoice-1003 (over the transaction limit)")
+        outbox.enqueue(
+            conn,
+            PLACE_ORDER,
+            {
+                "account": "acme-trading",
+                "market": "BTC-AUD",
+                "side": "SIDE_BUY",
+                "type": "ORDER_TYPE_LIMIT",
+                "quantity": "0.05",
+                "limitPrice": "95000.00",
+            },
+            lane="acme-trading",
+            reference="order-1",
+        )
+    with engine.begin() as conn:  # a foreign writer: plain SQL, any language
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_messages (idempotency_key, method, payload, reference) "
+                "VALUES (:k, :m, :p, :r)"
+            ),
+            {
+                "k": str(uuid.uuid4()),
+                "m": TRANSFER,
+                "r": "plain-sql-1",
+                "p": '{"fromAccount": "acme-ops", "toAccount": "payroll", "amount": "990.00"}',
+            },
+        )
+    console.print("5 rows enqueued: 4 with outbox.enqueue(), 1 with a plain SQL INSERT")
+    return flaky
+
+
+def _demo_config(url: str, target: str) -> Config:
+    base = load(None, env={"RECRYPT_API_KEY": DEMO_KEY})
+    return base.model_copy(
+        update={
+            "database": base.database.model_copy(update={"url": url}),
+            "recrypt": base.recrypt.model_copy(update={"target": target, "tls": False}),
+            "worker": base.worker.model_copy(update={"poll_interval": 0.2}),
+            "retry": base.retry.model_copy(update={"initial_backoff": 0.3, "jitter": 0.0}),
+            "metrics": base.metrics.model_copy(update={"listen": ""}),
+            "maintenance": base.maintenance.model_copy(update={"rollover_window": ""}),
+        }
+    )
+
+
+def _run_daemon_until_idle(config: Config, store: Store) -> None:
+    daemon = Daemon(config)
+    daemon.start()
+    idle = threading.Event()
+    try:
+        deadline = datetime.now(UTC).timestamp() + WAIT_SECONDS
+        while not idle.wait(0.2) and datetime.now(UTC).timestamp() < deadline:
+            counts = store.status(datetime.now(UTC)).counts
+            if counts["pending"] == 0 and counts["inflight"] == 0:
+                idle.set()
+    finally:
+        daemon.shutdown()
+    logging.getLogger().handlers.clear()
+
+
+def _report(store: Store, sim: Simulator, console: Console) -> int:
+    from outbox.cli import rows_table  # noqa: PLC0415 - the CLI's own table
+
+    rows = list(reversed(store.list_rows(limit=50)))
+    console.print(rows_table(rows))
+    counts = {r.state for r in rows}
+    console.print(
+        f"Recrypt's ledger: {len(sim.ledger)} effects, each key executed once: "
+        f"{all(sim.executions(k) == 1 for k in sim.executed_keys())}"
+    )
+    for row in rows:
+        if row.state == "parked":
+            console.print(
+                f"\n[bold]parked[/] {row.idempotency_key} ({row.park_reason}): {row.last_message}"
+            )
+            console.print(
+                f"  next: outbox show {row.idempotency_key}; then outbox requeue "
+                f"{row.idempotency_key} --reason '...' or outbox cancel ..."
+            )
+    ok = counts <= {"committed", "parked"} and any(r.state == "parked" for r in rows)
+    return 0 if ok else 1
