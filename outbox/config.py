@@ -102,6 +102,16 @@ class MaintenanceConfig(_Section):
         return _DAYS.index(day), time(int(h1), int(m1)), time(int(h2), int(m2))
 
 
+class StreamsConfig(_Section):
+    accounts: tuple[str, ...] = Field(
+        (), description="accounts whose order updates are followed; empty follows none"
+    )
+    method: str = Field(
+        "/recrypt.market.v1.Market/StreamOrderUpdates",
+        description="the server-streaming method to follow",
+    )
+
+
 class MetricsConfig(_Section):
     listen: str = Field("127.0.0.1:9464", description='host:port for /metrics, or "" to disable')
 
@@ -133,6 +143,7 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     retry: RetryConfig = RetryConfig()
     maintenance: MaintenanceConfig = MaintenanceConfig()
+    streams: StreamsConfig = StreamsConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     retention: RetentionConfig = RetentionConfig()

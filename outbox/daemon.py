@@ -4,6 +4,12 @@ Jobs (each a short function, safe to run late or twice):
 
 - ``dispatch``: drain due rows (every ``[worker] poll_interval``, or at once on a wake-up)
 - ``probe``: while maintenance or a refused key closes the gate, call Core.MaintenanceCheck
+- ``maintenance``: poll Core.MaintenanceCheck (``[maintenance] probe_interval``) to learn
+  whether rollover downtime is scheduled this week and whether maintenance mode is on
+- ``renew``: extend the lease of rows whose calls are still in flight (long calls)
+- ``maintenance``: poll Core.MaintenanceCheck (``[maintenance] probe_interval``) to learn
+  whether rollover downtime is scheduled this week and whether maintenance mode is on
+- ``renew``: extend the lease of rows whose calls are still in flight (long calls)
 - ``reaper``: hand back rows whose lease ran out; expire rows past ``expires_at``
 - ``heartbeat``: record this worker and its gate in ``outbox_workers``
 - ``retention``: purge finished rows older than ``[retention] days``
@@ -125,53 +131,40 @@ class Daemon:
     # ---- lifecycle
 
     def start(self) -> None:
-        w = self.config.worker
-        add = self.scheduler.add_job
-        now = datetime.now(UTC)
-        add(
-            self._guard(self._dispatch),
-            "interval",
-            seconds=w.poll_interval,
-            id="dispatch",
-            next_run_time=now,
-        )
-        add(
-            self._guard(self.dispatcher.probe),
-            "interval",
-            seconds=min(1.0, w.poll_interval),
-            id="probe",
-        )
-        add(
-            self._guard(self._reap),
-            "interval",
-            seconds=max(w.lease / 2, 0.05),
-            id="reaper",
-            next_run_time=now,
-        )
-        add(
-            self._guard(self._heartbeat),
-            "interval",
-            seconds=HEARTBEAT_SECONDS,
-            id="heartbeat",
-            next_run_time=now,
-        )
-        if self.config.retention.days > 0:
-            add(
-                self._guard(self._retention),
+        for name, job, seconds, at_once in self._jobs():
+            self.scheduler.add_job(
+                self._guard(job, name),
                 "interval",
-                seconds=self.config.retention.interval,
-                id="retention",
+                seconds=seconds,
+                id=name,
+                next_run_time=datetime.now(UTC) if at_once else None,
             )
         self.scheduler.start()
+        recrypt = self.config.recrypt
         log.info(
             kv(
                 "started",
                 worker=self.worker_id,
                 version=__version__,
-                target=self.config.recrypt.target,
-                tls=self.config.recrypt.tls,
+                target=recrypt.target,
+                tls=recrypt.tls,
             )
         )
+
+    def _jobs(self) -> list[tuple[str, Callable[[], Any], float, bool]]:
+        """(id, function, interval in seconds, run at start) of every scheduled job."""
+        w, m = self.config.worker, self.config.maintenance
+        jobs: list[tuple[str, Callable[[], Any], float, bool]] = [
+            ("dispatch", self._dispatch, w.poll_interval, True),
+            ("probe", self.dispatcher.probe, min(1.0, w.poll_interval), False),
+            ("maintenance", self.dispatcher.check_maintenance, m.probe_interval, True),
+            ("renew", self._renew, w.lease / 3, False),
+            ("reaper", self._reap, max(w.lease / 2, 0.05), True),
+            ("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, True),
+        ]
+        if self.config.retention.days > 0:
+            jobs.append(("retention", self._retention, self.config.retention.interval, False))
+        return jobs
 
     def run(self) -> int:
         """Run in the foreground until SIGTERM/SIGINT; returns the exit code."""
@@ -223,6 +216,16 @@ class Daemon:
     def _dispatch(self) -> None:
         self.dispatcher.drain(self.stopping)
 
+    def _renew(self) -> None:
+        ids = self.dispatcher.inflight_ids()
+        if ids:
+            self.store.renew_leases(self.worker_id, ids, self.config.worker.lease, self.clock())
+
+    def _renew(self) -> None:
+        ids = self.dispatcher.inflight_ids()
+        if ids:
+            self.store.renew_leases(self.worker_id, ids, self.config.worker.lease, self.clock())
+
     def _reap(self) -> None:
         now = self.clock()
         for key in self.store.release_expired_leases(now):
@@ -258,9 +261,8 @@ class Daemon:
         if total:
             log.info(kv("purged", rows=total, older_than=cutoff.isoformat()))
 
-    def _guard(self, job: Callable[[], Any]) -> Callable[[], None]:
+    def _guard(self, job: Callable[[], Any], name: str) -> Callable[[], None]:
         """A job that fails logs one line and runs again next time; it never kills the daemon."""
-        name = getattr(job, "__name__", "job").lstrip("_")
 
         def run() -> None:
             try:
@@ -268,7 +270,6 @@ class Daemon:
             except Exception as exc:
                 log.error(kv("job_failed", job=name, error=f"{type(exc).__name__}: {exc}"))
 
-        run.__name__ = name
         return run
 
     def _gate_changed(self, view: GateView) -> None:

@@ -78,6 +78,8 @@ class Dispatcher:
         self.clock = clock
         self._rng = rng or random.Random()
         self._observers: list[Observer] = []
+        self._inflight: set[int] = set()
+        self._inflight_lock = threading.Lock()
         self.cycles = 0  # completed cycles: the daemon's watchdog reads it
 
     def observe(self, observer: Observer) -> None:
@@ -110,11 +112,24 @@ class Dispatcher:
             )
             report.claimed = len(claims)
             if claims:
-                report.outcomes = self._send(claims)
-                report.lost = self.store.record(report.outcomes, self.clock())
+                self._hold([c.id for c in claims])
+                try:
+                    report.outcomes = self._send(claims)
+                    report.lost = self.store.record(report.outcomes, self.clock())
+                finally:
+                    self._hold([])
                 self._report_lost(report.lost)
         self.cycles += 1
         return report
+
+    def inflight_ids(self) -> list[int]:
+        """Rows this worker holds right now (the lease renewer extends them)."""
+        with self._inflight_lock:
+            return sorted(self._inflight)
+
+    def _hold(self, ids: list[int]) -> None:
+        with self._inflight_lock:
+            self._inflight = set(ids)
 
     def _send(self, claims: Sequence[Claim]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -218,30 +233,62 @@ class Dispatcher:
                 self.worker_id,
             )
 
-    # ---- the maintenance probe
+    # ---- Core.MaintenanceCheck
 
     def probe(self) -> bool | None:
-        """If the gate wants it, call Core.MaintenanceCheck; True when the gate reopened."""
-        now = self.clock()
-        if not self.gates.needs_probe(now):
+        """While maintenance or a refused key closes the gate: is Recrypt back? (None: no probe)"""
+        if not self.gates.needs_probe(self.clock()):
             return None
-        try:
-            method = self.catalog.method(self.settings.maintenance_check)
-        except BadRowError:
-            log.error("event=probe_unavailable method=%s", self.settings.maintenance_check)
-            self.gates.on_probe(True, now)  # cannot probe: fall back to probing with real rows
+        answer = self._maintenance_check()
+        if answer is None:  # no such method in the protos: probe with real rows instead
+            self.gates.on_probe(True, self.clock())
             return True
-        answer = self.client.start(method, method.request_class()).wait()
-        ok = answer.code == grpc.StatusCode.OK and not _maintenance_on(answer.response)
+        ok = answer.code == grpc.StatusCode.OK and not _field(answer.response, "maintenance_mode")
         gate = policy.decide(answer.code, answer.message).gate
         self.gates.on_probe(ok, self.clock(), gate if gate != Gate.NONE else None, answer.message)
         return ok
 
+    def check_maintenance(self) -> Answer | None:
+        """The scheduled poll: is rollover downtime scheduled this week, is maintenance on?"""
+        answer = self._maintenance_check()
+        if answer is None:
+            return None
+        now = self.clock()
+        if answer.code != grpc.StatusCode.OK:
+            gate = policy.decide(answer.code, answer.message).gate
+            if gate in (Gate.MAINTENANCE, Gate.UNAUTHENTICATED):
+                self.gates.on_answer(gate, now, answer.message)
+            return answer
+        response = answer.response
+        window = _window(_field(response, "rollover_start"), _field(response, "rollover_end"))
+        self.gates.on_schedule(bool(_field(response, "rollover_scheduled")), window)
+        if _field(response, "maintenance_mode"):
+            self.gates.on_answer(Gate.MAINTENANCE, now, str(_field(response, "notice") or ""))
+        return answer
 
-def _maintenance_on(response: message.Message | None) -> bool:
-    if response is None:
-        return False
-    return bool(getattr(response, "maintenance_mode", False))
+    def _maintenance_check(self) -> Answer | None:
+        try:
+            method = self.catalog.method(self.settings.maintenance_check)
+        except BadRowError:
+            log.error("event=maintenance_check_missing method=%s", self.settings.maintenance_check)
+            return None
+        return self.client.start(method, method.request_class()).wait()
+
+
+def _field(response: message.Message | None, name: str) -> object:
+    return getattr(response, name, None) if response is not None else None
+
+
+def _window(start: object, end: object) -> tuple[datetime, datetime] | None:
+    """An RFC 3339 window from MaintenanceCheck, or None when absent or unreadable."""
+    try:
+        first = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        last = datetime.fromisoformat(str(end).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if first.tzinfo is None or last.tzinfo is None:
+        return None
+    return first, last
 
 
 _GATE_RANK = {

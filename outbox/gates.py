@@ -7,6 +7,7 @@ unauthenticated > maintenance > rollover > rate limited > open.
 - ``rollover`` (UNAVAILABLE vgw-db): back off exponentially (jitter, cap); when the wait is
   over, let exactly one call through as a probe; on any other answer, reopen and ramp up.
   Calls during a rollover therefore grow with the log of its length, not with the backlog.
+  After it, the calls per cycle start at one and double with each clean cycle.
 - ``maintenance`` (PERMISSION_DENIED): send nothing; ``Core.MaintenanceCheck`` is probed with
   backoff and reopens the gate when it answers normally.
 - ``unauthenticated``: halt; re-probe slowly; a reload (SIGHUP) reopens at once.
@@ -67,7 +68,9 @@ class Gates:
         self._reason: str | None = None
         self._until: datetime | None = None
         self._level = 0  # consecutive closures of the current gate
-        self._probe_out = False  # a rollover probe is in flight
+        # What Core.MaintenanceCheck last said of this week's rollover (None: not asked yet).
+        self._scheduled: bool | None = None
+        self._reported: tuple[datetime, datetime] | None = None
         self._limit = max_in_flight
         self._removed: set[str] = set()
         self._listeners: list[Callable[[GateView], None]] = []
@@ -82,22 +85,32 @@ class Gates:
             if self._until is not None and now < self._until:
                 return 0
             if self._gate == Gate.ROLLOVER:
-                if self._probe_out:
-                    return 0
-                self._probe_out = True
-                return 1
+                return 1  # one probe per cycle; the dispatcher runs one cycle at a time
             return self._limit
 
     def excluded_methods(self, now: datetime) -> tuple[str, ...]:
         with self._lock:
-            held = self._hold if self.in_window(now) else ()
+            held = self._hold if self._holding(now) else ()
             return tuple(sorted(self._removed)) + held
 
     def in_window(self, now: datetime) -> bool:
+        """Inside the configured weekly window (UTC)?"""
         if self._window is None:
             return False
         day, start, end = self._window
         return now.weekday() == day and start <= now.time() < end
+
+    def on_schedule(self, scheduled: bool, window: tuple[datetime, datetime] | None = None) -> None:
+        """Core.MaintenanceCheck said whether rollover downtime is scheduled this week."""
+        with self._lock:
+            self._scheduled, self._reported = scheduled, window
+
+    def _holding(self, now: datetime) -> bool:
+        """Hold ``hold_methods``: in the window Recrypt reported, or in the configured window
+        unless Recrypt said no downtime is scheduled this week (unknown counts as scheduled)."""
+        if self._reported is not None and self._reported[0] <= now < self._reported[1]:
+            return True
+        return self.in_window(now) and self._scheduled is not False
 
     def needs_probe(self, now: datetime) -> bool:
         """Maintenance or a refused key: is it time to call Core.MaintenanceCheck?"""
@@ -164,7 +177,6 @@ class Gates:
             return  # a stronger gate is closed already
         self._level = self._level + 1 if self._gate == gate else 1
         self._gate = gate
-        self._probe_out = False
         self._reason = _REASONS[gate] + (f" (Recrypt said: {message})" if message else "")
         self._until = now + timedelta(seconds=self._wait(gate))
         if gate == Gate.RATE_LIMITED:
@@ -183,16 +195,18 @@ class Gates:
         if self._gate == Gate.RATE_LIMITED and self._until is not None:
             self._limit = min(self._max, self._limit * 2)
             if self._limit < self._max:
-                self._probe_out = False
                 return
-        if self._gate != OPEN:
+        if self._gate == Gate.ROLLOVER:
+            self._open()
+            self._limit = 1  # ramp back up: double per clean cycle (slow start)
+        elif self._gate != OPEN:
             self._open(keep_limit=self._gate == Gate.RATE_LIMITED)
         elif self._limit < self._max:
             self._limit = min(self._max, self._limit * 2)
 
     def _open(self, keep_limit: bool = False) -> None:
         self._gate, self._reason, self._until = OPEN, None, None
-        self._level, self._probe_out = 0, False
+        self._level = 0
         if not keep_limit:
             self._limit = self._max
 
@@ -206,7 +220,7 @@ class Gates:
             until=self._until,
             limit=limit,
             removed_methods=tuple(sorted(self._removed)),
-            held_methods=self._hold if self.in_window(now) else (),
+            held_methods=self._hold if self._holding(now) else (),
         )
 
     def _notify(self, view: GateView) -> None:

@@ -463,6 +463,18 @@ class Store:
             )
         return done.rowcount
 
+    def record_stream_event(self, key: str, event: Call, now: datetime) -> bool:
+        """Attach an event from a server stream (an order update) to the row with that key.
+
+        Returns False when no row has the key (an order placed outside the outbox).
+        """
+        with self._tx() as conn:
+            found = conn.execute(sa.select(m.c.id).where(m.c.idempotency_key == key)).first()
+            if found is None:
+                return False
+            _add_history(conn, found.id, now, "stream", event)
+        return True
+
     # ---- operators
 
     def requeue(self, key: str, actor: str, reason: str, now: datetime) -> RowView:
@@ -587,13 +599,14 @@ class Store:
                     sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
                 )
             ).scalar()
-            parked: dict[str, int] = dict(
-                conn.execute(
-                    sa.select(sa.func.coalesce(m.c.park_reason, "unknown"), sa.func.count())
+            parked = {
+                reason or "unknown": int(count)
+                for reason, count in conn.execute(
+                    sa.select(m.c.park_reason, sa.func.count())
                     .where(m.c.state == State.PARKED)
-                    .group_by(sa.func.coalesce(m.c.park_reason, "unknown"))
+                    .group_by(m.c.park_reason)
                 ).all()
-            )
+            }
             lanes = (
                 conn.execute(
                     sa.select(m.c.lane)

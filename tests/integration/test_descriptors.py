@@ -13,7 +13,7 @@ import outbox
 from outbox.client import GrpcClient
 from outbox.config import RecryptConfig
 from outbox.descriptors import Catalog
-from outbox.dispatcher import DispatchSettings, Dispatcher
+from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.errors import BadRowError, ConfigError
 from outbox.gates import Gates
 from outbox.policy import Backoff
@@ -50,8 +50,15 @@ def acme_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def acme_descriptor_set(acme_dir: Path) -> Path:
     out = acme_dir.parent / "acme.binpb"
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{acme_dir}", "--include_imports",
-         f"--descriptor_set_out={out}", "acme/payments/v2/payments.proto"],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{acme_dir}",
+            "--include_imports",
+            f"--descriptor_set_out={out}",
+            "acme/payments/v2/payments.proto",
+        ],
         check=True,
     )
     return out
@@ -68,14 +75,18 @@ def test_another_package_is_sent_end_to_end(source, acme_dir, acme_descriptor_se
     with Simulator(catalog, api_keys=["k"]) as sim:
         client = GrpcClient(RecryptConfig(target=sim.target, tls=False), "k")
         gates = Gates(Backoff(), 8, rng=random.Random(0))
-        dispatcher = Dispatcher(store, client, catalog, gates, worker_id="w",
-                                settings=DispatchSettings(batch_size=8))
+        dispatcher = Dispatcher(
+            store, client, catalog, gates, worker_id="w", settings=DispatchSettings(batch_size=8)
+        )
         dispatcher.run_once()
         client.close()
         assert store.get(key).state == "committed"
         assert sim.ledger[0].method == SEND
-        assert sim.ledger[0].request == {"idempotency_key": key, "beneficiary": "bob",
-                                         "amount": "3.50"}
+        assert sim.ledger[0].request == {
+            "idempotency_key": key,
+            "beneficiary": "bob",
+            "amount": "3.50",
+        }
 
 
 def test_bundled_model_has_the_spec_surface() -> None:

@@ -17,7 +17,12 @@ C = grpc.StatusCode
 
 
 def transfer(amount: str = "10.00", **extra: str) -> dict[str, str]:
-    return {"fromAccount": "acc-1", "toAccount": "acc-2", "amount": amount, "currency": "AUD"} | extra
+    return {
+        "fromAccount": "acc-1",
+        "toAccount": "acc-2",
+        "amount": amount,
+        "currency": "AUD",
+    } | extra
 
 
 def enqueue_transfer(engine, amount: str = "10.00", **kwargs) -> str:
@@ -59,8 +64,8 @@ def test_each_guide_row_ends_in_its_decision(row, engine, sim, store, make_dispa
         sim.clear_faults()
         with engine.begin() as conn:  # make the row due again at once
             conn.execute(
-                    sa.update(messages).values(next_attempt_at=None, attempts=0, maybe_executed=False)
-                )
+                sa.update(messages).values(next_attempt_at=None, attempts=0, maybe_executed=False)
+            )
     elif fault is not None:
         sim.inject(fault)
     report = make_dispatcher().run_once()
@@ -110,8 +115,7 @@ def test_foreign_writer_plain_sql_rows_are_sent(engine, sim, store, make_dispatc
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "INSERT INTO outbox_messages (idempotency_key, method, payload) "
-                "VALUES (:k, :m, :p)"
+                "INSERT INTO outbox_messages (idempotency_key, method, payload) VALUES (:k, :m, :p)"
             ),
             {"k": key, "m": TRANSFER, "p": '{"fromAccount": "a", "toAccount": "b", "amount": "5"}'},
         )

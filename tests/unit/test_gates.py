@@ -25,12 +25,16 @@ def test_rollover_backs_off_then_sends_one_probe_at_a_time() -> None:
     g.on_answer(Gate.ROLLOVER, T0, "vgw-db")
     assert g.allowance(T0) == 0
     assert g.allowance(T0 + timedelta(seconds=1)) == 1  # the probe
-    assert g.allowance(T0 + timedelta(seconds=1)) == 0  # only one probe out
     g.on_answer(Gate.ROLLOVER, T0 + timedelta(seconds=1))  # probe failed: wait 2 s
     assert g.allowance(T0 + timedelta(seconds=2.5)) == 0
     assert g.allowance(T0 + timedelta(seconds=3)) == 1
-    g.on_answer(Gate.NONE, T0 + timedelta(seconds=3))  # probe succeeded: open
-    assert g.allowance(T0 + timedelta(seconds=3)) == 64
+    g.on_answer(Gate.NONE, T0 + timedelta(seconds=3))  # probe succeeded: open, ramping up
+    ramp = []
+    for _ in range(8):
+        ramp.append(g.allowance(T0 + timedelta(seconds=3)))
+        g.on_answer(Gate.NONE, T0 + timedelta(seconds=3))
+    assert ramp == [1, 2, 4, 8, 16, 32, 64, 64]
+    assert g.view(T0 + timedelta(seconds=3)).gate == "open"
 
 
 def test_rollover_calls_grow_with_log_of_window() -> None:
@@ -102,3 +106,22 @@ def test_rollover_window_holds_configured_methods_in_utc() -> None:
     assert g.excluded_methods(tuesday.replace(hour=18, minute=29)) == held
     assert g.excluded_methods(tuesday.replace(hour=18, minute=30)) == ()
     assert g.excluded_methods(tuesday.replace(hour=18) + timedelta(days=1)) == ()
+
+
+def test_recrypt_saying_no_rollover_this_week_releases_the_window() -> None:
+    held = ("/recrypt.market.v1.Market/PlaceOrder",)
+    g = gates(window=(1, time(18, 0), time(18, 30)), hold_methods=held)
+    in_window = datetime(2026, 11, 24, 18, 10, tzinfo=UTC)
+    g.on_schedule(False)
+    assert g.excluded_methods(in_window) == ()
+    g.on_schedule(True)
+    assert g.excluded_methods(in_window) == held
+
+
+def test_a_reported_window_outside_the_configured_one_is_held() -> None:
+    held = ("/recrypt.market.v1.Market/PlaceOrder",)
+    g = gates(window=(1, time(18, 0), time(18, 30)), hold_methods=held)
+    start = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)  # a Thursday
+    g.on_schedule(True, (start, start + timedelta(minutes=20)))
+    assert g.excluded_methods(start + timedelta(minutes=5)) == held
+    assert g.excluded_methods(start + timedelta(minutes=25)) == ()
