@@ -27,6 +27,7 @@ import random
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -42,15 +43,20 @@ from outbox.config import Config, load
 from outbox.database import make_engine
 from outbox.descriptors import Catalog
 from outbox.dispatcher import Dispatcher, DispatchSettings
+from outbox.follower import StreamFollower
 from outbox.gates import Gates, GateView
 from outbox.logs import kv, register_secret
+from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
 from outbox.policy import Backoff
 from outbox.store import Claim, Committed, HandedBack, Outcome, Parked, Retry, Store, WorkerBeat
+from outbox.systemd import Notifier
 
 log = logging.getLogger("outbox.daemon")
 
 HEARTBEAT_SECONDS = 5.0
+TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
+SHUTDOWN_GRACE = 30.0  # seconds in-flight calls may take to finish on SIGTERM
 
 
 def utcnow() -> datetime:
@@ -96,8 +102,13 @@ class Daemon:
         config_path: str | None = None,
         *,
         clock: Callable[[], datetime] = utcnow,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier or Notifier.from_env()
+        self.metrics = Metrics()
+        self._db_error: str | None = None
+        self._last_ping = 0.0
         self.config_path = config_path
         self.clock = clock
         self.worker_id = new_worker_id()
@@ -112,9 +123,10 @@ class Daemon:
         register_secret(api_key)
         self.gates = gates_from(config)
         self.gates.subscribe(self._gate_changed)
+        self.client = GrpcClient(config.recrypt, api_key)
         self.dispatcher = Dispatcher(
             self.store,
-            GrpcClient(config.recrypt, api_key),
+            self.client,
             self.catalog,
             self.gates,
             worker_id=self.worker_id,
@@ -122,6 +134,11 @@ class Daemon:
             clock=clock,
         )
         self.dispatcher.observe(_log_outcome)
+        self.dispatcher.observe(self._count_outcome)
+        self.dispatcher.after_cycle(self._cycle_done)
+        self.follower = self._follower() if config.streams.accounts else None
+        listen = config.metrics.listen
+        self.health = HealthServer(listen, self.metrics, self.readiness) if listen else None
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(4)},
@@ -139,7 +156,12 @@ class Daemon:
                 id=name,
                 next_run_time=datetime.now(UTC) if at_once else None,
             )
+        if self.health is not None:
+            self.health.start()
         self.scheduler.start()
+        if self.follower is not None:
+            self.follower.start()
+        self.metrics.set_gate(self.gates.view(self.clock()).gate)
         recrypt = self.config.recrypt
         log.info(
             kv(
@@ -150,6 +172,9 @@ class Daemon:
                 tls=recrypt.tls,
             )
         )
+        # Last: the schema check, protos and key were all loaded in __init__ (a failure there
+        # exits non-zero before READY, and systemd reports a failed start).
+        self.notifier.ready(f"dispatching to {recrypt.target}")
 
     def _jobs(self) -> list[tuple[str, Callable[[], Any], float, bool]]:
         """(id, function, interval in seconds, run at start) of every scheduled job."""
@@ -161,6 +186,7 @@ class Daemon:
             ("renew", self._renew, w.lease / 3, False),
             ("reaper", self._reap, max(w.lease / 2, 0.05), True),
             ("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, True),
+            ("table", self._table, TABLE_SECONDS, True),
         ]
         if self.config.retention.days > 0:
             jobs.append(("retention", self._retention, self.config.retention.interval, False))
@@ -173,7 +199,11 @@ class Daemon:
         while not self.stopping.wait(0.2):
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload()
+                self.notifier.reloading()
+                try:
+                    self.reload()
+                finally:
+                    self.notifier.ready()
         self.shutdown()
         return 0
 
@@ -186,13 +216,31 @@ class Daemon:
         self.stopping.set()
 
     def shutdown(self) -> None:
+        """Stop claiming, let the cycle in flight finish, hand back what is still held."""
         self.stopping.set()
+        self.notifier.stopping("stopping: finishing in-flight calls, handing back the rest")
+        if self.follower is not None:
+            self.follower.stop(timeout=5.0)
         self.scheduler.shutdown(wait=True)
         handed = self.store.hand_back_all(self.worker_id, self.clock())
         self.store.worker_stopped(self.worker_id, self.clock())
-        self.dispatcher.client.close()
+        self.client.close()
         self.engine.dispose()
         log.info(kv("stopped", worker=self.worker_id, handed_back=handed))
+        if self.health is not None:
+            self.health.stop()
+        self.notifier.close()
+
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz: cheap, no query per probe (the heartbeat job tracks the database)."""
+        if self.stopping.is_set():
+            return False, "stopping"
+        if self._db_error:
+            return False, self._db_error
+        view = self.gates.view(self.clock())
+        if view.gate == "unauthenticated":
+            return False, "halted: API key refused; fix the key, then systemctl reload outbox"
+        return True, f"ready: gate {view.gate}"
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and API key; reopen the gate; keep the work."""
@@ -203,8 +251,8 @@ class Daemon:
             log.error(kv("reload_failed", error=str(exc)))
             return
         register_secret(api_key)
-        old = self.dispatcher.client
-        self.dispatcher.client = GrpcClient(fresh.recrypt, api_key)
+        old = self.client
+        self.client = self.dispatcher.client = GrpcClient(fresh.recrypt, api_key)
         old.close()
         self.config = fresh
         self.gates.reset(self.clock())
@@ -221,11 +269,6 @@ class Daemon:
         if ids:
             self.store.renew_leases(self.worker_id, ids, self.config.worker.lease, self.clock())
 
-    def _renew(self) -> None:
-        ids = self.dispatcher.inflight_ids()
-        if ids:
-            self.store.renew_leases(self.worker_id, ids, self.config.worker.lease, self.clock())
-
     def _reap(self) -> None:
         now = self.clock()
         for key in self.store.release_expired_leases(now):
@@ -236,18 +279,58 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         view = self.gates.view(self.clock())
-        self.store.heartbeat(
-            WorkerBeat(
-                self.worker_id,
-                socket.gethostname(),
-                os.getpid(),
-                __version__,
-                self.started_at,
-                view.gate,
-                view.reason,
-                view.until,
-            ),
-            self.clock(),
+        beat = WorkerBeat(
+            self.worker_id,
+            socket.gethostname(),
+            os.getpid(),
+            __version__,
+            self.started_at,
+            view.gate,
+            view.reason,
+            view.until,
+        )
+        try:
+            self.store.heartbeat(beat, self.clock())
+        except Exception:
+            self._db_error = "database unreachable"  # fixed text: never the URL
+            raise
+        self._db_error = None
+
+    def _table(self) -> None:
+        now = self.clock()
+        view = self.store.status(now)
+        age = (now - view.oldest_due_at).total_seconds() if view.oldest_due_at else None
+        parked = view.counts.get("parked", 0)
+        self.metrics.set_table(view.counts, age, parked, len(view.blocked_lanes))
+        gate = self.gates.view(now)
+        self.notifier.status(
+            f"gate {gate.gate}; pending {view.counts.get('pending', 0)}; parked {parked}"
+            + (f"; {gate.reason}" if gate.reason else "")
+        )
+
+    def _cycle_done(self) -> None:
+        """After each dispatch cycle, in the dispatching thread: a hung cycle stops the pings."""
+        now = time.monotonic()
+        self.metrics.cycle_done(time.time())
+        interval = self.notifier.watchdog_interval
+        if interval is not None and now - self._last_ping >= interval / 2:
+            self._last_ping = now
+            self.notifier.watchdog()
+
+    def _count_outcome(self, _claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
+        if answer is not None:
+            self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0)
+        self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
+
+    def _follower(self) -> StreamFollower:
+        return StreamFollower(
+            lambda: self.client,  # read at every reconnect: a reload's new key is used
+            self.catalog,
+            self.store,
+            self.config.streams.accounts,
+            self.config.streams.method,
+            backoff_from(self.config),
+            clock=self.clock,
         )
 
     def _retention(self) -> None:
@@ -274,7 +357,11 @@ class Daemon:
 
     def _gate_changed(self, view: GateView) -> None:
         until = view.until.isoformat() if view.until else None
-        log.warning(kv("gate_changed", gate=view.gate, until=until, reason=view.reason))
+        level = logging.INFO if view.gate == "open" else logging.WARNING
+        log.log(level, kv("gate_changed", gate=view.gate, until=until, reason=view.reason))
+        self.metrics.set_gate(view.gate)
+        if self.scheduler.running and not self.stopping.is_set():
+            self.scheduler.modify_job("heartbeat", next_run_time=datetime.now(UTC))
 
     def _install_signals(self) -> None:
         def on_term(signum: int, _frame: FrameType | None) -> None:
@@ -323,3 +410,11 @@ def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
             )
         case HandedBack():
             log.info(kv("handed_back", **fields))
+
+
+_OUTCOME_NAMES: dict[type, str] = {
+    Committed: "committed",
+    Retry: "retry",
+    Parked: "parked",
+    HandedBack: "handed_back",
+}

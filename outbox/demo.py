@@ -138,10 +138,10 @@ def _run_daemon_until_idle(config: Config, store: Store) -> None:
 
 
 def _report(store: Store, sim: Simulator, console: Console) -> int:
-    from outbox.cli import rows_table  # noqa: PLC0415 - the CLI's own table
+    from outbox.cli import print_rows  # noqa: PLC0415 - the CLI's own table
 
     rows = list(reversed(store.list_rows(limit=50)))
-    console.print(rows_table(rows))
+    print_rows(console, rows)
     counts = {r.state for r in rows}
     console.print(
         f"Recrypt's ledger: {len(sim.ledger)} effects, each key executed once: "

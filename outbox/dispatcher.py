@@ -78,9 +78,14 @@ class Dispatcher:
         self.clock = clock
         self._rng = rng or random.Random()
         self._observers: list[Observer] = []
+        self._cycle_hooks: list[Callable[[], None]] = []
         self._inflight: set[int] = set()
         self._inflight_lock = threading.Lock()
         self.cycles = 0  # completed cycles: the daemon's watchdog reads it
+
+    def after_cycle(self, hook: Callable[[], None]) -> None:
+        """Called after every cycle, from the thread doing the work (the systemd watchdog)."""
+        self._cycle_hooks.append(hook)
 
     def observe(self, observer: Observer) -> None:
         """Called once per recorded outcome (logging and metrics hook here)."""
@@ -120,6 +125,8 @@ class Dispatcher:
                     self._hold([])
                 self._report_lost(report.lost)
         self.cycles += 1
+        for hook in self._cycle_hooks:
+            hook()
         return report
 
     def inflight_ids(self) -> list[int]:

@@ -593,10 +593,12 @@ class Store:
             counts: dict[str, int] = dict(
                 conn.execute(sa.select(m.c.state, sa.func.count()).group_by(m.c.state)).all()
             )
+            due_since = sa.func.coalesce(m.c.next_attempt_at, m.c.not_before, m.c.created_at)
             oldest = conn.execute(
-                sa.select(sa.func.min(sa.func.coalesce(m.c.next_attempt_at, m.c.created_at))).where(
+                sa.select(sa.func.min(due_since)).where(
                     m.c.state == State.PENDING,
                     sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
+                    sa.or_(m.c.not_before.is_(None), m.c.not_before <= now),
                 )
             ).scalar()
             parked = {

@@ -153,3 +153,97 @@ def test_sigterm_exits_zero_and_hands_back_rows(db_url, sim, tmp_path) -> None:
     assert {r.attempts for r in rows} == {0}
     assert [w.stopped_at is not None for w in workers] == [True]
     assert "event=stopped" in log.read_text()
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll an observable state (the database) until it holds or the timeout passes."""
+    pause = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return True
+        pause.wait(0.05)
+    return predicate()
+
+
+def worker_gates(url: str) -> list[str]:
+    engine = make_engine(url)
+    try:
+        return [w.gate for w in Store(engine).list_workers() if w.stopped_at is None]
+    finally:
+        engine.dispose()
+
+
+def test_wrong_key_halts_then_sighup_with_the_right_key_commits(db_url, sim, tmp_path) -> None:
+    keys = enqueue_many(db_url, 8)
+    key_file = tmp_path / "api-key"
+    key_file.write_text("not-the-key\n")
+    config = write_config(tmp_path, db_url, sim.target)
+    config.write_text(
+        config.read_text().replace("tls = false", f"tls = false\napi_key_file = '{key_file}'")
+        + "unauthenticated_probe_interval = 600.0\n"
+    )
+    log = tmp_path / "daemon.log"
+    env = os.environ.copy()
+    env.pop("RECRYPT_API_KEY", None)
+    env.pop("OUTBOX_DATABASE_URL", None)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox.cli", "--config", str(config), "run"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        assert wait_until(lambda: worker_gates(db_url) == ["unauthenticated"], 30), log.read_text()
+        refused = sim.call_count()
+        assert all(c.code == "UNAUTHENTICATED" for c in sim.calls)
+        assert refused <= 8 + 2  # one batch and the start-up MaintenanceCheck, then silence
+        engine = make_engine(db_url)
+        states = {Store(engine).get(k).state for k in keys}
+        engine.dispose()
+        assert states == {"pending"}  # nothing parked, nothing committed
+        key_file.write_text(API_KEY + "\n")
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: all_committed(db_url, keys), 30), log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "event=reloaded" in text
+    assert API_KEY not in text and "not-the-key" not in text
+    assert all(sim.executions(k) == 1 for k in keys)
+
+
+@pytest.mark.parametrize("server", ["postgres_url", "mariadb_url"])
+def test_lanes_stay_ordered_across_two_daemons(server, request, sim, tmp_path) -> None:
+    url = request.getfixturevalue(server)
+    engine = make_engine(url)
+    lanes: dict[str, list[str]] = {}
+    with engine.begin() as conn:
+        for i in range(12):  # interleaved inserts: lanes' rows are not contiguous ids
+            for lane in (f"acct-{n}" for n in range(6)):
+                payload = {"fromAccount": lane, "toAccount": "b", "amount": f"{i + 1}.00"}
+                key = outbox.enqueue(conn, TRANSFER, payload, lane=lane)
+                lanes.setdefault(lane, []).append(key)
+        free = [
+            outbox.enqueue(conn, TRANSFER, {"fromAccount": "x", "toAccount": "y", "amount": "1"})
+            for _ in range(30)
+        ]
+    engine.dispose()
+    config = write_config(tmp_path, url, sim.target)
+    procs = [start_daemon(config, tmp_path / f"daemon{n}.log") for n in range(2)]
+    every = [k for keys in lanes.values() for k in keys] + free
+    try:
+        assert sim.wait_for(lambda s: s.executed_keys() >= set(every), timeout=90)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=30) for proc in procs] == [0, 0]
+    ledger = [entry.key for entry in sim.ledger]
+    for keys in lanes.values():
+        assert [k for k in ledger if k in set(keys)] == keys
+    assert all(sim.executions(k) == 1 for k in every)
+    engine = make_engine(url)
+    workers = {w.worker_id for w in Store(engine).list_workers()}
+    engine.dispose()
+    assert len(workers) == 2

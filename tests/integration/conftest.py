@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from outbox.client import GrpcClient
 from outbox.config import RecryptConfig
 from outbox.descriptors import Catalog
-from outbox.dispatcher import DispatchSettings, Dispatcher
+from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.gates import Gates
 from outbox.policy import Backoff
 from outbox.simulator import Simulator

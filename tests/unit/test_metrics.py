@@ -128,7 +128,7 @@ def test_labels_never_carry_free_text(metrics: Metrics, server: HealthServer) ->
 def test_two_metrics_objects_do_not_clash() -> None:
     a, b = Metrics(), Metrics()
     a.observe_outcome("parked")
-    assert b"outbox_outcomes_total{outcome=\"parked\"} 0.0" in b.render()
+    assert b'outbox_outcomes_total{outcome="parked"} 0.0' in b.render()
 
 
 def test_healthz(server: HealthServer) -> None:

@@ -1,0 +1,297 @@
+"""Prometheus metrics and the small HTTP server behind ``/metrics``, ``/healthz``, ``/readyz``.
+
+Labels only ever take values from fixed, small sets (gRPC code names, outcome names, row
+states, gate names). A key, a payload, an account or the API key would make every series
+unique (a cardinality bomb) and would leak data to whoever scrapes: any value outside the
+fixed set is counted under ``other`` instead.
+
+The metrics live in their own ``CollectorRegistry`` (not prometheus_client's global one), so
+a test, or two daemons in one process, can each build a ``Metrics`` without name clashes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics import Counter, Gauge, Histogram
+
+from outbox import __version__
+from outbox.errors import ConfigError
+from outbox.logs import kv, redact
+
+log = logging.getLogger("outbox.metrics")
+
+OTHER = "other"
+CODES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+OUTCOMES = ("committed", "retry", "parked", "handed_back")
+STATES = ("pending", "inflight", "committed", "parked", "cancelled", "expired")
+GATES = ("open", "rollover", "maintenance", "unauthenticated", "rate_limited")
+# A Recrypt call takes milliseconds when healthy and up to the deadline (10 s) when not.
+SUBMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# serve_forever() notices stop() this often: a quick shutdown for ten cheap wake-ups a second.
+SHUTDOWN_POLL_SECONDS = 0.1
+
+Readiness = Callable[[], tuple[bool, str]]
+
+
+def _fixed(value: str, allowed: Iterable[str]) -> str:
+    """``value`` if it is one of ``allowed``, else ``other``: labels never carry free text."""
+    return value if value in allowed else OTHER
+
+
+class Metrics:
+    """Every metric the daemon exports, in a registry of its own (``self.registry``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+        self.attempts = Counter(
+            "outbox_attempts", "Recrypt calls answered, by gRPC code name", ["code"], registry=r
+        )
+        self.outcomes = Counter(
+            "outbox_outcomes", "What each attempt did to its row", ["outcome"], registry=r
+        )
+        self.submit_seconds = Histogram(
+            "outbox_submit_seconds", "Recrypt call latency", buckets=SUBMIT_BUCKETS, registry=r
+        )
+        self.rows = Gauge("outbox_rows", "Outbox rows by state", ["state"], registry=r)
+        self.oldest_due = Gauge(
+            "outbox_oldest_due_seconds",
+            "Age of the oldest due pending row (0 when none is due)",
+            registry=r,
+        )
+        self.parked = Gauge("outbox_parked_rows", "Rows waiting for an operator", registry=r)
+        self.lanes_blocked = Gauge(
+            "outbox_lanes_blocked", "Lanes held up behind a parked row", registry=r
+        )
+        self.gate = Gauge(
+            "outbox_gate", "1 for the dispatcher's current gate", ["gate"], registry=r
+        )
+        self.up = Gauge("outbox_up", "1 while the daemon runs", ["version"], registry=r)
+        self.last_cycle = Gauge(
+            "outbox_last_cycle_timestamp_seconds",
+            "Unix time the last dispatch cycle finished",
+            registry=r,
+        )
+        self._init_series()
+
+    def _init_series(self) -> None:
+        """Every labelled series exists at 0, so rate() and alerts see it before any event."""
+        for code in (*CODES, OTHER):
+            self.attempts.labels(code=code)
+        for outcome in (*OUTCOMES, OTHER):
+            self.outcomes.labels(outcome=outcome)
+        for state in STATES:
+            self.rows.labels(state=state).set(0)
+        self.set_gate("open")
+        self.up.labels(version=__version__).set(1)
+
+    def observe_call(self, code: str, seconds: float) -> None:
+        """One answered call: its gRPC code name (``"OK"``, ``"UNAVAILABLE"``…) and latency."""
+        self.attempts.labels(code=_fixed(code, CODES)).inc()
+        self.submit_seconds.observe(max(seconds, 0.0))
+
+    def observe_outcome(self, outcome: str) -> None:
+        """One row outcome: committed, retry, parked or handed_back."""
+        self.outcomes.labels(outcome=_fixed(outcome, OUTCOMES)).inc()
+
+    def set_gate(self, gate: str) -> None:
+        """The current gate gets 1, the others 0 (an unknown name sets them all to 0)."""
+        for name in GATES:
+            self.gate.labels(gate=name).set(1 if name == gate else 0)
+
+    def set_table(
+        self,
+        counts: Mapping[str, int],
+        oldest_due_seconds: float | None,
+        parked: int,
+        lanes_blocked: int,
+    ) -> None:
+        """The table as ``Store.status`` sees it; a state missing from ``counts`` is 0."""
+        for state in STATES:
+            self.rows.labels(state=state).set(counts.get(state, 0))
+        self.oldest_due.set(max(oldest_due_seconds or 0.0, 0.0))
+        self.parked.set(parked)
+        self.lanes_blocked.set(lanes_blocked)
+
+    def cycle_done(self, now_ts: float) -> None:
+        """A dispatch cycle finished at Unix time ``now_ts`` (alert when this goes stale)."""
+        self.last_cycle.set(now_ts)
+
+    def render(self) -> bytes:
+        """The text exposition format, as served on ``/metrics``."""
+        return generate_latest(self.registry)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); anything else is a ConfigError."""
+    host, sep, port = listen.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f'[metrics] listen = {listen!r} is not host:port: use e.g. "127.0.0.1:9464" '
+            '("[::1]:9464" for IPv6, port 0 for any free port), or "" to disable metrics'
+        )
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(ThreadingHTTPServer):
+    """The HTTP server, carrying what its request handlers need."""
+
+    daemon_threads = True  # a stuck scrape never holds up the daemon's exit
+
+    def __init__(self, address: tuple[str, int], metrics: Metrics, ready: Readiness) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6  # a [v6] literal
+        self.metrics = metrics
+        self.ready = ready
+        super().__init__(address, _Handler)
+
+
+_TEXT = "text/plain; charset=utf-8"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "outbox"  # not "BaseHTTP/0.6 Python/3.x": no version fingerprinting
+    sys_version = ""
+    timeout = 10  # a client that connects and sends nothing frees its thread
+
+    def do_GET(self) -> None:
+        app = cast(_Server, self.server)
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            self._reply(HTTPStatus.OK, app.metrics.render(), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._reply(HTTPStatus.OK, b"ok\n")
+        elif path == "/readyz":
+            ok, reason = _readiness(app.ready)
+            status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+            self._reply(status, (reason + "\n").encode("utf-8"))
+        else:
+            self._reply(HTTPStatus.NOT_FOUND, b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _reply(
+        self, status: HTTPStatus, body: bytes, ctype: str = "text/plain; charset=utf-8"
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes every 15 s are not events: no access log."""
+
+
+def _readiness(ready: Readiness) -> tuple[bool, str]:
+    """The injected check; one that raises means "not ready", never a 500 with a traceback."""
+    try:
+        ok, reason = ready()
+    except Exception as exc:
+        log.warning(kv("readiness_check_failed", error=f"{type(exc).__name__}: {exc}"))
+        return False, f"readiness check failed: {type(exc).__name__}"
+    return ok, redact(" ".join(reason.split())) or ("ready" if ok else "not ready")
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on ``[metrics] listen``, in a daemon thread.
+
+    ``/healthz`` answers 200 while the process can answer at all (liveness);
+    ``/readyz`` asks ``ready()`` (e.g. database reachable, key not refused) and answers 200
+    or 503 with its reason. The listen string is checked here, so a bad one fails at start.
+    """
+
+    def __init__(self, listen: str, metrics: Metrics, ready: Readiness) -> None:
+        self.host, self._port = parse_listen(listen)
+        self.metrics = metrics
+        self._ready = ready
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        if not is_loopback(self.host):
+            log.warning(
+                kv(
+                    "metrics_exposed",
+                    listen=listen,
+                    effect="metrics and health are reachable beyond this host; "
+                    "firewall the port or listen on 127.0.0.1",
+                )
+            )
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (useful with port 0), else the configured one."""
+        return self._port
+
+    def start(self) -> None:
+        """Bind and serve; a port in use is a ConfigError naming ``[metrics] listen``."""
+        with self._lock:
+            if self._server is not None:
+                return
+            try:
+                server = _Server((self.host, self._port), self.metrics, self._ready)
+            except OSError as exc:
+                raise ConfigError(
+                    f"[metrics] listen = {self.host}:{self._port}: cannot listen ({exc.strerror}): "
+                    'pick a free port or address, or set listen = "" to disable metrics'
+                ) from exc
+            self._server = server
+            self._port = int(server.server_address[1])
+            self._thread = threading.Thread(
+                target=server.serve_forever,
+                args=(SHUTDOWN_POLL_SECONDS,),
+                name="outbox-metrics",
+                daemon=True,
+            )
+            self._thread.start()
+        log.info(kv("metrics_listening", host=self.host, port=self._port))
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; safe to call twice, or before start()."""
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
