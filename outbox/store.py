@@ -593,7 +593,11 @@ class Store:
             counts: dict[str, int] = dict(
                 conn.execute(sa.select(m.c.state, sa.func.count()).group_by(m.c.state)).all()
             )
-            due_since = sa.func.coalesce(m.c.next_attempt_at, m.c.not_before, m.c.created_at)
+            # Due since: the retry time, else the later of insertion and not_before.
+            released = sa.case(
+                (m.c.not_before > m.c.created_at, m.c.not_before), else_=m.c.created_at
+            )
+            due_since = sa.func.coalesce(m.c.next_attempt_at, released)
             oldest = conn.execute(
                 sa.select(sa.func.min(due_since)).where(
                     m.c.state == State.PENDING,
