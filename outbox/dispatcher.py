@@ -117,6 +117,7 @@ class Dispatcher:
             )
             report.claimed = len(claims)
             if claims:
+                log.debug("event=claimed worker=%s rows=%d", self.worker_id, len(claims))
                 self._hold([c.id for c in claims])
                 try:
                     report.outcomes = self._send(claims)
@@ -148,6 +149,7 @@ class Dispatcher:
                 outcomes.append(self._bad_row(claim, exc))
                 continue
             started.append((claim, method, self.client.start(method, request)))
+            log.debug("event=sent key=%s method=%s", claim.idempotency_key, method.path)
         answers = [(claim, method, pending.wait()) for claim, method, pending in started]
         self._fold_gates(answers)
         outcomes += [self._decide(claim, method, answer) for claim, method, answer in answers]

@@ -21,7 +21,15 @@ from sqlalchemy.orm import Session
 
 from outbox.errors import DuplicateKeyError, OperatorActionError, RowNotFoundError
 from outbox.payload import fingerprint
-from outbox.schema import FINISHED_STATES, OPEN_STATES, State, attempts, messages, workers
+from outbox.schema import (
+    FINISHED_STATES,
+    OPEN_STATES,
+    State,
+    UTCDateTime,
+    attempts,
+    messages,
+    workers,
+)
 
 m = messages
 
@@ -324,31 +332,36 @@ class Store:
         )
 
     def record(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
-        """Record outcomes in one transaction; returns those whose row this worker lost."""
-        lost: list[Outcome] = []
-        with self._tx() as conn:
-            for outcome in outcomes:
-                if not self._record_one(conn, outcome, now):
-                    lost.append(outcome)
-        return lost
+        """Record a batch of outcomes in one transaction; returns those whose row was lost.
 
-    def _record_one(self, conn: Connection, outcome: Outcome, now: datetime) -> bool:
-        claim = outcome.claim
-        values = _transition_values(outcome, now)
-        done = conn.execute(
-            m.update()
-            .where(
-                m.c.id == claim.id,
-                m.c.state == State.INFLIGHT,
-                m.c.lease_owner == claim.worker,
-            )
-            .values(**values)
-        )
-        if done.rowcount != 1:
-            return False
-        if outcome.call is not None:
-            _add_history(conn, claim.id, now, claim.worker, outcome.call)
-        return True
+        One locking SELECT finds the rows this worker still holds; the others were taken over
+        after our lease ran out, and their newer outcome stands. Then one guarded UPDATE per
+        kind of outcome (executemany) and one INSERT of the history lines.
+        """
+        if not outcomes:
+            return []
+        with self._tx() as conn:
+            held = self._still_held(conn, outcomes)
+            kept = [o for o in outcomes if (o.claim.id, o.claim.worker) in held]
+            for kind, statement in _TRANSITIONS.items():
+                params = [_transition_params(o, now) for o in kept if type(o) is kind]
+                if params:
+                    conn.execute(statement, params)
+            lines = [
+                _history_params(o.claim.id, now, o.claim.worker, o.call) for o in kept if o.call
+            ]
+            if lines:
+                conn.execute(attempts.insert(), lines)
+        return [o for o in outcomes if (o.claim.id, o.claim.worker) not in held]
+
+    @staticmethod
+    def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[tuple[int, str]]:
+        rows = conn.execute(
+            sa.select(m.c.id, m.c.lease_owner)
+            .where(m.c.id.in_([o.claim.id for o in outcomes]), m.c.state == State.INFLIGHT)
+            .with_for_update()
+        ).all()
+        return {(row.id, row.lease_owner) for row in rows}
 
     def renew_leases(self, worker: str, ids: Collection[int], lease: float, now: datetime) -> int:
         """Extend the lease of rows this worker still holds (long calls)."""
@@ -705,64 +718,95 @@ class Store:
 # --------------------------------------------------------------------------- helpers
 
 
-def _transition_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
-    released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+def _guarded(**values: Any) -> sa.Update:
+    """``UPDATE … WHERE id = :b_id AND state = 'inflight' AND lease_owner = :b_owner``."""
+    released = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "updated_at": sa.bindparam("b_now", type_=UTCDateTime()),
+        "last_code": sa.bindparam("b_code", type_=sa.String()),
+        "last_message": sa.bindparam("b_message", type_=sa.Text()),
+    }
+    return (
+        m.update()
+        .where(
+            m.c.id == sa.bindparam("b_id"),
+            m.c.state == State.INFLIGHT,
+            m.c.lease_owner == sa.bindparam("b_owner"),
+        )
+        .values(**released, **values)
+    )
+
+
+_counted = m.c.attempts + sa.bindparam("b_counted", type_=sa.Integer())
+#: Once a row may have executed it stays so: the flag is only ever set, never cleared.
+_sticky_maybe = sa.or_(m.c.maybe_executed, sa.bindparam("b_maybe", type_=sa.Boolean()))
+#: One statement per kind of outcome, compiled once, run with executemany.
+_TRANSITIONS: dict[type, sa.Update] = {
+    Committed: _guarded(
+        state=State.COMMITTED,
+        committed_at=sa.bindparam("b_now", type_=UTCDateTime()),
+        response=sa.bindparam("b_response", type_=m.c.response.type),
+        attempts=m.c.attempts + 1,
+        next_attempt_at=None,
+    ),
+    Retry: _guarded(
+        state=State.PENDING,
+        next_attempt_at=sa.bindparam("b_at", type_=UTCDateTime()),
+        attempts=_counted,
+        maybe_executed=_sticky_maybe,
+    ),
+    Parked: _guarded(
+        state=State.PARKED,
+        park_reason=sa.bindparam("b_reason", type_=sa.String()),
+        next_attempt_at=None,
+        attempts=_counted,
+        maybe_executed=_sticky_maybe,
+    ),
+    HandedBack: _guarded(
+        state=State.PENDING, next_attempt_at=sa.bindparam("b_at", type_=UTCDateTime())
+    ),
+}
+
+
+def _transition_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
     call = outcome.call
-    if call is not None:
-        released |= {"last_code": call.code, "last_message": call.message}
+    params: dict[str, Any] = {
+        "b_id": outcome.claim.id,
+        "b_owner": outcome.claim.worker,
+        "b_now": now,
+        "b_code": call.code if call else None,
+        "b_message": call.message if call else None,
+    }
     match outcome:
         case Committed():
-            return released | {
-                "state": State.COMMITTED,
-                "committed_at": now,
-                "response": outcome.response,
-                "attempts": m.c.attempts + 1,
-                "next_attempt_at": None,
-            }
+            params["b_response"] = outcome.response
         case Retry():
-            return (
-                released
-                | {
-                    "state": State.PENDING,
-                    "next_attempt_at": outcome.at,
-                    "attempts": m.c.attempts + int(outcome.counts_attempt),
-                }
-                | _sticky_maybe(outcome.maybe_executed)
-            )
+            counted, maybe = outcome.counts_attempt, outcome.maybe_executed
+            params |= {"b_at": outcome.at, "b_counted": int(counted), "b_maybe": maybe}
         case Parked():
-            return (
-                released
-                | {
-                    "state": State.PARKED,
-                    "park_reason": outcome.reason,
-                    "next_attempt_at": None,
-                    "attempts": m.c.attempts + int(outcome.counts_attempt),
-                }
-                | _sticky_maybe(outcome.maybe_executed)
-            )
+            counted, maybe = outcome.counts_attempt, outcome.maybe_executed
+            params |= {"b_reason": outcome.reason, "b_counted": int(counted), "b_maybe": maybe}
         case HandedBack():
-            return released | {"state": State.PENDING, "next_attempt_at": outcome.at}
-    raise TypeError(f"unknown outcome {outcome!r}")
+            params["b_at"] = outcome.at
+    return params
 
 
-def _sticky_maybe(maybe_executed: bool) -> dict[str, Any]:
-    """Once a row may have executed it stays so: the flag is only ever set, never cleared."""
-    return {"maybe_executed": True} if maybe_executed else {}
+def _history_params(message_id: int, now: datetime, actor: str, call: Call) -> dict[str, Any]:
+    return {
+        "message_id": message_id,
+        "at": now,
+        "kind": call.kind,
+        "actor": actor,
+        "code": call.code,
+        "message": call.message,
+        "decision": call.decision,
+        "duration_ms": call.duration_ms,
+    }
 
 
 def _add_history(conn: Connection, message_id: int, now: datetime, actor: str, call: Call) -> None:
-    conn.execute(
-        attempts.insert().values(
-            message_id=message_id,
-            at=now,
-            kind=call.kind,
-            actor=actor,
-            code=call.code,
-            message=call.message,
-            decision=call.decision,
-            duration_ms=call.duration_ms,
-        )
-    )
+    conn.execute(attempts.insert().values(**_history_params(message_id, now, actor, call)))
 
 
 _VIEW_COLUMNS = [

@@ -239,3 +239,30 @@ def test_plain_sql_update_of_state_is_guarded(engine, store, clock):
 
     assert store.record([Committed(claim, Call("call", "commit", "OK"))], clock())
     assert store.get(key).state == "pending"
+
+
+def test_rollover_window_spanning_the_start_holds_market_orders(
+    engine, sim, store, make_dispatcher, clock
+):
+    from datetime import UTC, datetime, time  # noqa: PLC0415
+
+    from outbox.gates import Gates  # noqa: PLC0415
+    from outbox.policy import Backoff  # noqa: PLC0415
+
+    clock.now = datetime(2026, 11, 24, 18, 10, tzinfo=UTC)  # Tuesday, inside the window
+    gates = Gates(Backoff(), 50, window=(1, time(18, 0), time(18, 30)), hold_methods=(PLACE_ORDER,))
+    with engine.begin() as conn:
+        order = outbox.enqueue(
+            conn,
+            PLACE_ORDER,
+            {"account": "x", "market": "BTC-AUD", "quantity": "1", "type": "ORDER_TYPE_MARKET"},
+        )
+    [money] = enqueue(engine, 1)
+    dispatcher = make_dispatcher(gates=gates)
+    run_for(dispatcher, clock, 60)
+    assert store.get(money).state == "committed"  # transfers are not held
+    assert store.get(order).state == "pending"  # market orders are
+    assert gates.view(clock()).held_methods == (PLACE_ORDER,)
+    clock.now = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
+    run_for(dispatcher, clock, 1)
+    assert store.get(order).state == "committed"
