@@ -62,6 +62,7 @@ class WorkerConfig(_Section):
     lease: Seconds = Field(
         60.0, description="seconds a claim is held before another worker may take it"
     )
+    notify: bool = Field(True, description="PostgreSQL: wake on LISTEN/NOTIFY (polling stays)")
 
 
 class RetryConfig(_Section):

@@ -50,6 +50,7 @@ from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
 from outbox.policy import Backoff
 from outbox.store import Claim, Committed, HandedBack, Outcome, Parked, Retry, Store, WorkerBeat
+from outbox.store.listener import Listener
 from outbox.systemd import Notifier
 
 log = logging.getLogger("outbox.daemon")
@@ -115,6 +116,7 @@ class Daemon:
         self.started_at = clock()
         self.stopping = threading.Event()
         self._reload = threading.Event()
+        self._woken = threading.Event()
         self.engine = make_engine(config.database.url)
         ensure_at_head(self.engine)
         self.store = Store(self.engine)
@@ -137,6 +139,7 @@ class Daemon:
         self.dispatcher.observe(self._count_outcome)
         self.dispatcher.after_cycle(self._cycle_done)
         self.follower = self._follower() if config.streams.accounts else None
+        self.listener = self._listener()
         listen = config.metrics.listen
         self.health = HealthServer(listen, self.metrics, self.readiness) if listen else None
         self.scheduler = BackgroundScheduler(
@@ -161,6 +164,8 @@ class Daemon:
         self.scheduler.start()
         if self.follower is not None:
             self.follower.start()
+        if self.listener is not None:
+            self.listener.start()
         self.metrics.set_gate(self.gates.view(self.clock()).gate)
         recrypt = self.config.recrypt
         log.info(
@@ -208,8 +213,9 @@ class Daemon:
         return 0
 
     def wake(self) -> None:
-        """Run the dispatch job now (a row was inserted)."""
-        if not self.stopping.is_set():
+        """Run the dispatch job now (a row was inserted); a drain under way goes round again."""
+        self._woken.set()
+        if not self.stopping.is_set() and self.scheduler.running:
             self.scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
 
     def request_stop(self) -> None:
@@ -221,6 +227,8 @@ class Daemon:
         self.notifier.stopping("stopping: finishing in-flight calls, handing back the rest")
         if self.follower is not None:
             self.follower.stop(timeout=5.0)
+        if self.listener is not None:
+            self.listener.stop()
         self.scheduler.shutdown(wait=True)
         handed = self.store.hand_back_all(self.worker_id, self.clock())
         self.store.worker_stopped(self.worker_id, self.clock())
@@ -262,7 +270,11 @@ class Daemon:
     # ---- jobs
 
     def _dispatch(self) -> None:
-        self.dispatcher.drain(self.stopping)
+        while not self.stopping.is_set():
+            self._woken.clear()
+            self.dispatcher.drain(self.stopping)
+            if not self._woken.is_set():
+                return
 
     def _renew(self) -> None:
         ids = self.dispatcher.inflight_ids()
@@ -321,6 +333,12 @@ class Daemon:
         if answer is not None:
             self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0)
         self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
+
+    def _listener(self) -> Listener | None:
+        """LISTEN/NOTIFY wake-ups on PostgreSQL (``[worker] notify``); others poll."""
+        if self.engine.dialect.name != "postgresql" or not self.config.worker.notify:
+            return None
+        return Listener(self.engine.url, self.wake, backoff_from(self.config))
 
     def _follower(self) -> StreamFollower:
         return StreamFollower(

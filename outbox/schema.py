@@ -131,11 +131,10 @@ messages = sa.Table(
     sa.Column("response", _json(), nullable=True),
     sa.UniqueConstraint("idempotency_key"),
     sa.CheckConstraint(f"state IN ({_state_values})", name="state_valid"),
-    # The claim: due pending rows in insertion order. Partial where the database can.
+    # The claim walks pending rows in id order. Partial where the database can (migration 0002).
     sa.Index(
         "ix_outbox_messages_due",
         "state",
-        "next_attempt_at",
         "id",
         postgresql_where=sa.text("state = 'pending'"),
         sqlite_where=sa.text("state = 'pending'"),

@@ -52,7 +52,7 @@ def test_upgrade_matches_metadata_and_downgrade_drops_everything(empty_engine: E
     migrate.upgrade(empty_engine)
     assert table_names(empty_engine) >= OUTBOX_TABLES
     assert schema_diff(empty_engine) == []
-    assert migrate.current(empty_engine) == migrate.head() == "0001"
+    assert migrate.current(empty_engine) == migrate.head() == "0002"
 
     migrate.downgrade(empty_engine, "base")
     assert table_names(empty_engine) & OUTBOX_TABLES == set()
@@ -94,7 +94,7 @@ def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) ->
 
 
 def test_ensure_at_head_refuses_an_empty_database(empty_engine: Engine) -> None:
-    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0001: run `outbox db upgrade`"):
+    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0002: run `outbox db upgrade`"):
         migrate.ensure_at_head(empty_engine)
 
 
@@ -149,3 +149,24 @@ def test_the_wheel_ships_migrations_and_protos(tmp_path: Path) -> None:
         "outbox/_migrations/versions/0001_initial.py",
         "outbox/_protos/recrypt/wallet/v1/wallet.proto",
     } <= names
+
+
+def test_postgres_insert_trigger_notifies_once_per_transaction(postgres_url) -> None:
+    """Migration 0002: writers wake the daemon through LISTEN/NOTIFY, once per transaction."""
+    import psycopg  # noqa: PLC0415
+
+    from outbox.database import normalise_url  # noqa: PLC0415
+
+    conninfo = normalise_url(postgres_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(conninfo, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_messages")
+        with psycopg.connect(conninfo) as writer, writer.transaction():
+            for i in range(50):
+                writer.execute(
+                    "INSERT INTO outbox_messages (idempotency_key, method, payload) "
+                    "VALUES (%s, '/x.v1.S/M', '{}')",
+                    (f"00000000-0000-0000-0000-{i:012d}",),
+                )
+        received = list(listener.notifies(timeout=2.0))
+    assert len(received) == 1
+    assert received[0].channel == "outbox_messages"

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 import outbox
 from outbox.schema import attempts, messages
 from outbox.simulator import TRANSFER
-from outbox.store import Call, Committed, Parked, Store
+from outbox.store import Call, Claim, Committed, Parked, Store
 
 DAY = timedelta(days=1)
 
@@ -34,7 +34,7 @@ def _enqueue(engine: Engine, n: int, **options: object) -> list[str]:
         ]
 
 
-def _claim(store: Store, keys: list[str], at: datetime) -> list:
+def _claim(store: Store, keys: list[str], at: datetime) -> list[Claim]:
     """Claim exactly ``keys`` (they are the only due rows) at time ``at``."""
     claims = store.claim_due("retention-test", len(keys) + 10, 60.0, at)
     assert sorted(c.idempotency_key for c in claims) == sorted(keys)
@@ -123,12 +123,7 @@ def test_purge_removes_old_finished_rows_and_their_history_in_batches(engine: En
 
     purged_keys = old_committed + old_cancelled + old_expired
     kept_keys = (
-        new_committed
-        + new_cancelled
-        + edge_committed
-        + ancient_parked
-        + old_inflight
-        + old_pending
+        new_committed + new_cancelled + edge_committed + ancient_parked + old_inflight + old_pending
     )
     assert _states(engine) == {
         **dict.fromkeys(old_committed + new_committed + edge_committed, "committed"),
