@@ -14,7 +14,15 @@ from datetime import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from outbox.errors import ConfigError
 
@@ -151,6 +159,15 @@ class Config(_Section):
     check: CheckConfig = CheckConfig()
     api_key: SecretStr | None = Field(None, exclude=True)
 
+    @model_validator(mode="after")
+    def _lease_outlives_a_call(self) -> Config:
+        if self.worker.lease <= self.recrypt.deadline:
+            raise ValueError(
+                f"[worker] lease ({self.worker.lease:g} s) must be longer than [recrypt] deadline "
+                f"({self.recrypt.deadline:g} s), or another worker may resend a row still in flight"
+            )
+        return self
+
     def require_api_key(self) -> SecretStr:
         if self.api_key is None or not self.api_key.get_secret_value():
             raise ConfigError(
@@ -210,6 +227,9 @@ def _explain(exc: ValidationError, path: str | os.PathLike[str] | None) -> str:
     lines = [f"{where} is invalid:"]
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
+        if not loc:  # a rule across sections: its message names the keys
+            lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
+            continue
         key = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0]
         hint = _hint(loc)
         msg = "unknown key (a typo?)" if error["type"] == "extra_forbidden" else error["msg"]

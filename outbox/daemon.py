@@ -7,9 +7,6 @@ Jobs (each a short function, safe to run late or twice):
 - ``maintenance``: poll Core.MaintenanceCheck (``[maintenance] probe_interval``) to learn
   whether rollover downtime is scheduled this week and whether maintenance mode is on
 - ``renew``: extend the lease of rows whose calls are still in flight (long calls)
-- ``maintenance``: poll Core.MaintenanceCheck (``[maintenance] probe_interval``) to learn
-  whether rollover downtime is scheduled this week and whether maintenance mode is on
-- ``renew``: extend the lease of rows whose calls are still in flight (long calls)
 - ``reaper``: hand back rows whose lease ran out; expire rows past ``expires_at``
 - ``heartbeat``: record this worker and its gate in ``outbox_workers``
 - ``retention``: purge finished rows older than ``[retention] days``
@@ -56,8 +53,8 @@ from outbox.systemd import Notifier
 log = logging.getLogger("outbox.daemon")
 
 HEARTBEAT_SECONDS = 5.0
+MAX_PIPELINES = 4  # dispatch cycles in parallel: max_in_flight // batch_size, at most this
 TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
-SHUTDOWN_GRACE = 30.0  # seconds in-flight calls may take to finish on SIGTERM
 
 
 def utcnow() -> datetime:
@@ -86,8 +83,10 @@ def gates_from(config: Config, rng: random.Random | None = None) -> Gates:
 
 
 def settings_from(config: Config) -> DispatchSettings:
+    batch = min(config.worker.batch_size, config.worker.max_in_flight)
     return DispatchSettings(
-        batch_size=min(config.worker.batch_size, config.worker.max_in_flight),
+        batch_size=batch,
+        pipelines=max(1, min(MAX_PIPELINES, config.worker.max_in_flight // batch)),
         lease=config.worker.lease,
         backoff=backoff_from(config),
         max_unknown_attempts=config.retry.max_unknown_attempts,
@@ -152,12 +151,10 @@ class Daemon:
 
     def start(self) -> None:
         for name, job, seconds, at_once in self._jobs():
+            # next_run_time=None would add the job *paused*: leave it out to run on schedule.
+            first = {"next_run_time": datetime.now(UTC)} if at_once else {}
             self.scheduler.add_job(
-                self._guard(job, name),
-                "interval",
-                seconds=seconds,
-                id=name,
-                next_run_time=datetime.now(UTC) if at_once else None,
+                self._guard(job, name), "interval", seconds=seconds, id=name, **first
             )
         if self.health is not None:
             self.health.start()

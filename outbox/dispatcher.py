@@ -11,6 +11,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -42,6 +43,7 @@ class DispatchSettings:
     backoff: Backoff = field(default_factory=Backoff)
     max_unknown_attempts: int = 10
     maintenance_check: str = MAINTENANCE_CHECK
+    pipelines: int = 1  # cycles run in parallel by drain(): calls in flight while others record
 
 
 @dataclass
@@ -94,50 +96,75 @@ class Dispatcher:
     # ---- the cycle
 
     def drain(self, stop: threading.Event | None = None) -> int:
-        """Run cycles while full batches keep coming; returns rows claimed in total."""
+        """Run cycles while full batches keep coming; returns rows claimed in total.
+
+        With ``pipelines`` > 1, that many loops run at once: while one waits for the database,
+        the others' calls are in flight. The gate's reservations keep the total in bounds.
+        """
+        if self.settings.pipelines == 1:
+            return self._drain_loop(stop)
+        with ThreadPoolExecutor(self.settings.pipelines - 1) as pool:
+            others = [
+                pool.submit(self._drain_loop, stop) for _ in range(self.settings.pipelines - 1)
+            ]
+            total = self._drain_loop(stop)
+            return total + sum(f.result() for f in others)
+
+    def _drain_loop(self, stop: threading.Event | None) -> int:
         total = 0
         while stop is None or not stop.is_set():
             report = self.run_once()
             total += report.claimed
-            if report.claimed == 0 or report.claimed < self.settings.batch_size:
+            if report.claimed < self.settings.batch_size:
                 break
         return total
 
     def run_once(self) -> CycleReport:
         now = self.clock()
         report = CycleReport()
-        allowance = self.gates.allowance(now)
-        if allowance > 0:
-            claims = self.store.claim_due(
-                self.worker_id,
-                min(allowance, self.settings.batch_size),
-                self.settings.lease,
-                now,
-                exclude_methods=self.gates.excluded_methods(now),
-            )
-            report.claimed = len(claims)
-            if claims:
-                log.debug("event=claimed worker=%s rows=%d", self.worker_id, len(claims))
-                self._hold([c.id for c in claims])
-                try:
-                    report.outcomes = self._send(claims)
-                    report.lost = self.store.record(report.outcomes, self.clock())
-                finally:
-                    self._hold([])
-                self._report_lost(report.lost)
-        self.cycles += 1
+        granted = self.gates.acquire(now, self.settings.batch_size)
+        try:
+            if granted > 0:
+                self._cycle(granted, now, report)
+        finally:
+            self.gates.release(granted)
+        with self._inflight_lock:
+            self.cycles += 1
         for hook in self._cycle_hooks:
             hook()
         return report
+
+    def _cycle(self, granted: int, now: datetime, report: CycleReport) -> None:
+        claims = self.store.claim_due(
+            self.worker_id,
+            granted,
+            self.settings.lease,
+            now,
+            exclude_methods=self.gates.excluded_methods(now),
+        )
+        report.claimed = len(claims)
+        if not claims:
+            return
+        log.debug("event=claimed worker=%s rows=%d", self.worker_id, len(claims))
+        self._hold([c.id for c in claims], add=True)
+        try:
+            report.outcomes = self._send(claims)
+            report.lost = self.store.record(report.outcomes, self.clock())
+        finally:
+            self._hold([c.id for c in claims], add=False)
+        self._report_lost(report.lost)
 
     def inflight_ids(self) -> list[int]:
         """Rows this worker holds right now (the lease renewer extends them)."""
         with self._inflight_lock:
             return sorted(self._inflight)
 
-    def _hold(self, ids: list[int]) -> None:
+    def _hold(self, ids: list[int], *, add: bool) -> None:
         with self._inflight_lock:
-            self._inflight = set(ids)
+            if add:
+                self._inflight.update(ids)
+            else:
+                self._inflight.difference_update(ids)
 
     def _send(self, claims: Sequence[Claim]) -> list[Outcome]:
         outcomes: list[Outcome] = []

@@ -68,6 +68,7 @@ class Gates:
         self._reason: str | None = None
         self._until: datetime | None = None
         self._level = 0  # consecutive closures of the current gate
+        self._reserved = 0  # calls granted to dispatch cycles under way
         # What Core.MaintenanceCheck last said of this week's rollover (None: not asked yet).
         self._scheduled: bool | None = None
         self._reported: tuple[datetime, datetime] | None = None
@@ -87,6 +88,22 @@ class Gates:
             if self._gate == Gate.ROLLOVER:
                 return 1  # one probe per cycle; the dispatcher runs one cycle at a time
             return self._limit
+
+    def acquire(self, now: datetime, want: int) -> int:
+        """Reserve up to ``want`` calls for one cycle; cycles running in parallel share the
+        allowance, so ``max_in_flight`` and "one probe at a time" hold across them."""
+        granted = max(0, min(want, self.allowance(now) - self._reserved_now()))
+        with self._lock:
+            self._reserved += granted
+        return granted
+
+    def release(self, granted: int) -> None:
+        with self._lock:
+            self._reserved -= granted
+
+    def _reserved_now(self) -> int:
+        with self._lock:
+            return self._reserved
 
     def excluded_methods(self, now: datetime) -> tuple[str, ...]:
         with self._lock:

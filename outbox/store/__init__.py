@@ -498,18 +498,21 @@ class Store:
                 raise OperatorActionError(
                     f"row {key} is {row.state}, not parked: only parked rows can be requeued"
                 )
+            values: dict[str, Any] = {
+                "state": State.PENDING,
+                "next_attempt_at": None,
+                "park_reason": None,
+                "last_message": f"requeued by {actor}: {reason}",
+                "updated_at": now,
+            }
+            if row.park_reason == "expired_unknown":
+                values["expires_at"] = None  # the operator decided to send it after all
             conn.execute(
-                m.update()
-                .where(m.c.id == row.id, m.c.state == State.PARKED)
-                .values(
-                    state=State.PENDING,
-                    next_attempt_at=None,
-                    park_reason=None,
-                    last_message=f"requeued by {actor}: {reason}",
-                    updated_at=now,
-                )
+                m.update().where(m.c.id == row.id, m.c.state == State.PARKED).values(**values)
             )
             _add_history(conn, row.id, now, actor, Call("operator", "requeue", None, reason))
+            if self.dialect == "postgresql":  # wake a listening daemon (as an insert does)
+                conn.execute(sa.text("SELECT pg_notify('outbox_messages', '')"))
         return self.get(key)
 
     def cancel(self, key: str, actor: str, reason: str, now: datetime, force: bool) -> RowView:
@@ -548,7 +551,7 @@ class Store:
 
     def _locked_row(self, conn: Connection, key: str) -> Any:
         row = conn.execute(
-            sa.select(m.c.id, m.c.state, m.c.maybe_executed)
+            sa.select(m.c.id, m.c.state, m.c.maybe_executed, m.c.park_reason)
             .where(m.c.idempotency_key == key)
             .with_for_update()
         ).first()

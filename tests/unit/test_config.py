@@ -39,6 +39,7 @@ def test_example_config_loads_and_matches_defaults() -> None:
         ("[maintenance]\nrollover_window = 'Tuesday 6pm'\n", "[maintenance] rollover_window"),
         ("[recrypt]\ndeadline = 'ten'\n", "[recrypt] deadline"),
         ("[databse]\nurl = 'x'\n", "databse: unknown key"),
+        ("[worker]\nlease = 5\n", "[worker] lease (5 s) must be longer than [recrypt] deadline"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, named) -> None:

@@ -1,0 +1,292 @@
+"""The benchmark: ``./dev bench`` (or ``python -m bench --help``).
+
+One command measures, against the simulator on loopback with no faults:
+
+1. the raw gRPC rate: a bare asyncio client (``bench/raw.py``, its own process) at the
+   daemon's concurrency;
+2. the daemon's drain rate: ``outbox run`` (its own process) draining a backlog;
+3. resident memory of the daemon while it drains (sampled from /proc);
+4. latency: single rows inserted into an idle outbox, until the simulator executed them;
+5. the cost of a claim with 10,000 and with 2,000,000 finished rows in the table.
+
+The simulator runs in this process, in its own threads, for both (1) and (2), so the two
+rates are measured against the same server in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from outbox import migrate
+from outbox.database import make_engine, normalise_url
+from outbox.schema import messages
+from outbox.simulator import TRANSFER, Simulator
+from outbox.store import Store
+
+API_KEY = "bench-key"
+PAYLOAD = {"fromAccount": "bench", "toAccount": "b", "amount": "1.00", "currency": "AUD"}
+
+
+def main() -> None:
+    args = parse_args()
+    results: dict[str, object] = {"date": datetime.now(UTC).date().isoformat(), "url": args.url}
+    with Simulator(api_keys=[API_KEY]) as sim:
+        print(f"simulator on {sim.target}; database {shown(args.url)}", flush=True)
+        if "raw" in args.only:
+            results["raw"] = raw_rate(sim, args.rows, args.concurrency)
+            report("raw gRPC rate", results["raw"])
+        if "drain" in args.only:
+            results["drain"] = drain(sim, args)
+            report("daemon drain", results["drain"])
+        if "latency" in args.only:
+            results["latency"] = latency(sim, args)
+            report("latency", results["latency"])
+    if "claim" in args.only:
+        results["claim"] = claim_cost(args)
+        report("claim cost", results["claim"])
+    summarise(results, args)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/outbox_bench",
+                        help="database to (re)create; PostgreSQL, MariaDB or sqlite:///FILE")
+    parser.add_argument("--rows", type=int, default=20_000, help="backlog drained")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight")
+    parser.add_argument("--batch", type=int, default=64, help="[worker] batch_size")
+    parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--poll-interval", type=float, default=0.1)
+    parser.add_argument("--claim-sizes", default="10000,2000000",
+                        help="finished rows in the table for the claim-cost measurement")
+    parser.add_argument("--only", default="raw,drain,latency,claim",
+                        help="comma-separated subset of raw,drain,latency,claim")
+    args = parser.parse_args()
+    args.only = set(args.only.split(","))
+    return args
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def raw_rate(sim: Simulator, calls: int, concurrency: int) -> dict[str, float]:
+    argv = [sys.executable, "-m", "bench.raw", "--target", sim.target, "--api-key", API_KEY,
+            "--calls", str(calls), "--concurrency", str(concurrency)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
+    engine = fresh_database(args.url)
+    keys = insert_backlog(engine, args.rows)
+    before = len(sim.ledger)
+    with daemon(args, sim) as proc:
+        sim.wait_for(lambda s: len(s.ledger) > before, timeout=60)
+        started = time.perf_counter()
+        samples = sample_rss(proc.pid, lambda: len(sim.ledger) - before >= args.rows, sim)
+        elapsed = time.perf_counter() - started
+    committed = Store(engine).status(datetime.now(UTC)).counts["committed"]
+    engine.dispose()
+    once = all(sim.executions(k) == 1 for k in random.sample(keys, min(1000, len(keys))))
+    return {
+        "rows": args.rows,
+        "seconds": round(elapsed, 2),
+        "rate": round(args.rows / elapsed, 1),
+        "committed": committed,
+        "executed_once_sampled": once,
+        "rss_mb_peak": max(samples) if samples else None,
+        "rss_mb_quartiles": quartiles(samples),
+    }
+
+
+def latency(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
+    engine = fresh_database(args.url)
+    seconds: list[float] = []
+    pause = threading.Event()
+    with daemon(args, sim):
+        sim.wait_for(lambda s: s.call_count() >= 1, timeout=30)  # started: MaintenanceCheck
+        pause.wait(1.0)
+        for _ in range(args.latency_samples):
+            key = str(uuid.uuid4())
+            with engine.begin() as conn:
+                conn.execute(sa.insert(messages).values(
+                    idempotency_key=key, method=TRANSFER, payload=PAYLOAD))
+            inserted = time.perf_counter()
+            sim.wait_for(lambda s, k=key: s.executions(k) == 1, timeout=30)
+            seconds.append(time.perf_counter() - inserted)
+            pause.wait(random.uniform(0.01, 0.05))
+    engine.dispose()
+    ms = sorted(s * 1000 for s in seconds)
+    return {
+        "samples": len(ms),
+        "p50_ms": round(percentile(ms, 50), 1),
+        "p90_ms": round(percentile(ms, 90), 1),
+        "p99_ms": round(percentile(ms, 99), 1),
+        "max_ms": round(ms[-1], 1),
+        "poll_interval_ms": args.poll_interval * 1000,
+    }
+
+
+def claim_cost(args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for size in (int(s) for s in args.claim_sizes.split(",")):
+        engine = fresh_database(args.url)
+        fill_finished(engine, size)
+        insert_backlog(engine, 2000)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("ANALYZE outbox_messages")
+        store, timings = Store(engine), []
+        for _ in range(30):
+            now = datetime.now(UTC)
+            started = time.perf_counter()
+            store.claim_due("bench", args.batch, 60.0, now)
+            timings.append((time.perf_counter() - started) * 1000)
+            store.hand_back_all("bench", now)
+        out[f"{size}_finished_ms_median"] = round(statistics.median(timings), 2)
+        engine.dispose()
+    sizes = [int(s) for s in args.claim_sizes.split(",")]
+    small, large = (out[f"{s}_finished_ms_median"] for s in (sizes[0], sizes[-1]))
+    out["ratio"] = round(float(large) / float(small), 2)  # type: ignore[arg-type]
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def daemon(args: argparse.Namespace, sim: Simulator) -> Iterator[subprocess.Popen[bytes]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "bench.toml"
+        config.write_text(
+            f'[database]\nurl = "{args.url}"\n'
+            f'[recrypt]\ntarget = "{sim.target}"\ntls = false\ndeadline = 30.0\n'
+            f"[worker]\nbatch_size = {args.batch}\nmax_in_flight = {args.concurrency}\n"
+            f"poll_interval = {args.poll_interval}\nlease = 120.0\n"
+            f'[metrics]\nlisten = ""\n[maintenance]\nrollover_window = ""\n'
+            f'[logging]\nlevel = "WARNING"\n'
+        )
+        env = os.environ | {"RECRYPT_API_KEY": API_KEY}
+        env.pop("OUTBOX_DATABASE_URL", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox.cli", "--config", str(config), "run"], env=env
+        )
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+def sample_rss(pid: int, done: object, sim: Simulator) -> list[float]:
+    samples: list[float] = []
+    while not sim.wait_for(lambda _s: done(), timeout=0.5):  # type: ignore[operator]
+        samples.append(rss_mb(pid))
+    samples.append(rss_mb(pid))
+    return samples
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def fresh_database(url: str) -> sa.Engine:
+    parsed = normalise_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        Path(parsed.database or "bench.db").unlink(missing_ok=True)
+    else:
+        admin_db = "postgres" if backend == "postgresql" else None
+        admin = sa.create_engine(parsed.set(database=admin_db), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            force = " WITH (FORCE)" if backend == "postgresql" else ""
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {parsed.database}{force}")
+            conn.exec_driver_sql(f"CREATE DATABASE {parsed.database}")
+        admin.dispose()
+    engine = make_engine(parsed)
+    migrate.upgrade(engine)
+    return engine
+
+
+def insert_backlog(engine: sa.Engine, n: int) -> list[str]:
+    keys = [str(uuid.uuid4()) for _ in range(n)]
+    for start in range(0, n, 5000):
+        with engine.begin() as conn:
+            conn.execute(sa.insert(messages), [
+                {"idempotency_key": k, "method": TRANSFER, "payload": PAYLOAD}
+                for k in keys[start:start + 5000]
+            ])
+    return keys
+
+
+def fill_finished(engine: sa.Engine, n: int) -> None:
+    """``n`` committed rows, generated inside the database where it can."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO outbox_messages (idempotency_key, method, payload, state, attempts, "
+                "committed_at, updated_at) SELECT gen_random_uuid()::text, "
+                f"'{TRANSFER}', '{{}}'::jsonb, 'committed', 1, now(), now() "
+                f"FROM generate_series(1, {n})"
+            )
+        return
+    for start in range(0, n, 10_000):
+        with engine.begin() as conn:
+            conn.execute(sa.insert(messages), [
+                {"idempotency_key": str(uuid.uuid4()), "method": TRANSFER, "payload": {},
+                 "state": "committed", "attempts": 1}
+                for _ in range(min(10_000, n - start))
+            ])
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(pct / 100 * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def quartiles(samples: list[float]) -> list[float]:
+    if not samples:
+        return []
+    return [samples[min(len(samples) - 1, int(q * (len(samples) - 1)))] for q in (0.25, 0.5, 0.75, 1.0)]
+
+
+def shown(url: str) -> str:
+    return normalise_url(url).render_as_string(hide_password=True)
+
+
+def report(title: str, value: object) -> None:
+    print(f"{title}: {json.dumps(value)}", flush=True)
+
+
+def summarise(results: dict[str, object], args: argparse.Namespace) -> None:
+    raw, drained = results.get("raw"), results.get("drain")
+    if isinstance(raw, dict) and isinstance(drained, dict):
+        ratio = float(drained["rate"]) / float(raw["rate"])
+        print(f"drain/raw ratio: {ratio:.2f} (target >= 0.80)")
+    argv = " ".join(sys.argv[1:])
+    print(f"reproduce: ./dev bench {argv}".rstrip())
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
