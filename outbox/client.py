@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,10 @@ class PendingCall(Protocol):
 
 class RecryptClient(Protocol):
     def start(self, method: Method, request: pb.Message) -> PendingCall: ...
+
+    def send_all(self, calls: Sequence[tuple[Method, pb.Message]]) -> list[Answer]:
+        """Send a batch at once (all in flight together); answers in the same order."""
+        ...
 
     def close(self) -> None: ...
 
@@ -86,6 +91,10 @@ class GrpcClient:
     def call(self, method: Method, request: pb.Message) -> Answer:
         return self.start(method, request).wait()
 
+    def send_all(self, calls: Sequence[tuple[Method, pb.Message]]) -> list[Answer]:
+        pending = [self.start(method, request) for method, request in calls]
+        return [p.wait() for p in pending]
+
     def stream(self, method: Method, request: pb.Message) -> Any:
         """A server stream (no deadline: it is long-lived); iterate it, cancel() to stop."""
         multi = self._channel.unary_stream(
@@ -115,6 +124,11 @@ def open_channel(config: RecryptConfig) -> grpc.Channel:
     """TLS to the target unless the config explicitly says ``tls = false``."""
     if not config.tls:
         return grpc.insecure_channel(config.target, options=_CHANNEL_OPTIONS)
+    return grpc.secure_channel(config.target, _credentials(config), options=_CHANNEL_OPTIONS)
+
+
+def _credentials(config: RecryptConfig) -> grpc.ChannelCredentials:
+    """The system trust store, or ``[recrypt] ca_file``."""
     root = None
     if config.ca_file:
         try:
@@ -124,5 +138,4 @@ def open_channel(config: RecryptConfig) -> grpc.Channel:
                 f"[recrypt] ca_file: cannot read {config.ca_file}: {exc.strerror}; point it at a "
                 "PEM CA bundle, or leave it empty for the system trust store"
             ) from None
-    credentials = grpc.ssl_channel_credentials(root_certificates=root)
-    return grpc.secure_channel(config.target, credentials, options=_CHANNEL_OPTIONS)
+    return grpc.ssl_channel_credentials(root_certificates=root)

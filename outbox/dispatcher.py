@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import message
 
 from outbox import policy
-from outbox.client import Answer, PendingCall, RecryptClient
+from outbox.client import Answer, RecryptClient
 from outbox.descriptors import Catalog, Method, build_request, response_to_json
 from outbox.errors import BadRowError
 from outbox.gates import Gates
@@ -168,16 +168,15 @@ class Dispatcher:
 
     def _send(self, claims: Sequence[Claim]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        started: list[tuple[Claim, Method, PendingCall]] = []
+        ready: list[tuple[Claim, Method, message.Message]] = []
         for claim in claims:
             try:
-                method, request = self._prepare(claim)
+                ready.append((claim, *self._prepare(claim)))
             except BadRowError as exc:
                 outcomes.append(self._bad_row(claim, exc))
-                continue
-            started.append((claim, method, self.client.start(method, request)))
-            log.debug("event=sent key=%s method=%s", claim.idempotency_key, method.path)
-        answers = [(claim, method, pending.wait()) for claim, method, pending in started]
+        log.debug("event=sent worker=%s rows=%d", self.worker_id, len(ready))
+        replies = self.client.send_all([(method, request) for _c, method, request in ready])
+        answers = [(c, method, a) for (c, method, _r), a in zip(ready, replies, strict=True)]
         self._fold_gates(answers)
         outcomes += [self._decide(claim, method, answer) for claim, method, answer in answers]
         return outcomes

@@ -257,6 +257,8 @@ class Store:
         SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
         The payload's fingerprint is stored at the first claim, before any send.
         """
+        if self.dialect == "postgresql":
+            return self._claim_returning(worker, batch, lease, now, exclude_methods)
         with self._tx() as conn:
             rows = conn.execute(self._due_query(batch, now, exclude_methods)).all()
             if not rows:
@@ -277,6 +279,63 @@ class Store:
                 [{"b_id": c.id, "b_fp": c.fingerprint} for c in claims],
             )
         return claims
+
+    def _claim_returning(
+        self,
+        worker: str,
+        batch: int,
+        lease: float,
+        now: datetime,
+        exclude_methods: Collection[str],
+    ) -> list[Claim]:
+        """PostgreSQL: the whole claim in one statement, the fingerprint computed in SQL.
+
+        ``payload::text`` of a jsonb value is canonical, so its SHA-256 is a fingerprint of the
+        value; the row keeps the first one, and ``current`` is compared with it on every claim.
+        """
+        due = self._due_query(batch, now, exclude_methods).with_only_columns(m.c.id)
+        current = sa.func.encode(
+            sa.func.sha256(sa.func.convert_to(sa.cast(m.c.payload, sa.Text), "UTF8")), "hex"
+        )
+        claimed = (
+            m.update()
+            .where(m.c.id.in_(due.scalar_subquery()))
+            .values(
+                state=State.INFLIGHT,
+                lease_owner=worker,
+                lease_expires_at=now + timedelta(seconds=lease),
+                updated_at=now,
+                payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
+            )
+            .returning(
+                m.c.id,
+                m.c.idempotency_key,
+                m.c.method,
+                sa.cast(m.c.payload, sa.Text).label("payload"),
+                m.c.lane,
+                m.c.attempts,
+                m.c.maybe_executed,
+                m.c.payload_fingerprint,
+                current.label("current"),
+            )
+        )
+        with self._tx() as conn:
+            rows = sorted(conn.execute(claimed).all(), key=lambda row: row.id)
+        return [
+            Claim(
+                id=row.id,
+                idempotency_key=row.idempotency_key,
+                method=row.method,
+                payload=row.payload,
+                lane=row.lane,
+                attempts=row.attempts,
+                maybe_executed=bool(row.maybe_executed),
+                worker=worker,
+                stored_fingerprint=row.payload_fingerprint,
+                fingerprint=row.current,
+            )
+            for row in rows
+        ]
 
     def _due_query(
         self, batch: int, now: datetime, exclude_methods: Collection[str]
