@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
+import sqlalchemy as sa
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -53,6 +54,7 @@ from outbox.systemd import Notifier
 log = logging.getLogger("outbox.daemon")
 
 HEARTBEAT_SECONDS = 5.0
+SHUTDOWN_GRACE = 20.0  # seconds in-flight calls may take on SIGTERM before they are cancelled
 MAX_PIPELINES = 4  # dispatch cycles in parallel: max_in_flight // batch_size, at most this
 TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
 
@@ -116,6 +118,8 @@ class Daemon:
         self.stopping = threading.Event()
         self._reload = threading.Event()
         self._woken = threading.Event()
+        self._idle = threading.Event()  # no dispatch cycle under way
+        self._idle.set()
         self.engine = make_engine(config.database.url)
         ensure_at_head(self.engine)
         self.store = Store(self.engine)
@@ -226,15 +230,47 @@ class Daemon:
             self.follower.stop(timeout=5.0)
         if self.listener is not None:
             self.listener.stop()
+        self._finish_in_flight()
         self.scheduler.shutdown(wait=True)
-        handed = self.store.hand_back_all(self.worker_id, self.clock())
-        self.store.worker_stopped(self.worker_id, self.clock())
+        handed = self._hand_back()
         self.client.close()
         self.engine.dispose()
         log.info(kv("stopped", worker=self.worker_id, handed_back=handed))
         if self.health is not None:
             self.health.stop()
         self.notifier.close()
+
+    def _hand_back(self) -> int | None:
+        """Release what this worker still holds; if the database fails us now, the reaper
+        releases it after one lease, and we still exit cleanly."""
+        try:
+            handed = self.store.hand_back_all(self.worker_id, self.clock())
+            self.store.worker_stopped(self.worker_id, self.clock())
+        except sa.exc.SQLAlchemyError as exc:
+            log.error(
+                kv(
+                    "hand_back_failed",
+                    error=type(exc).__name__,
+                    then="rows come back after one lease",
+                )
+            )
+            return None
+        return handed
+
+    def _finish_in_flight(self) -> None:
+        """Let the calls in flight finish, within a bound; then cancel them.
+
+        A cancelled call's outcome is unknown: it is recorded as such (``maybe_executed``) and
+        resent later with the same key, which is safe.
+        """
+        grace = min(SHUTDOWN_GRACE, self.config.recrypt.deadline)
+        self.notifier.extend_timeout(grace + 10)
+        if not self._idle.wait(grace):
+            log.warning(
+                kv("cancel_in_flight", after_s=grace, rows=len(self.dispatcher.inflight_ids()))
+            )
+            self.client.close()
+            self._idle.wait(10)
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: cheap, no query per probe (the heartbeat job tracks the database)."""
@@ -267,11 +303,15 @@ class Daemon:
     # ---- jobs
 
     def _dispatch(self) -> None:
-        while not self.stopping.is_set():
-            self._woken.clear()
-            self.dispatcher.drain(self.stopping)
-            if not self._woken.is_set():
-                return
+        self._idle.clear()
+        try:
+            while not self.stopping.is_set():
+                self._woken.clear()
+                self.dispatcher.drain(self.stopping)
+                if not self._woken.is_set():
+                    return
+        finally:
+            self._idle.set()
 
     def _renew(self) -> None:
         ids = self.dispatcher.inflight_ids()
@@ -322,7 +362,7 @@ class Daemon:
         now = time.monotonic()
         self.metrics.cycle_done(time.time())
         interval = self.notifier.watchdog_interval
-        if interval is not None and now - self._last_ping >= interval / 2:
+        if interval is not None and now - self._last_ping >= interval:  # already WatchdogSec/2
             self._last_ping = now
             self.notifier.watchdog()
 

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import tenacity
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,29 @@ from outbox.schema import (
 )
 
 m = messages
+
+# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout; PostgreSQL: 40P01 deadlock, 40001
+# serialization failure; SQLite: "database is locked" past the busy timeout.
+_TRANSIENT_CODES = {1213, 1205, "40P01", "40001"}
+
+
+def _transient(exc: BaseException) -> bool:
+    """A transaction that lost a lock race: rolled back whole, safe to run again."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    orig = exc.orig
+    args = getattr(orig, "args", None) or (None,)
+    code = getattr(orig, "sqlstate", None) or args[0]
+    return code in _TRANSIENT_CODES or "database is locked" in str(orig)
+
+
+#: Every public store operation is one transaction; one that lost a deadlock is run again.
+retry_transient = tenacity.retry(
+    retry=tenacity.retry_if_exception(_transient),
+    stop=tenacity.stop_after_attempt(5),
+    wait=tenacity.wait_random_exponential(multiplier=0.01, max=0.5),
+    reraise=True,
+)
 
 
 # --------------------------------------------------------------------------- rows and views
@@ -242,6 +266,7 @@ class Store:
 
     # ---- the dispatcher's operations
 
+    @retry_transient
     def claim_due(
         self,
         worker: str,
@@ -390,6 +415,7 @@ class Store:
             fingerprint=fingerprint(row.payload),
         )
 
+    @retry_transient
     def record(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
         """Record a batch of outcomes in one transaction; returns those whose row was lost.
 
@@ -422,6 +448,7 @@ class Store:
         ).all()
         return {(row.id, row.lease_owner) for row in rows}
 
+    @retry_transient
     def renew_leases(self, worker: str, ids: Collection[int], lease: float, now: datetime) -> int:
         """Extend the lease of rows this worker still holds (long calls)."""
         if not ids:
@@ -436,6 +463,7 @@ class Store:
             )
         return done.rowcount
 
+    @retry_transient
     def release_expired_leases(self, now: datetime, limit: int = 500) -> list[str]:
         """The reaper: inflight rows whose lease ran out go back to pending, maybe executed.
 
@@ -485,6 +513,7 @@ class Store:
                     )
         return released
 
+    @retry_transient
     def expire_due(self, now: datetime, limit: int = 500) -> tuple[int, int]:
         """Pending rows past ``expires_at``: expired, or parked if an attempt may have executed.
 
@@ -523,6 +552,7 @@ class Store:
                     _add_history(conn, row.id, now, "expirer", Call("system", decision))
         return counts[0], counts[1]
 
+    @retry_transient
     def hand_back_all(self, worker: str, now: datetime) -> int:
         """On shutdown: every row this worker still holds goes back to pending untouched."""
         with self._tx() as conn:
@@ -535,6 +565,7 @@ class Store:
             )
         return done.rowcount
 
+    @retry_transient
     def record_stream_event(self, key: str, event: Call, now: datetime) -> bool:
         """Attach an event from a server stream (an order update) to the row with that key.
 
@@ -549,6 +580,7 @@ class Store:
 
     # ---- operators
 
+    @retry_transient
     def requeue(self, key: str, actor: str, reason: str, now: datetime) -> RowView:
         """parked → pending, same key, due now."""
         with self._tx() as conn:
@@ -574,6 +606,7 @@ class Store:
                 conn.execute(sa.text("SELECT pg_notify('outbox_messages', '')"))
         return self.get(key)
 
+    @retry_transient
     def cancel(self, key: str, actor: str, reason: str, now: datetime, force: bool) -> RowView:
         """pending/parked → cancelled. Refuses a row that may have executed unless ``force``."""
         with self._tx() as conn:
@@ -713,6 +746,7 @@ class Store:
 
     # ---- workers and retention
 
+    @retry_transient
     def heartbeat(self, beat: WorkerBeat, now: datetime) -> None:
         values = {
             "host": beat.host,
@@ -732,6 +766,7 @@ class Store:
             if done.rowcount == 0:
                 conn.execute(workers.insert().values(worker_id=beat.worker_id, **values))
 
+    @retry_transient
     def worker_stopped(self, worker_id: str, now: datetime) -> None:
         with self._tx() as conn:
             conn.execute(
@@ -750,6 +785,7 @@ class Store:
             for row in rows
         ]
 
+    @retry_transient
     def purge_finished(self, older_than: datetime, batch: int) -> int:
         """Delete one batch of finished rows (and their history) last updated before a time."""
         with self._tx() as conn:
@@ -771,6 +807,13 @@ class Store:
             conn.execute(attempts.delete().where(attempts.c.message_id.in_(ids)))
             conn.execute(m.delete().where(m.c.id.in_(ids)))
         return len(ids)
+
+    def explain_claim(self, batch: int, now: datetime) -> str:
+        """The database's plan for the claim's row selection (PostgreSQL), for tests and ops."""
+        query = self._due_query(batch, now, ()).with_only_columns(m.c.id)
+        compiled = query.compile(self.engine, compile_kwargs={"literal_binds": True})
+        with self.engine.connect() as conn:
+            return "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -33,6 +33,7 @@ def sim() -> Iterator[Simulator]:
 
 def write_config(tmp_path: Path, url: str, target: str, **worker: float) -> Path:
     lease = worker.get("lease", 2.0)
+    deadline = min(30.0, lease / 2)  # [worker] lease must outlive a call
     path = tmp_path / "outbox.toml"
     path.write_text(
         f"""
@@ -41,7 +42,7 @@ url = "{url}"
 [recrypt]
 target = "{target}"
 tls = false
-deadline = 30.0
+deadline = {deadline}
 [worker]
 batch_size = 20
 max_in_flight = 20
@@ -247,3 +248,27 @@ def test_lanes_stay_ordered_across_two_daemons(server, request, sim, tmp_path) -
     workers = {w.worker_id for w in Store(engine).list_workers()}
     engine.dispose()
     assert len(workers) == 2
+
+
+@pytest.mark.parametrize("server", ["postgres_url", "mariadb_url"])
+def test_two_daemons_share_a_backlog_and_send_each_key_once(server, request, sim, tmp_path):
+    url = request.getfixturevalue(server)
+    keys = enqueue_many(url, 400)
+    config = write_config(tmp_path, url, sim.target)
+    procs = [start_daemon(config, tmp_path / f"d{n}.log") for n in range(2)]
+    try:
+        assert sim.wait_for(lambda s: s.executed_keys() >= set(keys), timeout=90)
+        assert wait_until(lambda: all_committed(url, keys), 30)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=30) for proc in procs] == [0, 0]
+    sent = [c.key for c in sim.calls if c.key in set(keys)]
+    assert sorted(sent) == sorted(keys)  # steady state: no key sent twice
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        per_worker = conn.execute(
+            sa.text("SELECT actor, COUNT(*) FROM outbox_attempts GROUP BY actor")
+        ).all()
+    engine.dispose()
+    assert len(per_worker) == 2, per_worker  # both daemons did part of the work

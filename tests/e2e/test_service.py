@@ -105,11 +105,24 @@ def notify() -> Iterator[NotifySocket]:
     listener.close()
 
 
-def configure(config: Path, *, deadline: float = 30.0, listen: str = "", extra: str = "") -> Path:
-    """Adjust ``write_config``'s file: the Recrypt deadline, ``[metrics] listen``, more keys."""
+def configure(
+    config: Path,
+    *,
+    deadline: float = 5.0,
+    lease: float | None = None,
+    listen: str = "",
+    extra: str = "",
+) -> Path:
+    """Adjust ``write_config``'s file: the Recrypt deadline, the lease (it must outlive the
+    deadline: twice the deadline unless given), ``[metrics] listen``, more keys at the end."""
     text = config.read_text()
-    text = text.replace("deadline = 30.0", f"deadline = {deadline}")
-    text = text.replace('listen = ""', f'listen = "{listen}"')
+    for name, value in (
+        ("deadline", f"{deadline}"),
+        ("lease", f"{lease or 2 * deadline}"),
+        ("listen", json.dumps(listen)),
+    ):
+        text, found = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value}", text)
+        assert found == 1, f"write_config's file has no single {name} key:\n{text}"
     config.write_text(text + extra)
     return config
 
@@ -233,7 +246,7 @@ def test_notify_ready_watchdog_hang_and_stopping(sqlite_url, sim, notify, tmp_pa
 def test_unmigrated_database_fails_before_ready(sim, notify, tmp_path) -> None:
     empty = tmp_path / "empty.db"
     empty.touch()
-    config = write_config(tmp_path, f"sqlite:///{empty}", sim.target)
+    config = configure(write_config(tmp_path, f"sqlite:///{empty}", sim.target))
     log = tmp_path / "daemon.log"
     env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     proc = spawn(config, log, env=env)
@@ -243,7 +256,7 @@ def test_unmigrated_database_fails_before_ready(sim, notify, tmp_path) -> None:
         stop(proc)
     output = log.read_text()
     assert code != 0, output
-    assert "outbox db upgrade" in output
+    assert "schema" in output and "outbox db upgrade" in output
     assert "Traceback" not in output
     sent = [f for fields in notify.drain() for f in fields]
     assert "READY=1" not in sent, sent

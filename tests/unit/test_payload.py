@@ -48,3 +48,16 @@ def test_parse_payload_says_what_is_wrong() -> None:
     with pytest.raises(BadRowError, match="not valid JSON"):
         parse_payload("{not json")
     assert parse_payload(b'{"a": 1}') == {"a": 1}
+
+
+def test_deadlocks_are_transient_other_errors_are_not() -> None:
+    import pymysql
+    import sqlalchemy as sa
+
+    from outbox.store import _transient
+
+    deadlock = sa.exc.OperationalError("UPDATE", {}, pymysql.err.OperationalError(1213, "Deadlock"))
+    gone = sa.exc.OperationalError("UPDATE", {}, pymysql.err.OperationalError(2006, "gone away"))
+    assert _transient(deadlock)
+    assert not _transient(gone)
+    assert not _transient(ValueError("x"))
