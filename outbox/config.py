@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 import tomllib
 from datetime import time
 from pathlib import Path
@@ -51,6 +53,9 @@ class RecryptConfig(_Section):
     tls: bool = Field(True, description="true, or false only for a loopback simulator")
     ca_file: str = Field("", description="a PEM CA bundle; empty uses the system trust store")
     api_key_file: str = Field("", description="a file holding the API key (mode 0600)")
+    key_file_permissions: Literal["refuse", "warn"] = Field(
+        "refuse", description='"refuse" or "warn" when the key file is group/world-readable'
+    )
     proto_path: str = Field("", description="Recrypt's .proto directory or a descriptor set")
     deadline: Seconds = Field(10.0, description="per-call deadline in seconds")
 
@@ -205,11 +210,30 @@ def _api_key(recrypt: RecryptConfig, env: dict[str, str]) -> str | None:
     if env.get("RECRYPT_API_KEY"):
         return env["RECRYPT_API_KEY"].strip()
     if recrypt.api_key_file:
-        return _read_key_file(Path(recrypt.api_key_file), "[recrypt] api_key_file")
+        path = Path(recrypt.api_key_file)
+        _check_private(path, recrypt.key_file_permissions)
+        return _read_key_file(path, "[recrypt] api_key_file")
     credentials = env.get("CREDENTIALS_DIRECTORY")
     if credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
         return _read_key_file(Path(credentials) / CREDENTIAL_NAME, "$CREDENTIALS_DIRECTORY")
     return None
+
+
+def _check_private(path: Path, policy: str) -> None:
+    """The key allows moving money: its file must be readable by its owner only."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # _read_key_file says what is wrong
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return
+    message = (
+        f"[recrypt] api_key_file: {path} is readable by group or others "
+        f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
+    )
+    if policy == "refuse":
+        raise ConfigError(message + ' (or set key_file_permissions = "warn")')
+    logging.getLogger("outbox.config").warning(message)
 
 
 def _read_key_file(path: Path, origin: str) -> str:

@@ -84,3 +84,18 @@ def test_api_key_never_in_repr_or_errors(tmp_path) -> None:
     config = load(None, env={"RECRYPT_API_KEY": "sekret-123"})
     assert "sekret-123" not in repr(config)
     assert "sekret-123" not in str(config.model_dump())
+
+
+def test_a_key_file_readable_by_others_is_refused_or_warned(tmp_path, caplog) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("secret-key\n")
+    os.chmod(key_file, 0o644)
+    path = write(tmp_path, f"[recrypt]\napi_key_file = '{key_file}'\n")
+    with pytest.raises(ConfigError, match="chmod 600") as info:
+        load(path, env={})
+    assert "secret-key" not in str(info.value)
+    lenient = write(
+        tmp_path, f"[recrypt]\napi_key_file = '{key_file}'\nkey_file_permissions = 'warn'\n"
+    )
+    assert load(lenient, env={}).require_api_key().get_secret_value() == "secret-key"
+    assert "readable by group or others" in caplog.text
