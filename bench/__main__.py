@@ -66,17 +66,27 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/outbox_bench",
-                        help="database to (re)create; PostgreSQL, MariaDB or sqlite:///FILE")
+    parser.add_argument(
+        "--url",
+        default="postgresql://postgres@127.0.0.1:5432/outbox_bench",
+        help="database to (re)create; PostgreSQL, MariaDB or sqlite:///FILE",
+    )
     parser.add_argument("--rows", type=int, default=20_000, help="backlog drained")
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight")
     parser.add_argument("--batch", type=int, default=64, help="[worker] batch_size")
+    parser.add_argument("--daemons", type=int, default=1, help="daemons draining together")
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--poll-interval", type=float, default=0.1)
-    parser.add_argument("--claim-sizes", default="10000,2000000",
-                        help="finished rows in the table for the claim-cost measurement")
-    parser.add_argument("--only", default="raw,drain,latency,claim",
-                        help="comma-separated subset of raw,drain,latency,claim")
+    parser.add_argument(
+        "--claim-sizes",
+        default="10000,2000000",
+        help="finished rows in the table for the claim-cost measurement",
+    )
+    parser.add_argument(
+        "--only",
+        default="raw,drain,latency,claim",
+        help="comma-separated subset of raw,drain,latency,claim",
+    )
     args = parser.parse_args()
     args.only = set(args.only.split(","))
     return args
@@ -86,8 +96,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def raw_rate(sim: Simulator, calls: int, concurrency: int) -> dict[str, float]:
-    argv = [sys.executable, "-m", "bench.raw", "--target", sim.target, "--api-key", API_KEY,
-            "--calls", str(calls), "--concurrency", str(concurrency)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.raw",
+        "--target",
+        sim.target,
+        "--api-key",
+        API_KEY,
+        "--calls",
+        str(calls),
+        "--concurrency",
+        str(concurrency),
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -97,16 +118,17 @@ def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
     engine = fresh_database(args.url)
     keys = insert_backlog(engine, args.rows)
     before = len(sim.ledger)
-    with daemon(args, sim) as proc:
+    with daemon(args, sim, args.daemons) as procs:
         sim.wait_for(lambda s: len(s.ledger) > before, timeout=60)
         started = time.perf_counter()
-        samples = sample_rss(proc.pid, lambda: len(sim.ledger) - before >= args.rows, sim)
+        samples = sample_rss(procs[0].pid, lambda: len(sim.ledger) - before >= args.rows, sim)
         elapsed = time.perf_counter() - started
     committed = Store(engine).status(datetime.now(UTC)).counts["committed"]
     engine.dispose()
     once = all(sim.executions(k) == 1 for k in random.sample(keys, min(1000, len(keys))))
     return {
         "rows": args.rows,
+        "daemons": args.daemons,
         "seconds": round(elapsed, 2),
         "rate": round(args.rows / elapsed, 1),
         "committed": committed,
@@ -126,8 +148,11 @@ def latency(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
         for _ in range(args.latency_samples):
             key = str(uuid.uuid4())
             with engine.begin() as conn:
-                conn.execute(sa.insert(messages).values(
-                    idempotency_key=key, method=TRANSFER, payload=PAYLOAD))
+                conn.execute(
+                    sa.insert(messages).values(
+                        idempotency_key=key, method=TRANSFER, payload=PAYLOAD
+                    )
+                )
             inserted = time.perf_counter()
             sim.wait_for(lambda s, k=key: s.executions(k) == 1, timeout=30)
             seconds.append(time.perf_counter() - inserted)
@@ -172,7 +197,9 @@ def claim_cost(args: argparse.Namespace) -> dict[str, object]:
 
 
 @contextmanager
-def daemon(args: argparse.Namespace, sim: Simulator) -> Iterator[subprocess.Popen[bytes]]:
+def daemon(
+    args: argparse.Namespace, sim: Simulator, count: int = 1
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
         config.write_text(
@@ -185,14 +212,15 @@ def daemon(args: argparse.Namespace, sim: Simulator) -> Iterator[subprocess.Pope
         )
         env = os.environ | {"RECRYPT_API_KEY": API_KEY}
         env.pop("OUTBOX_DATABASE_URL", None)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "outbox.cli", "--config", str(config), "run"], env=env
-        )
+        argv = [sys.executable, "-m", "outbox.cli", "--config", str(config), "run"]
+        procs = [subprocess.Popen(argv, env=env) for _ in range(count)]
         try:
-            yield proc
+            yield procs
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(timeout=60)
 
 
 def sample_rss(pid: int, done: object, sim: Simulator) -> list[float]:
@@ -232,10 +260,13 @@ def insert_backlog(engine: sa.Engine, n: int) -> list[str]:
     keys = [str(uuid.uuid4()) for _ in range(n)]
     for start in range(0, n, 5000):
         with engine.begin() as conn:
-            conn.execute(sa.insert(messages), [
-                {"idempotency_key": k, "method": TRANSFER, "payload": PAYLOAD}
-                for k in keys[start:start + 5000]
-            ])
+            conn.execute(
+                sa.insert(messages),
+                [
+                    {"idempotency_key": k, "method": TRANSFER, "payload": PAYLOAD}
+                    for k in keys[start : start + 5000]
+                ],
+            )
     return keys
 
 
@@ -252,11 +283,19 @@ def fill_finished(engine: sa.Engine, n: int) -> None:
         return
     for start in range(0, n, 10_000):
         with engine.begin() as conn:
-            conn.execute(sa.insert(messages), [
-                {"idempotency_key": str(uuid.uuid4()), "method": TRANSFER, "payload": {},
-                 "state": "committed", "attempts": 1}
-                for _ in range(min(10_000, n - start))
-            ])
+            conn.execute(
+                sa.insert(messages),
+                [
+                    {
+                        "idempotency_key": str(uuid.uuid4()),
+                        "method": TRANSFER,
+                        "payload": {},
+                        "state": "committed",
+                        "attempts": 1,
+                    }
+                    for _ in range(min(10_000, n - start))
+                ],
+            )
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -267,7 +306,9 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 def quartiles(samples: list[float]) -> list[float]:
     if not samples:
         return []
-    return [samples[min(len(samples) - 1, int(q * (len(samples) - 1)))] for q in (0.25, 0.5, 0.75, 1.0)]
+    return [
+        samples[min(len(samples) - 1, int(q * (len(samples) - 1)))] for q in (0.25, 0.5, 0.75, 1.0)
+    ]
 
 
 def shown(url: str) -> str:

@@ -16,9 +16,12 @@ from typing import Any
 _SECRETS: set[str] = set()
 
 
+MIN_SECRET_LENGTH = 8  # a shorter value would mangle ordinary text; real API keys are long
+
+
 def register_secret(value: str | None) -> None:
     """Replace ``value`` by ``***`` in every log line: a last line of defence."""
-    if value:
+    if value and len(value) >= MIN_SECRET_LENGTH:
         _SECRETS.add(value)
 
 

@@ -178,6 +178,7 @@ def test_wrong_key_halts_then_sighup_with_the_right_key_commits(db_url, sim, tmp
     keys = enqueue_many(db_url, 8)
     key_file = tmp_path / "api-key"
     key_file.write_text("not-the-key\n")
+    key_file.chmod(0o600)
     config = write_config(tmp_path, db_url, sim.target)
     config.write_text(
         config.read_text().replace("tls = false", f"tls = false\napi_key_file = '{key_file}'")

@@ -335,6 +335,7 @@ def test_readyz_is_503_while_the_api_key_is_refused(sqlite_url, sim, tmp_path) -
     enqueue_many(sqlite_url, 2)
     key_file = tmp_path / "api-key"
     key_file.write_text("not-the-key\n")
+    key_file.chmod(0o600)
     base = f"http://127.0.0.1:{free_port()}"
     config = configure(
         write_config(tmp_path, sqlite_url, sim.target),

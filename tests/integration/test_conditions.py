@@ -235,7 +235,7 @@ def test_plain_sql_update_of_state_is_guarded(engine, store, clock):
     with engine.begin() as conn:
         state = conn.execute(sa.select(messages.c.state)).scalar_one()
     assert state == "pending"
-    from outbox.store import Call, Committed  # noqa: PLC0415
+    from outbox.store import Call, Committed
 
     assert store.record([Committed(claim, Call("call", "commit", "OK"))], clock())
     assert store.get(key).state == "pending"
@@ -244,10 +244,10 @@ def test_plain_sql_update_of_state_is_guarded(engine, store, clock):
 def test_rollover_window_spanning_the_start_holds_market_orders(
     engine, sim, store, make_dispatcher, clock
 ):
-    from datetime import UTC, datetime, time  # noqa: PLC0415
+    from datetime import UTC, datetime, time
 
-    from outbox.gates import Gates  # noqa: PLC0415
-    from outbox.policy import Backoff  # noqa: PLC0415
+    from outbox.gates import Gates
+    from outbox.policy import Backoff
 
     clock.now = datetime(2026, 11, 24, 18, 10, tzinfo=UTC)  # Tuesday, inside the window
     gates = Gates(Backoff(), 50, window=(1, time(18, 0), time(18, 30)), hold_methods=(PLACE_ORDER,))

@@ -9,10 +9,11 @@ from outbox.database import make_engine
 from outbox.simulator import TRANSFER, Simulator
 
 HOUR = 3600.0
+KEY = "daemon-test-api-key"
 
 
 def daemon_for(url: str, target: str, poll: float = HOUR, probe: float = 60.0) -> Daemon:
-    base = load(None, env={"RECRYPT_API_KEY": "k"})
+    base = load(None, env={"RECRYPT_API_KEY": KEY})
     config = base.model_copy(
         update={
             "database": base.database.model_copy(update={"url": url}),
@@ -29,7 +30,7 @@ def daemon_for(url: str, target: str, poll: float = HOUR, probe: float = 60.0) -
 
 
 def test_an_insert_wakes_the_daemon_without_polling(postgres_url) -> None:
-    with Simulator(api_keys=["k"]) as sim:
+    with Simulator(api_keys=[KEY]) as sim:
         daemon = daemon_for(postgres_url, sim.target)
         daemon.start()
         try:
@@ -49,14 +50,14 @@ def test_an_insert_wakes_the_daemon_without_polling(postgres_url) -> None:
 
 
 def test_sqlite_has_no_listener(sqlite_url) -> None:
-    with Simulator(api_keys=["k"]) as sim:
+    with Simulator(api_keys=[KEY]) as sim:
         daemon = daemon_for(sqlite_url, sim.target)
         assert daemon.listener is None
         daemon.engine.dispose()
 
 
 def test_every_job_is_scheduled_not_paused(sqlite_url) -> None:
-    with Simulator(api_keys=["k"]) as sim:
+    with Simulator(api_keys=[KEY]) as sim:
         daemon = daemon_for(sqlite_url, sim.target)
         daemon.start()
         try:
@@ -68,7 +69,7 @@ def test_every_job_is_scheduled_not_paused(sqlite_url) -> None:
 
 
 def test_maintenance_ends_and_the_daemon_resumes_by_itself(db_url) -> None:
-    with Simulator(api_keys=["k"]) as sim:
+    with Simulator(api_keys=[KEY]) as sim:
         sim.set_maintenance(True)
         engine = make_engine(db_url)
         with engine.begin() as conn:

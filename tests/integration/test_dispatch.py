@@ -211,7 +211,7 @@ def test_unknown_outcomes_park_after_the_limit(engine, sim, store, make_dispatch
 
 
 def test_stale_worker_cannot_overwrite_newer_outcome(engine, sim, store, clock) -> None:
-    from outbox.store import Call, Committed, Retry  # noqa: PLC0415
+    from outbox.store import Call, Committed, Retry
 
     key = enqueue_transfer(engine)
     [claim_a] = store.claim_due("worker-a", 10, lease=30, now=clock())
@@ -245,7 +245,7 @@ def test_enqueue_rollback_leaves_no_row(engine, store) -> None:
 
 
 def test_enqueue_on_an_orm_session(engine, store) -> None:
-    from sqlalchemy.orm import Session  # noqa: PLC0415
+    from sqlalchemy.orm import Session
 
     with Session(engine) as session, session.begin():
         key = outbox.enqueue(session, TRANSFER, transfer(), reference="order-7", lane="acct-1")
@@ -254,7 +254,7 @@ def test_enqueue_on_an_orm_session(engine, store) -> None:
 
 
 def test_enqueue_validates_and_refuses_duplicates(engine) -> None:
-    from decimal import Decimal  # noqa: PLC0415
+    from decimal import Decimal
 
     with engine.begin() as conn, pytest.raises(BadRowError, match="unknown method"):
         outbox.enqueue(conn, "/recrypt.wallet.v1.Wallet/Teleport", {})

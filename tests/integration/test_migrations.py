@@ -153,9 +153,9 @@ def test_the_wheel_ships_migrations_and_protos(tmp_path: Path) -> None:
 
 def test_postgres_insert_trigger_notifies_once_per_transaction(postgres_url) -> None:
     """Migration 0002: writers wake the daemon through LISTEN/NOTIFY, once per transaction."""
-    import psycopg  # noqa: PLC0415
+    import psycopg
 
-    from outbox.database import normalise_url  # noqa: PLC0415
+    from outbox.database import normalise_url
 
     conninfo = normalise_url(postgres_url).set(drivername="postgresql").render_as_string(False)
     with psycopg.connect(conninfo, autocommit=True) as listener:
