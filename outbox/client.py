@@ -7,6 +7,7 @@ depends on; ``GrpcClient`` is the one implementation, tested against the simulat
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -123,8 +124,21 @@ class GrpcClient:
 def open_channel(config: RecryptConfig) -> grpc.Channel:
     """TLS to the target unless the config explicitly says ``tls = false``."""
     if not config.tls:
+        _warn_plaintext(config.target)
         return grpc.insecure_channel(config.target, options=_CHANNEL_OPTIONS)
     return grpc.secure_channel(config.target, _credentials(config), options=_CHANNEL_OPTIONS)
+
+
+def _warn_plaintext(target: str) -> None:
+    """``tls = false`` is for a simulator on this host; anywhere else the key travels in clear."""
+    host = target.rpartition(":")[0].strip("[]")
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return
+    logging.getLogger("outbox.client").warning(
+        "event=plaintext_target target=%s: [recrypt] tls = false sends the API key unencrypted "
+        "to a host that is not this one; set tls = true",
+        target,
+    )
 
 
 def _credentials(config: RecryptConfig) -> grpc.ChannelCredentials:
@@ -138,4 +152,9 @@ def _credentials(config: RecryptConfig) -> grpc.ChannelCredentials:
                 f"[recrypt] ca_file: cannot read {config.ca_file}: {exc.strerror}; point it at a "
                 "PEM CA bundle, or leave it empty for the system trust store"
             ) from None
+    if root is not None and b"-----BEGIN CERTIFICATE-----" not in root:
+        raise ConfigError(
+            f"[recrypt] ca_file: {config.ca_file} holds no PEM certificate "
+            "(-----BEGIN CERTIFICATE-----); point it at a PEM CA bundle"
+        )
     return grpc.ssl_channel_credentials(root_certificates=root)

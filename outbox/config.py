@@ -186,6 +186,11 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     """Read the TOML file (if any), apply environment overrides, resolve the API key."""
     env = dict(os.environ) if env is None else env
     data = _read_toml(Path(path)) if path else {}
+    if "api_key" in data or "api_key" in data.get("recrypt", {}):
+        raise ConfigError(
+            f"config file {path}: do not write the API key in the config file; put it in a "
+            "file of its own (mode 0600) named by [recrypt] api_key_file, or RECRYPT_API_KEY"
+        )
     if env.get("OUTBOX_DATABASE_URL"):
         data.setdefault("database", {})["url"] = env["OUTBOX_DATABASE_URL"]
     try:
@@ -193,6 +198,11 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     except ValidationError as exc:
         raise ConfigError(_explain(exc, path)) from None
     key = _api_key(config.recrypt, env)
+    if key and not key.isprintable():
+        raise ConfigError(
+            "the API key holds a control character (a stray newline or tab inside it?); "
+            "copy it again from recrypt.net/api"
+        )
     return config.model_copy(update={"api_key": SecretStr(key) if key else None})
 
 

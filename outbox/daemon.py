@@ -288,12 +288,13 @@ class Daemon:
         try:
             fresh = load(self.config_path)
             api_key = fresh.require_api_key().get_secret_value()
+            register_secret(api_key)
+            client = GrpcClient(fresh.recrypt, api_key)
         except Exception as exc:  # a bad reload keeps the running config
-            log.error(kv("reload_failed", error=str(exc)))
+            log.error(kv("reload_failed", error=str(exc), then="keeping the running config"))
             return
-        register_secret(api_key)
         old = self.client
-        self.client = self.dispatcher.client = GrpcClient(fresh.recrypt, api_key)
+        self.client = self.dispatcher.client = client
         old.close()
         self.config = fresh
         self.gates.reset(self.clock())

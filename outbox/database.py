@@ -43,6 +43,8 @@ def normalise_url(url: str | URL) -> URL:
 
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+    # Errors never quote statement parameters: they can hold payloads and responses.
+    kwargs.setdefault("hide_parameters", True)
     parsed = normalise_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":

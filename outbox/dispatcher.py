@@ -330,6 +330,7 @@ _GATE_RANK = {
     Gate.NONE: 0,
     Gate.METHOD_REMOVED: 0,
     Gate.RATE_LIMITED: 1,
+    Gate.UNREACHABLE: 2,
     Gate.ROLLOVER: 2,
     Gate.MAINTENANCE: 3,
     Gate.UNAUTHENTICATED: 4,

@@ -11,6 +11,8 @@ unauthenticated > maintenance > rollover > rate limited > open.
 - ``maintenance`` (PERMISSION_DENIED): send nothing; ``Core.MaintenanceCheck`` is probed with
   backoff and reopens the gate when it answers normally.
 - ``unauthenticated``: halt; re-probe slowly; a reload (SIGHUP) reopens at once.
+- ``unreachable`` (our client could not connect: network down, DNS, TLS handshake): like
+  rollover, back off and probe one call at a time; nothing is counted, nothing parks.
 - ``rate_limited`` (RESOURCE_EXHAUSTED): halve the calls per cycle and pause briefly; each clean
   cycle doubles them back.
 - Removed methods (NOT_FOUND) are not sent again until restart or reload.
@@ -85,8 +87,8 @@ class Gates:
                 return 0
             if self._until is not None and now < self._until:
                 return 0
-            if self._gate == Gate.ROLLOVER:
-                return 1  # one probe per cycle; the dispatcher runs one cycle at a time
+            if self._gate in (Gate.ROLLOVER, Gate.UNREACHABLE):
+                return 1  # one probe at a time (acquire() shares it between cycles)
             return self._limit
 
     def acquire(self, now: datetime, want: int) -> int:
@@ -213,7 +215,7 @@ class Gates:
             self._limit = min(self._max, self._limit * 2)
             if self._limit < self._max:
                 return
-        if self._gate == Gate.ROLLOVER:
+        if self._gate in (Gate.ROLLOVER, Gate.UNREACHABLE):
             self._open()
             self._limit = 1  # ramp back up: double per clean cycle (slow start)
         elif self._gate != OPEN:
@@ -230,7 +232,8 @@ class Gates:
     def _view_locked(self, now: datetime) -> GateView:
         closed = self._gate in (Gate.UNAUTHENTICATED, Gate.MAINTENANCE)
         waiting = self._until is not None and now < self._until
-        limit = 0 if closed or waiting else (1 if self._gate == Gate.ROLLOVER else self._limit)
+        probing = self._gate in (Gate.ROLLOVER, Gate.UNREACHABLE)
+        limit = 0 if closed or waiting else (1 if probing else self._limit)
         return GateView(
             gate=str(self._gate),
             reason=self._reason,
@@ -248,11 +251,14 @@ class Gates:
 _RANK = {
     OPEN: 0,
     Gate.RATE_LIMITED: 1,
+    Gate.UNREACHABLE: 2,
     Gate.ROLLOVER: 2,
     Gate.MAINTENANCE: 3,
     Gate.UNAUTHENTICATED: 4,
 }
 _REASONS = {
+    Gate.UNREACHABLE: "cannot connect to Recrypt (network or TLS): backing off, one probe at "
+    "a time; check the network path, [recrypt] target and ca_file",
     Gate.RATE_LIMITED: "rate limited by Recrypt: fewer calls per cycle",
     Gate.ROLLOVER: "rollover maintenance (UNAVAILABLE vgw-db): backing off, one probe at a time",
     Gate.MAINTENANCE: "Recrypt maintenance mode (PERMISSION_DENIED): paused, probing "

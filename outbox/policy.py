@@ -31,6 +31,7 @@ class Gate(enum.StrEnum):
     MAINTENANCE = "maintenance"  # PERMISSION_DENIED: pause, probe Core.MaintenanceCheck
     UNAUTHENTICATED = "unauthenticated"  # key refused: halt, re-probe slowly, SIGHUP retries
     RATE_LIMITED = "rate_limited"  # RESOURCE_EXHAUSTED without a number: throttle
+    UNREACHABLE = "unreachable"  # our client could not connect (network, TLS): back off
     METHOD_REMOVED = "method_removed"  # NOT_FOUND: stop sending that method
 
 
@@ -67,6 +68,12 @@ def _any(_message: str) -> bool:
 
 def _vgw_db(message: str) -> bool:
     return "vgw-db" in message.lower()
+
+
+def _not_connected(message: str) -> bool:
+    # gRPC's client-side text when no connection could be made (refused, DNS, TLS handshake):
+    # the request never left this host, so nothing can have executed.
+    return "failed to connect" in message.lower()
 
 
 def _number(message: str) -> bool:
@@ -110,6 +117,17 @@ TABLE: tuple[tuple[grpc.StatusCode, Matcher, Decision], ...] = (
             "rollover maintenance (UNAVAILABLE vgw-db): retrying with the same key and backoff",
             maybe_executed=True,
             gate=Gate.ROLLOVER,
+        ),
+    ),
+    (
+        C.UNAVAILABLE,
+        _not_connected,
+        Decision(
+            Action.HAND_BACK,
+            "could not connect to Recrypt (network or TLS; the request was never sent): "
+            "backing off; check the network path, [recrypt] target and ca_file",
+            counts_attempt=False,
+            gate=Gate.UNREACHABLE,
         ),
     ),
     (

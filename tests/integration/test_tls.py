@@ -245,11 +245,13 @@ def test_a_certificate_that_does_not_verify_sends_nothing_and_the_row_waits(
     for _ in range(3):
         assert dispatcher.run_once().claimed == 1
         row = store.get(key)
-        # Transport failure → unknown outcome → pending with a retry; never parked/committed.
+        # Never connected → handed back untouched, the dispatcher backs off as a whole
+        # (gate "unreachable"); never parked, committed, counted or marked maybe_executed.
         assert row.state == "pending"
         assert row.park_reason is None
         assert row.last_code == "UNAVAILABLE"
-        assert row.next_attempt_at is not None
+        assert (row.attempts, row.maybe_executed) == (0, False)
+        assert dispatcher.gates.view(clock()).gate == "unreachable"
         message = row.last_message or ""
         assert "failed to connect" in message
         assert says in message.lower(), message
@@ -259,12 +261,6 @@ def test_a_certificate_that_does_not_verify_sends_nothing_and_the_row_waits(
     assert sim.executed_keys() == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product weakness: a TLS handshake failure (nothing sent) is decided as an unknown "
-    "outcome (policy.TABLE: UNAVAILABLE → _UNKNOWN), so maybe_executed is set and "
-    "`outbox cancel` then needs --force for a row that certainly never left the host",
-)
 def test_a_certificate_failure_is_not_recorded_as_maybe_executed(
     pki, start_sim, engine, store, dispatcher_for
 ) -> None:
@@ -275,12 +271,6 @@ def test_a_certificate_failure_is_not_recorded_as_maybe_executed(
     assert not store.get(key).maybe_executed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product weakness: each TLS handshake failure counts as an unknown-outcome attempt, "
-    "so with the default [retry] max_unknown_attempts (10) every due row is parked "
-    "unknown_outcome after ~7 minutes of a bad certificate (issue 6: 'parks nothing')",
-)
 def test_a_certificate_failure_never_parks_rows_even_after_many_cycles(
     pki, start_sim, engine, store, dispatcher_for, clock
 ) -> None:
@@ -309,12 +299,6 @@ def test_a_missing_ca_file_is_a_config_error_naming_the_key(tmp_path) -> None:
     assert API_KEY not in str(raised.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product weakness: a ca_file that exists but holds no PEM certificate is accepted "
-    "(client.py _credentials reads any bytes); the daemon starts and every call then fails "
-    "'Failed to create security handshaker' instead of failing at start naming [recrypt] ca_file",
-)
 def test_a_ca_file_without_a_certificate_is_a_config_error(tmp_path) -> None:
     garbage = tmp_path / "not-a-ca.pem"
     garbage.write_text("this is not a PEM bundle\n")
@@ -323,13 +307,6 @@ def test_a_ca_file_without_a_certificate_is_a_config_error(tmp_path) -> None:
         GrpcClient(config, API_KEY).close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: Daemon.reload (daemon.py:296) builds the new GrpcClient outside its "
-    "try, so a SIGHUP with a missing ca_file raises ConfigError out of Daemon.run: the daemon "
-    "exits 1 without handing rows back, then crash-loops under Restart=on-failure, instead of "
-    "logging event=reload_failed and keeping the running config (operations.md §3)",
-)
 def test_a_reload_with_a_missing_ca_file_keeps_the_running_config(
     tmp_path, sqlite_url, monkeypatch, caplog
 ) -> None:
@@ -427,12 +404,6 @@ def test_the_first_bytes_on_the_wire_are_a_tls_handshake_without_the_key(pki, ca
     assert b"PRI * HTTP/2.0" not in data  # no cleartext HTTP/2 preface
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product weakness: `tls = false` with a non-loopback target is neither refused nor "
-    "warned about (client.open_channel), although README says it is for the loopback "
-    "simulator only; the metrics listener warns in the same situation (event=metrics_exposed)",
-)
 def test_plaintext_to_a_non_loopback_target_is_flagged(caplog) -> None:
     with caplog.at_level(logging.WARNING):
         open_channel(RecryptConfig(target="192.0.2.10:8443", tls=False)).close()

@@ -18,6 +18,16 @@ GUIDE = [
     (C.OK, "", Action.COMMIT, Gate.NONE, None, False, True),
     (C.ALREADY_EXISTS, "idempotency key used", Action.COMMIT, Gate.NONE, None, False, True),
     (C.UNAUTHENTICATED, "Session key", Action.HAND_BACK, Gate.UNAUTHENTICATED, None, False, False),
+    # our client never connected (refused, DNS, TLS handshake): nothing was sent
+    (
+        C.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: Tls handshake failed",
+        Action.HAND_BACK,
+        Gate.UNREACHABLE,
+        None,
+        False,
+        False,
+    ),
     (C.UNAVAILABLE, "vgw-db", Action.RETRY, Gate.ROLLOVER, None, True, True),
     (C.PERMISSION_DENIED, "maintenance", Action.HAND_BACK, Gate.MAINTENANCE, None, False, False),
     (C.DEADLINE_EXCEEDED, "vgw-db", Action.RETRY, Gate.NONE, None, True, True),
@@ -30,7 +40,7 @@ GUIDE = [
     (C.OUT_OF_RANGE, "bad", Action.PARK, Gate.NONE, ParkReason.REJECTED, False, True),
 ]
 UNKNOWN_OUTCOMES = [
-    (C.UNAVAILABLE, "failed to connect to all addresses"),
+    (C.UNAVAILABLE, "Socket closed"),  # the connection dropped mid-call: unknown
     (C.DEADLINE_EXCEEDED, "Deadline Exceeded"),
     (C.UNKNOWN, ""),
     (C.INTERNAL, "boom"),
