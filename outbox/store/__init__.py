@@ -346,21 +346,7 @@ class Store:
         )
         with self._tx() as conn:
             rows = sorted(conn.execute(claimed).all(), key=lambda row: row.id)
-        return [
-            Claim(
-                id=row.id,
-                idempotency_key=row.idempotency_key,
-                method=row.method,
-                payload=row.payload,
-                lane=row.lane,
-                attempts=row.attempts,
-                maybe_executed=bool(row.maybe_executed),
-                worker=worker,
-                stored_fingerprint=row.payload_fingerprint,
-                fingerprint=row.current,
-            )
-            for row in rows
-        ]
+        return [self._claim_from(row, worker, current=row.current) for row in rows]
 
     def _due_query(
         self, batch: int, now: datetime, exclude_methods: Collection[str]
@@ -401,7 +387,8 @@ class Store:
         return query
 
     @staticmethod
-    def _claim_from(row: sa.Row[Any], worker: str) -> Claim:
+    def _claim_from(row: sa.Row[Any], worker: str, *, current: str | None = None) -> Claim:
+        """A claim from a selected row; ``current`` is the fingerprint if SQL computed it."""
         return Claim(
             id=row.id,
             idempotency_key=row.idempotency_key,
@@ -412,7 +399,7 @@ class Store:
             maybe_executed=bool(row.maybe_executed),
             worker=worker,
             stored_fingerprint=row.payload_fingerprint,
-            fingerprint=fingerprint(row.payload),
+            fingerprint=current or fingerprint(row.payload),
         )
 
     @retry_transient
