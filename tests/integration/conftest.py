@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -60,6 +61,37 @@ def store(engine: Engine) -> Store:
 DispatcherFactory = Callable[..., Dispatcher]
 
 
+def build_dispatcher(
+    store: Store,
+    catalog: Catalog,
+    clock: Clock,
+    client: GrpcClient,
+    *,
+    worker_id: str = "w1",
+    batch_size: int = 50,
+    max_unknown_attempts: int = 5,
+    lease: float = 30.0,
+    gates: Gates | None = None,
+) -> Dispatcher:
+    """A dispatcher with a jitter-free backoff and seeded randomness, on the injected clock."""
+    backoff = Backoff(initial=1.0, maximum=180.0, multiplier=2.0, jitter=0.0)
+    return Dispatcher(
+        store,
+        client,
+        catalog,
+        gates or Gates(backoff, batch_size, rng=random.Random(0)),
+        worker_id=worker_id,
+        settings=DispatchSettings(
+            batch_size=batch_size,
+            lease=lease,
+            backoff=backoff,
+            max_unknown_attempts=max_unknown_attempts,
+        ),
+        clock=clock,
+        rng=random.Random(0),
+    )
+
+
 @pytest.fixture
 def make_dispatcher(
     store: Store, sim: Simulator, catalog: Catalog, clock: Clock
@@ -70,31 +102,12 @@ def make_dispatcher(
         worker_id: str = "w1",
         *,
         api_key: str = API_KEY,
-        batch_size: int = 50,
-        max_unknown_attempts: int = 5,
-        lease: float = 30.0,
         deadline: float = 5.0,
-        gates: Gates | None = None,
+        **options: Any,
     ) -> Dispatcher:
-        config = RecryptConfig(target=sim.target, tls=False, deadline=deadline)
-        client = GrpcClient(config, api_key)
+        client = GrpcClient(RecryptConfig(target=sim.target, tls=False, deadline=deadline), api_key)
         clients.append(client)
-        backoff = Backoff(initial=1.0, maximum=180.0, multiplier=2.0, jitter=0.0)
-        return Dispatcher(
-            store,
-            client,
-            catalog,
-            gates or Gates(backoff, batch_size, rng=random.Random(0)),
-            worker_id=worker_id,
-            settings=DispatchSettings(
-                batch_size=batch_size,
-                lease=lease,
-                backoff=backoff,
-                max_unknown_attempts=max_unknown_attempts,
-            ),
-            clock=clock,
-            rng=random.Random(0),
-        )
+        return build_dispatcher(store, catalog, clock, client, worker_id=worker_id, **options)
 
     yield make
     for client in clients:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -49,11 +48,9 @@ from outbox.database import make_engine
 from outbox.descriptors import Catalog, build_request
 from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.errors import ConfigError
-from outbox.gates import Gates
-from outbox.policy import Backoff
 from outbox.simulator import TRANSFER, Simulator
 from outbox.store import Store
-from tests.integration.conftest import Clock
+from tests.integration.conftest import Clock, build_dispatcher
 
 API_KEY = "tls-test-api-key-5d0e"
 PAYLOAD = {"fromAccount": "acc-1", "toAccount": "acc-2", "amount": "10.00", "currency": "AUD"}
@@ -165,21 +162,13 @@ def dispatcher_for(
     def make(config: RecryptConfig, *, max_unknown_attempts: int = 1000) -> Dispatcher:
         client = GrpcClient(config, API_KEY)
         clients.append(client)
-        backoff = Backoff(initial=1.0, maximum=180.0, multiplier=2.0, jitter=0.0)
-        return Dispatcher(
+        return build_dispatcher(
             store,
-            client,
             catalog,
-            Gates(backoff, 50, rng=random.Random(0)),
+            clock,
+            client,
             worker_id="tls-worker",
-            settings=DispatchSettings(
-                batch_size=50,
-                lease=30.0,
-                backoff=backoff,
-                max_unknown_attempts=max_unknown_attempts,
-            ),
-            clock=clock,
-            rng=random.Random(0),
+            max_unknown_attempts=max_unknown_attempts,
         )
 
     yield make
