@@ -336,7 +336,7 @@ class Daemon:
             __version__,
             self.started_at,
             view.gate,
-            view.reason,
+            _gate_reason(view),
             view.until,
         )
         try:
@@ -466,6 +466,19 @@ def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
             )
         case HandedBack():
             log.info(kv("handed_back", **fields))
+
+
+def _gate_reason(view: GateView) -> str | None:
+    """What ``outbox status`` shows of this worker's gate, removed and held methods included."""
+    parts = [view.reason] if view.reason else []
+    if view.removed_methods:
+        parts.append(
+            "not sending removed methods (NOT_FOUND) until reload: "
+            + ", ".join(view.removed_methods)
+        )
+    if view.held_methods:
+        parts.append("rollover window, holding: " + ", ".join(view.held_methods))
+    return "; ".join(parts) or None
 
 
 _OUTCOME_NAMES: dict[type, str] = {

@@ -125,3 +125,15 @@ def test_a_reported_window_outside_the_configured_one_is_held() -> None:
     g.on_schedule(True, (start, start + timedelta(minutes=20)))
     assert g.excluded_methods(start + timedelta(minutes=5)) == held
     assert g.excluded_methods(start + timedelta(minutes=25)) == ()
+
+
+def test_status_text_names_removed_and_held_methods() -> None:
+    from outbox.daemon import _gate_reason
+
+    held = ("/recrypt.market.v1.Market/PlaceOrder",)
+    g = gates(window=(1, time(18, 0), time(18, 30)), hold_methods=held)
+    g.remove_method("/recrypt.wallet.v1.Wallet/Transfer")
+    text = _gate_reason(g.view(datetime(2026, 11, 24, 18, 5, tzinfo=UTC))) or ""
+    assert "removed methods (NOT_FOUND) until reload: /recrypt.wallet.v1.Wallet/Transfer" in text
+    assert "rollover window, holding: /recrypt.market.v1.Market/PlaceOrder" in text
+    assert _gate_reason(gates().view(T0)) is None
