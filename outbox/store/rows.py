@@ -1,0 +1,161 @@
+"""The store's data: what writers insert, what a worker holds, outcomes, and operator views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """What a writer puts in the outbox (SPEC §3)."""
+
+    idempotency_key: str
+    method: str
+    payload: dict[str, Any]
+    lane: str | None = None
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A row claimed by one worker under a lease. ``payload`` is the raw text from the table."""
+
+    id: int
+    idempotency_key: Any  # as stored: validated by the dispatcher, never trusted
+    method: str
+    payload: Any
+    lane: str | None
+    attempts: int
+    maybe_executed: bool
+    worker: str
+    stored_fingerprint: str | None  # set at an earlier claim; None on the first claim
+    fingerprint: str  # of the payload as claimed now
+
+    @property
+    def payload_changed(self) -> bool:
+        return self.stored_fingerprint is not None and self.stored_fingerprint != self.fingerprint
+
+
+@dataclass(frozen=True)
+class Call:
+    """The attempt-history line for one outcome."""
+
+    kind: str  # "call" or "system"
+    decision: str
+    code: str | None = None
+    message: str | None = None
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Committed:
+    claim: Claim
+    call: Call
+    response: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    claim: Claim
+    call: Call
+    at: datetime
+    maybe_executed: bool
+    counts_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class Parked:
+    claim: Claim
+    call: Call
+    reason: str
+    maybe_executed: bool = False
+    counts_attempt: bool = True
+
+
+@dataclass(frozen=True)
+class HandedBack:
+    """Back to pending untouched: no attempt counted (gates, shutdown)."""
+
+    claim: Claim
+    call: Call | None = None
+    at: datetime | None = None
+
+
+Outcome = Committed | Retry | Parked | HandedBack
+
+
+@dataclass(frozen=True)
+class RowView:
+    """A row as operators see it (CLI, JSON)."""
+
+    id: int
+    idempotency_key: str
+    method: str
+    state: str
+    attempts: int
+    last_code: str | None
+    last_message: str | None
+    park_reason: str | None
+    maybe_executed: bool
+    lane: str | None
+    reference: str | None
+    not_before: datetime | None
+    expires_at: datetime | None
+    next_attempt_at: datetime | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    committed_at: datetime | None
+    lease_owner: str | None
+    payload: Any = None
+    response: Any = None
+
+
+@dataclass(frozen=True)
+class HistoryLine:
+    at: datetime
+    kind: str
+    actor: str | None
+    code: str | None
+    message: str | None
+    decision: str
+    duration_ms: float | None
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    last_beat_at: datetime
+    gate: str
+    gate_reason: str | None
+    gate_until: datetime | None
+    stopped_at: datetime | None
+
+
+@dataclass(frozen=True)
+class WorkerBeat:
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    gate: str = "open"
+    gate_reason: str | None = None
+    gate_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StatusView:
+    counts: dict[str, int]
+    oldest_due_at: datetime | None
+    parked_by_reason: dict[str, int]
+    blocked_lanes: list[str]
+    maybe_executed_open: int
+    workers: list[WorkerView] = field(default_factory=list)
