@@ -307,10 +307,14 @@ def parse_payload(value: str) -> dict[str, Any]:
             value = Path(value[1:]).read_text(encoding="utf-8")
         except OSError as exc:
             raise InputError(f"{source}: cannot read it: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{source}: is not UTF-8 text") from None
     try:
         payload = json.loads(value)  # a float where a string belongs is protobuf's to refuse
     except json.JSONDecodeError as exc:
         raise InputError(f"{source} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{source} is nested too deeply") from None
     if not isinstance(payload, dict):
         raise InputError(
             f"{source} must be a JSON object (the request in protobuf JSON mapping), "

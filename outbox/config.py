@@ -35,7 +35,8 @@ DEFAULT_HOLD_METHODS = (
     "/recrypt.market.v1.Market/CancelOrder",
 )
 
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+MAX_SECONDS = 1e9  # about 31 years: anything larger is a typo, and overflows datetime math
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 _DAYS = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")
 _WINDOW = re.compile(r"^(MON|TUE|WED|THU|FRI|SAT|SUN) (\d\d):(\d\d)-(\d\d):(\d\d)$")
 
@@ -103,8 +104,17 @@ class MaintenanceConfig(_Section):
     @field_validator("rollover_window")
     @classmethod
     def _window(cls, value: str) -> str:
-        if value and not _WINDOW.match(value):
+        found = _WINDOW.match(value)
+        if value and not found:
             raise ValueError('must look like "TUE 18:00-18:30" (UTC), or be "" for no window')
+        if found:
+            _day, h1, m1, h2, m2 = found.groups()
+            try:
+                start, end = time(int(h1), int(m1)), time(int(h2), int(m2))
+            except ValueError:
+                raise ValueError("has an impossible time; use 00:00 to 23:59 (UTC)") from None
+            if end <= start:
+                raise ValueError("must end after it starts, within the day (UTC)")
         return value
 
     def window(self) -> tuple[int, time, time] | None:
@@ -136,7 +146,9 @@ class LoggingConfig(_Section):
 
 
 class RetentionConfig(_Section):
-    days: float = Field(30.0, ge=0, description="finished rows older than this are purged; 0 never")
+    days: float = Field(
+        30.0, ge=0, le=36_500, description="finished rows older than this are purged; 0 never"
+    )
     batch_size: int = Field(1000, gt=0, description="rows deleted per transaction")
     interval: Seconds = Field(3600.0, description="seconds between purge runs")
 
@@ -191,8 +203,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             f"config file {path}: do not write the API key in the config file; put it in a "
             "file of its own (mode 0600) named by [recrypt] api_key_file, or RECRYPT_API_KEY"
         )
-    if env.get("OUTBOX_DATABASE_URL"):
-        data.setdefault("database", {})["url"] = env["OUTBOX_DATABASE_URL"]
+    if env.get("OUTBOX_DATABASE_URL") and isinstance(data.setdefault("database", {}), dict):
+        data["database"]["url"] = env["OUTBOX_DATABASE_URL"]
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -212,8 +224,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; copy config.example.toml") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML (UTF-8): {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 
 
 def _api_key(recrypt: RecryptConfig, env: dict[str, str]) -> str | None:

@@ -30,6 +30,7 @@ from outbox.errors import BadRowError, ConfigError
 from outbox.resources import protos_dir
 
 KEY_FIELD = "idempotency_key"
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # gRPC's default maximum message size
 ACCESS_OPTION = "recrypt.options.v1.key_access"
 DESCRIPTOR_SET_SUFFIXES = (".pb", ".binpb", ".desc", ".protoset")
 
@@ -159,14 +160,26 @@ def build_request(method: Method, payload: Any, key: str) -> message.Message:
                 f"payload field {name} differs from the row's idempotency_key; "
                 "leave it out of the payload (the daemon sets it)"
             )
+    for field in method.request_class.DESCRIPTOR.fields:
+        if field.name != field.json_name and field.name in body and field.json_name in body:
+            raise BadRowError(
+                f"payload has both {field.name} and {field.json_name}: write the field once"
+            )
     request = method.request_class()
     try:
         json_format.ParseDict(body, request)
+    except RecursionError:
+        raise BadRowError("payload JSON is nested too deeply to be a request") from None
     except json_format.ParseError as exc:
         raise BadRowError(
             f"payload does not parse as {method.request_class.DESCRIPTOR.full_name}: {exc}"
         ) from exc
     setattr(request, KEY_FIELD, key)
+    if request.ByteSize() > MAX_REQUEST_BYTES:
+        raise BadRowError(
+            f"request is {request.ByteSize()} bytes, over gRPC's {MAX_REQUEST_BYTES}-byte "
+            "message limit: it can never be sent"
+        )
     return request
 
 

@@ -19,6 +19,8 @@ def parse_payload(raw: Any) -> Any:
             return json.loads(raw)
         except ValueError as exc:
             raise BadRowError(f"payload is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise BadRowError("payload JSON is nested too deeply to be a request") from None
     return raw
 
 
@@ -33,7 +35,7 @@ def fingerprint(raw: Any) -> str:
     """
     try:
         text = canonical_json(parse_payload(raw))
-    except BadRowError:
+    except (BadRowError, RecursionError):
         text = raw if isinstance(raw, str) else repr(raw)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -291,7 +291,7 @@ class Store:
             return []
         with self._tx() as conn:
             held = self._still_held(conn, outcomes)
-            kept = [o for o in outcomes if (o.claim.id, o.claim.worker) in held]
+            kept = [o for o in outcomes if _claim_token(o.claim) in held]
             for kind, statement in _TRANSITIONS.items():
                 params = [_transition_params(o, now) for o in kept if type(o) is kind]
                 if params:
@@ -301,16 +301,16 @@ class Store:
             ]
             if lines:
                 conn.execute(attempts.insert(), lines)
-        return [o for o in outcomes if (o.claim.id, o.claim.worker) not in held]
+        return [o for o in outcomes if _claim_token(o.claim) not in held]
 
     @staticmethod
-    def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[tuple[int, str]]:
+    def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[tuple[int, str, int]]:
         rows = conn.execute(
-            sa.select(m.c.id, m.c.lease_owner)
+            sa.select(m.c.id, m.c.lease_owner, m.c.attempts)
             .where(m.c.id.in_([o.claim.id for o in outcomes]), m.c.state == State.INFLIGHT)
             .with_for_update()
         ).all()
-        return {(row.id, row.lease_owner) for row in rows}
+        return {(row.id, row.lease_owner, row.attempts) for row in rows}
 
     @retry_transient
     def renew_leases(self, worker: str, ids: Collection[int], lease: float, now: datetime) -> int:
@@ -687,8 +687,17 @@ class Store:
 # --------------------------------------------------------------------------- helpers
 
 
+def _claim_token(claim: Claim) -> tuple[int, str, int]:
+    """What identifies one claim: the row, the worker, and the attempts when it was claimed.
+
+    The reaper counts an attempt when it releases a row, so a worker that claims the same row
+    again holds a new token, and its outcome for the old claim is reported lost.
+    """
+    return (claim.id, claim.worker, claim.attempts)
+
+
 def _guarded(**values: Any) -> sa.Update:
-    """``UPDATE … WHERE id = :b_id AND state = 'inflight' AND lease_owner = :b_owner``."""
+    """``UPDATE … WHERE id AND state = 'inflight' AND lease_owner AND attempts`` (the claim)."""
     released = {
         "lease_owner": None,
         "lease_expires_at": None,
@@ -702,6 +711,7 @@ def _guarded(**values: Any) -> sa.Update:
             m.c.id == sa.bindparam("b_id"),
             m.c.state == State.INFLIGHT,
             m.c.lease_owner == sa.bindparam("b_owner"),
+            m.c.attempts == sa.bindparam("b_attempts"),  # this claim, not a later one
         )
         .values(**released, **values)
     )
@@ -743,6 +753,7 @@ def _transition_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
     params: dict[str, Any] = {
         "b_id": outcome.claim.id,
         "b_owner": outcome.claim.worker,
+        "b_attempts": outcome.claim.attempts,
         "b_now": now,
         "b_code": call.code if call else None,
         "b_message": call.message if call else None,

@@ -295,6 +295,19 @@ class Database:
             )
             return {row.idempotency_key: dict(row._mapping) for row in result}
 
+    def unknown_attempts(self, key: str) -> int:
+        """Attempts of the row whose outcome was unknown (not rollover retries), from history."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                sa.text(
+                    "SELECT COUNT(*) FROM outbox_attempts a JOIN outbox_messages m "
+                    "ON m.id = a.message_id WHERE m.idempotency_key = :k AND "
+                    "(a.message LIKE 'outcome unknown%' OR a.code = 'LEASE_EXPIRED')"
+                ),
+                {"k": key},
+            ).scalar_one()
+        return int(found)
+
     def try_rows(self) -> dict[str, dict[str, Any]] | None:
         try:
             return self.rows()
@@ -484,7 +497,7 @@ jitter = 0.3
 max_unknown_attempts = {MAX_UNKNOWN}
 [maintenance]
 probe_interval = 1.0
-unauthenticated_probe_interval = 2.0
+unauthenticated_probe_interval = 1.0
 rollover_window = ""
 [metrics]
 listen = ""
@@ -685,7 +698,7 @@ class Chaos:
         )
         if execute is None:
             execute = rng.random() < 0.5
-        times = rng.randint(1, 6)
+        times = 1 if code == C.UNAUTHENTICATED else rng.randint(1, 6)
         delay = DEADLINE_S + rng.uniform(0.2, 0.8) if name == "client_deadline" else 0.0
         methods = WRITES if code != C.PERMISSION_DENIED else None
         fault = ChaosFault(
@@ -702,29 +715,34 @@ class Chaos:
         fault.spared = self.doomed
         self.sim.inject(fault)
         self.general.append(fault)
+        self.windows["rollover"] += 1
         self.report.faults["rollover_window"] += 1
+        self.note("rollover window opens")
 
         def end() -> None:
+            self.windows["rollover"] -= 1
             fault.active = False
 
-        self.later(self.rng.uniform(0.5, 4.0), "rollover_window", end)
+        self.later(self.rng.uniform(0.5, 3.0), "rollover_window", end)
 
     def maintenance_window(self) -> None:
         self.windows["maintenance"] += 1
         self.sim.set_maintenance(True)
         self.report.faults["maintenance_window"] += 1
+        self.note("maintenance window opens")
 
         def end() -> None:
             self.windows["maintenance"] -= 1
             if not self.windows["maintenance"]:
                 self.sim.set_maintenance(False)
 
-        self.later(self.rng.uniform(0.5, 4.0), "maintenance_window", end)
+        self.later(self.rng.uniform(0.5, 3.0), "maintenance_window", end)
 
     def wrong_key_window(self) -> None:
         self.windows["wrong_key"] += 1
         self.sim.set_api_keys([WRONG_KEY])
         self.report.faults["wrong_key_window"] += 1
+        self.note("wrong-key window opens")
 
         def end() -> None:
             self.windows["wrong_key"] -= 1
@@ -732,7 +750,7 @@ class Chaos:
                 self.sim.set_api_keys([API_KEY])
                 self.report.extra["reloads"] += self.daemons.reload()
 
-        self.later(self.rng.uniform(0.5, 4.0), "wrong_key_window", end)
+        self.later(self.rng.uniform(0.5, 3.0), "wrong_key_window", end)
 
     def kill(self) -> None:
         running = self.daemons.running()
@@ -771,11 +789,14 @@ class Chaos:
         self.report.sim_restarts += 1
         self.note(f"simulator stopped with {hold.hits} held calls")
 
-        def start() -> None:
-            self.sim.start(listen=f"127.0.0.1:{self.port}")
-            self.sim_down = False
+        self.later(self.rng.uniform(0.2, 2.0), "simulator start", self.start_sim)
 
-        self.later(self.rng.uniform(0.2, 2.0), "simulator start", start)
+    def start_sim(self) -> None:
+        """The simulator again on its port (retried: the port may linger a moment)."""
+        listen = f"127.0.0.1:{self.port}"
+        if not wait_until(lambda: _try_start(self.sim, listen), timeout=15, interval=0.2):
+            self.report.violations.append(f"harness: the simulator cannot listen on {listen}")
+        self.sim_down = False
 
     def reload(self) -> None:
         self.report.extra["reloads"] += self.daemons.reload()
@@ -792,15 +813,16 @@ class Chaos:
         self.report.pg_restarts += 1
 
     def calm(self) -> None:
-        """End every window and general fault; the row-specific faults stay."""
+        """End every window, restart what is down. Faults with a count stay until used up
+        (each injected fault really answers some call), as do the row-specific ones."""
         self.run_due(everything=True)
         for fault in self.general:
-            fault.active = False
+            if fault.times is None:
+                fault.active = False
         self.sim.set_maintenance(False)
         self.sim.set_api_keys([API_KEY])
         if self.sim_down:
-            self.sim.start(listen=f"127.0.0.1:{self.port}")
-            self.sim_down = False
+            self.start_sim()
 
     def run(self, stop: threading.Event, until: float) -> None:
         rng = self.rng
@@ -842,6 +864,14 @@ class Chaos:
             stop.wait(rng.uniform(0.05, 0.6))
         for _at, fn in must:  # whatever the clock left over
             fn()
+
+
+def _try_start(sim: Simulator, listen: str) -> bool:
+    try:
+        sim.start(listen=listen)
+    except OSError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- the run
@@ -887,6 +917,8 @@ def check(  # noqa: PLR0912 (one branch per promise)
     executed = sim.executed_keys()
     ours = {s.key for s in specs}
     blocked: set[str] = set()  # lanes with an (expected) parked row
+    behind: Counter[str] = Counter()  # lane rows held behind an unexpectedly parked row
+    stuck: set[str] = set()  # lanes with an unexpectedly parked row
 
     for spec in specs:
         row = rows.get(spec.key)
@@ -899,6 +931,9 @@ def check(  # noqa: PLR0912 (one branch per promise)
         seen = f"{state}/{reason} maybe_executed={maybe} executions={runs} last={row['last_code']}"
         if runs > 1:
             bad.append(f"{label}: executed {runs} times")
+        if spec.lane in stuck and state == "pending" and not runs:
+            behind[spec.lane] += 1  # a consequence, reported once per lane below
+            continue
         if spec.lane and spec.lane in blocked:
             if state != "pending" or runs:
                 bad.append(f"{label}: behind a parked row, must stay pending unexecuted: {seen}")
@@ -917,7 +952,18 @@ def check(  # noqa: PLR0912 (one branch per promise)
             )
             if not fine:
                 bad.append(f"{label}: expiring row ended {seen}")
+        elif state == "parked" and reason == "unknown_outcome":
+            unknown = row.get("unknown_attempts", row["attempts"])
+            if spec.lane:
+                stuck.add(spec.lane)
+            bad.append(
+                f"{label}: parked unknown_outcome after {row['attempts']} attempts of which only "
+                f"{unknown} had an unknown outcome (limit {MAX_UNKNOWN}): rollover (vgw-db) "
+                f"retries count toward max_unknown_attempts; {seen}"
+            )
         elif state != "committed" or runs != 1:
+            if state == "parked" and spec.lane:
+                stuck.add(spec.lane)
             bad.append(f"{label}: must be committed once, is {seen}: {row['last_message']}")
         if runs and spec.key in ledger:
             entry = ledger[spec.key]
@@ -928,6 +974,10 @@ def check(  # noqa: PLR0912 (one branch per promise)
             if spec.not_before and entry.at < spec.not_before:
                 bad.append(f"{label}: executed at {entry.at} before not_before {spec.not_before}")
 
+    bad += [
+        f"lane {lane}: {n} rows held pending behind its unexpectedly parked row"
+        for lane, n in sorted(behind.items())
+    ]
     strangers = executed - ours
     if strangers:
         bad.append(f"keys executed that no row has: {sorted(strangers)[:5]}")
@@ -1039,12 +1089,16 @@ def run_torture(
         pool.stop_all()
         sim.stop(grace=1.0)
         rows = db.rows()
+        for row in rows.values():
+            if row["park_reason"] == "unknown_outcome":
+                row["unknown_attempts"] = db.unknown_attempts(row["idempotency_key"])
         report.states = Counter(r["state"] for r in rows.values())
         report.extra["maybe_executed"] = sum(1 for r in rows.values() if r["maybe_executed"])
         report.extra["blocked"] = sum(
             1 for r in rows.values() if r["state"] == "pending" and r["lane"]
         )
         report.extra["calls"] = len(sim.calls)
+        report.extra["fault_hits"] = sum(f.hits for f in chaos.general)
         report.extra["executed_errored"] = sum(
             1 for c in sim.calls if c.executed and c.code != "OK"
         )
