@@ -230,14 +230,13 @@ class Dispatcher:
         )
         call = Call("call", decision.action.value, answer.code.name, text, answer.duration_ms)
         attempts = claim.attempts + int(decision.counts_attempt)
+        unknown = claim.unknown_attempts + int(decision.bounded)  # only unknown outcomes count
         match decision.action:
             case Action.COMMIT:
                 response = response_to_json(answer.response) if answer.response else None
                 return Committed(claim, call, response)
-            case Action.RETRY if (
-                decision.bounded and attempts >= self.settings.max_unknown_attempts
-            ):
-                parked = policy.unknown_outcome_exhausted(attempts)
+            case Action.RETRY if decision.bounded and unknown >= self.settings.max_unknown_attempts:
+                parked = policy.unknown_outcome_exhausted(unknown)
                 call = Call(
                     "call",
                     "park",
@@ -249,7 +248,13 @@ class Dispatcher:
             case Action.RETRY:
                 delay = self.settings.backoff.delay(attempts, self._rng)
                 at = self.clock() + timedelta(seconds=delay)
-                return Retry(claim, call, at, maybe_executed=decision.maybe_executed)
+                return Retry(
+                    claim,
+                    call,
+                    at,
+                    maybe_executed=decision.maybe_executed,
+                    unknown_outcome=decision.bounded,
+                )
             case Action.PARK:
                 reason = str(decision.park_reason or policy.ParkReason.REJECTED)
                 return Parked(claim, call, reason, maybe_executed=decision.maybe_executed)

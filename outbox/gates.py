@@ -170,6 +170,9 @@ class Gates:
             return
         with self._lock:
             current = self._gate if isinstance(self._gate, Gate) else Gate.MAINTENANCE
+            if current == Gate.UNAUTHENTICATED and gate not in (None, Gate.UNAUTHENTICATED):
+                self._open()  # the key was accepted: what the probe revealed replaces the halt
+                current = gate
         stronger = gate is not None and _RANK[gate] > _RANK[current]
         self.on_answer(gate if stronger and gate else current, now, message)
 

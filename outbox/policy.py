@@ -225,10 +225,10 @@ def bad_row(message: str, reason: ParkReason = ParkReason.BAD_ROW) -> Decision:
     return Decision(Action.PARK, message, counts_attempt=False, park_reason=reason)
 
 
-def unknown_outcome_exhausted(attempts: int) -> Decision:
+def unknown_outcome_exhausted(unknown: int) -> Decision:
     return Decision(
         Action.PARK,
-        f"outcome unknown after {attempts} attempts: check on recrypt.net whether the "
+        f"outcome unknown for {unknown} attempts: check on recrypt.net whether the "
         "transaction with this idempotency key happened, then requeue (same key, safe) "
         "or cancel --force",
         maybe_executed=True,

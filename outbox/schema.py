@@ -116,6 +116,8 @@ messages = sa.Table(
     # --- maintained by the daemon ---
     sa.Column("state", sa.String(16), nullable=False, server_default=State.PENDING.value),
     sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    # attempts whose outcome was unknown: bounded by [retry] max_unknown_attempts (0003)
+    sa.Column("unknown_attempts", sa.Integer(), nullable=False, server_default="0"),
     # NULL means "due now": a writer's session time zone can never delay a row.
     sa.Column("next_attempt_at", UTCDateTime(), nullable=True),
     sa.Column("last_code", sa.String(32), nullable=True),

@@ -345,6 +345,7 @@ class Simulator:
         """
         if self._server is not None:
             raise RuntimeError("simulator already started")
+        self._stopped.clear()  # a restart (same ledger) serves delays, hangs and streams again
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS))
         server.add_generic_rpc_handlers(self._generic_handlers())
         if tls is None:

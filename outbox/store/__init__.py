@@ -216,6 +216,7 @@ class Store:
                 sa.cast(m.c.payload, sa.Text).label("payload"),
                 m.c.lane,
                 m.c.attempts,
+                m.c.unknown_attempts,
                 m.c.maybe_executed,
                 m.c.payload_fingerprint,
                 current.label("current"),
@@ -245,6 +246,7 @@ class Store:
                 sa.cast(m.c.payload, sa.Text).label("payload"),
                 m.c.lane,
                 m.c.attempts,
+                m.c.unknown_attempts,
                 m.c.maybe_executed,
                 m.c.payload_fingerprint,
             )
@@ -277,6 +279,7 @@ class Store:
             worker=worker,
             stored_fingerprint=row.payload_fingerprint,
             fingerprint=current or fingerprint(row.payload),
+            unknown_attempts=row.unknown_attempts,
         )
 
     @retry_transient
@@ -354,6 +357,7 @@ class Store:
                     .values(
                         state=State.PENDING,
                         attempts=m.c.attempts + 1,
+                        unknown_attempts=m.c.unknown_attempts + 1,
                         maybe_executed=True,
                         lease_owner=None,
                         lease_expires_at=None,
@@ -733,6 +737,7 @@ _TRANSITIONS: dict[type, sa.Update] = {
         state=State.PENDING,
         next_attempt_at=sa.bindparam("b_at", type_=UTCDateTime()),
         attempts=_counted,
+        unknown_attempts=m.c.unknown_attempts + sa.bindparam("b_unknown", type_=sa.Integer()),
         maybe_executed=_sticky_maybe,
     ),
     Parked: _guarded(
@@ -763,7 +768,12 @@ def _transition_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
             params["b_response"] = outcome.response
         case Retry():
             counted, maybe = outcome.counts_attempt, outcome.maybe_executed
-            params |= {"b_at": outcome.at, "b_counted": int(counted), "b_maybe": maybe}
+            params |= {
+                "b_at": outcome.at,
+                "b_counted": int(counted),
+                "b_maybe": maybe,
+                "b_unknown": int(outcome.unknown_outcome),
+            }
         case Parked():
             counted, maybe = outcome.counts_attempt, outcome.maybe_executed
             params |= {"b_reason": outcome.reason, "b_counted": int(counted), "b_maybe": maybe}

@@ -34,6 +34,7 @@ class Claim:
     worker: str
     stored_fingerprint: str | None  # set at an earlier claim; None on the first claim
     fingerprint: str  # of the payload as claimed now
+    unknown_attempts: int = 0  # attempts so far whose outcome was unknown
 
     @property
     def payload_changed(self) -> bool:
@@ -65,6 +66,7 @@ class Retry:
     at: datetime
     maybe_executed: bool
     counts_attempt: bool = True
+    unknown_outcome: bool = False  # counts toward [retry] max_unknown_attempts
 
 
 @dataclass(frozen=True)

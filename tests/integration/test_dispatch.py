@@ -296,3 +296,19 @@ def test_wrong_key_halts_without_touching_rows(engine, sim, store, make_dispatch
     assert {store.get(k).state for k in keys} == {"pending"}
     assert {store.get(k).attempts for k in keys} == {0}
     assert sim.executed_keys() == set()
+
+
+def test_rollover_retries_do_not_count_toward_the_unknown_limit(
+    engine, sim, store, make_dispatcher, clock
+):
+    key = enqueue_transfer(engine)
+    dispatcher = make_dispatcher(max_unknown_attempts=3)
+    sim.inject(Fault(C.UNAVAILABLE, "vgw-db", times=6))
+    sim.inject(Fault(C.UNKNOWN, "?", times=2))  # after the rollover: two unknown outcomes
+    for _ in range(8):
+        dispatcher.run_once()
+        clock.advance(600)
+    row = store.get(key)
+    assert (row.state, row.attempts) == ("pending", 8)  # 8 attempts, only 2 unknown
+    dispatcher.run_once()
+    assert store.get(key).state == "committed"

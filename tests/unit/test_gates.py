@@ -137,3 +137,12 @@ def test_status_text_names_removed_and_held_methods() -> None:
     assert "removed methods (NOT_FOUND) until reload: /recrypt.wallet.v1.Wallet/Transfer" in text
     assert "rollover window, holding: /recrypt.market.v1.Market/PlaceOrder" in text
     assert _gate_reason(gates().view(T0)) is None
+
+
+def test_a_halted_gate_learns_of_maintenance_from_its_probe() -> None:
+    g = gates(unauthenticated_probe=300.0, maintenance_probe=60.0)
+    g.on_answer(Gate.UNAUTHENTICATED, T0, "Session key")
+    g.on_probe(False, T0 + timedelta(seconds=300), Gate.MAINTENANCE, "maintenance mode")
+    view = g.view(T0 + timedelta(seconds=300))
+    assert view.gate == "maintenance"
+    assert view.until is not None and view.until < T0 + timedelta(seconds=400)
