@@ -18,6 +18,7 @@ SIGHUP: reload the config and API key and reopen the gate.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import random
@@ -55,6 +56,7 @@ log = logging.getLogger("outbox.daemon")
 
 HEARTBEAT_SECONDS = 5.0
 SHUTDOWN_GRACE = 20.0  # seconds in-flight calls may take on SIGTERM before they are cancelled
+SHUTDOWN_SLACK = 15.0  # then at most this long to hand back and close, or exit regardless
 MAX_PIPELINES = 4  # dispatch cycles in parallel: max_in_flight // batch_size, at most this
 TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
 
@@ -120,6 +122,7 @@ class Daemon:
         self._woken = threading.Event()
         self._idle = threading.Event()  # no dispatch cycle under way
         self._idle.set()
+        self._shutdown_done = threading.Event()
         self.engine = make_engine(config.database.url)
         ensure_at_head(self.engine)
         self.store = Store(self.engine)
@@ -225,6 +228,7 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop claiming, let the cycle in flight finish, hand back what is still held."""
         self.stopping.set()
+        self._exit_if_stuck(SHUTDOWN_GRACE + SHUTDOWN_SLACK)
         self.notifier.stopping("stopping: finishing in-flight calls, handing back the rest")
         if self.follower is not None:
             self.follower.stop(timeout=5.0)
@@ -239,6 +243,7 @@ class Daemon:
         if self.health is not None:
             self.health.stop()
         self.notifier.close()
+        self._shutdown_done.set()
 
     def _hand_back(self) -> int | None:
         """Release what this worker still holds; if the database fails us now, the reaper
@@ -256,6 +261,23 @@ class Daemon:
             )
             return None
         return handed
+
+    def _exit_if_stuck(self, seconds: float) -> None:
+        """The stop timeout is a promise: if shutdown hangs, show where, and exit 0 anyway.
+
+        Exiting with rows still claimed is safe: the reaper hands them back after one lease
+        and they are resent with the same key.
+        """
+        done = threading.Event()
+        self._shutdown_done = done
+
+        def watch() -> None:
+            if not done.wait(seconds):
+                log.error(kv("shutdown_stuck", after_s=seconds, then="exiting; leases expire"))
+                faulthandler.dump_traceback(all_threads=True)
+                os._exit(0)
+
+        threading.Thread(target=watch, name="outbox-shutdown-watch", daemon=True).start()
 
     def _finish_in_flight(self) -> None:
         """Let the calls in flight finish, within a bound; then cancel them.
