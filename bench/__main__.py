@@ -244,7 +244,7 @@ def fresh_database(url: str) -> sa.Engine:
     if backend == "sqlite":
         Path(parsed.database or "bench.db").unlink(missing_ok=True)
     else:
-        admin_db = "postgres" if backend == "postgresql" else None
+        admin_db = "postgres" if backend == "postgresql" else "mysql"
         admin = sa.create_engine(parsed.set(database=admin_db), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             force = " WITH (FORCE)" if backend == "postgresql" else ""
