@@ -209,18 +209,7 @@ class Store:
                 updated_at=now,
                 payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
             )
-            .returning(
-                m.c.id,
-                m.c.idempotency_key,
-                m.c.method,
-                sa.cast(m.c.payload, sa.Text).label("payload"),
-                m.c.lane,
-                m.c.attempts,
-                m.c.unknown_attempts,
-                m.c.maybe_executed,
-                m.c.payload_fingerprint,
-                current.label("current"),
-            )
+            .returning(*_claim_columns(), current.label("current"))
         )
         with self._tx() as conn:
             rows = sorted(conn.execute(claimed).all(), key=lambda row: row.id)
@@ -239,17 +228,7 @@ class Store:
             ),
         )
         query = (
-            sa.select(
-                m.c.id,
-                m.c.idempotency_key,
-                m.c.method,
-                sa.cast(m.c.payload, sa.Text).label("payload"),
-                m.c.lane,
-                m.c.attempts,
-                m.c.unknown_attempts,
-                m.c.maybe_executed,
-                m.c.payload_fingerprint,
-            )
+            sa.select(*_claim_columns())
             .where(
                 m.c.state == State.PENDING,
                 sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
@@ -689,6 +668,21 @@ class Store:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _claim_columns() -> tuple[Any, ...]:
+    """What a claim reads of each row (the payload as text: it is validated, never trusted)."""
+    return (
+        m.c.id,
+        m.c.idempotency_key,
+        m.c.method,
+        sa.cast(m.c.payload, sa.Text).label("payload"),
+        m.c.lane,
+        m.c.attempts,
+        m.c.unknown_attempts,
+        m.c.maybe_executed,
+        m.c.payload_fingerprint,
+    )
 
 
 def _claim_token(claim: Claim) -> tuple[int, str, int]:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,19 +15,11 @@ import sqlalchemy as sa
 
 import outbox
 from outbox.database import make_engine
-from outbox.simulator import TRANSFER, Fault, Simulator
+from outbox.simulator import TRANSFER, Fault
 from outbox.store import Store
 
 API_KEY = "e2e-secret-api-key-7f3a"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    simulator = Simulator(api_keys=[API_KEY])
-    simulator.start()
-    yield simulator
-    simulator.stop()
 
 
 def write_config(tmp_path: Path, url: str, target: str, **worker: float) -> Path:

@@ -31,7 +31,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from outbox.database import make_engine
-from outbox.simulator import Fault, Simulator
+from outbox.simulator import Fault
 from outbox.store import RowView, Store
 from tests.e2e.test_process import API_KEY, all_committed, enqueue_many, wait_until, write_config
 
@@ -43,14 +43,6 @@ FIELD = re.compile(r"^[A-Z_]+=.*$")
 
 
 # --------------------------------------------------------------------------- fixtures, helpers
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    simulator = Simulator(api_keys=[API_KEY])
-    simulator.start()
-    yield simulator
-    simulator.stop()
 
 
 class NotifySocket:
