@@ -222,9 +222,6 @@ class Daemon:
         if not self.stopping.is_set() and self.scheduler.running:
             self.scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
 
-    def request_stop(self) -> None:
-        self.stopping.set()
-
     def shutdown(self) -> None:
         """Stop claiming, let the cycle in flight finish, hand back what is still held."""
         self.stopping.set()

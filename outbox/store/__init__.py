@@ -662,10 +662,6 @@ class Store:
         with self.engine.connect() as conn:
             return "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
 
-    def ping(self) -> None:
-        with self.engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-
 
 # --------------------------------------------------------------------------- helpers
 
