@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -106,19 +107,7 @@ def enqueue_row(conn: Connection | Session, row: NewRow, now: datetime) -> None:
             "a key is sent once: use a new key for a new transfer"
         )
     try:
-        conn.execute(
-            m.insert().values(
-                idempotency_key=row.idempotency_key,
-                method=row.method,
-                payload=row.payload,
-                lane=row.lane,
-                not_before=row.not_before,
-                expires_at=row.expires_at,
-                reference=row.reference,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        conn.execute(m.insert().values(**asdict(row), created_at=now, updated_at=now))
     except sa.exc.IntegrityError as exc:
         raise DuplicateKeyError(
             f"idempotency_key {row.idempotency_key} is already in the outbox (inserted "
