@@ -265,8 +265,7 @@ class Daemon:
         Exiting with rows still claimed is safe: the reaper hands them back after one lease
         and they are resent with the same key.
         """
-        done = threading.Event()
-        self._shutdown_done = done
+        done = self._shutdown_done
 
         def watch() -> None:
             if not done.wait(seconds):

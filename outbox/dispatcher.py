@@ -22,7 +22,7 @@ from outbox import policy
 from outbox.client import Answer, RecryptClient
 from outbox.descriptors import Catalog, Method, build_request, response_to_json
 from outbox.errors import BadRowError
-from outbox.gates import Gates
+from outbox.gates import Gates, gate_rank
 from outbox.payload import check_key, parse_payload
 from outbox.policy import Action, Backoff, Decision, Gate
 from outbox.store import Call, Claim, Committed, HandedBack, Outcome, Parked, Retry, Store
@@ -176,9 +176,14 @@ class Dispatcher:
                 outcomes.append(self._bad_row(claim, exc))
         log.debug("event=sent worker=%s rows=%d", self.worker_id, len(ready))
         replies = self.client.send_all([(method, request) for _c, method, request in ready])
-        answers = [(c, method, a) for (c, method, _r), a in zip(ready, replies, strict=True)]
-        self._fold_gates(answers)
-        outcomes += [self._decide(claim, method, answer) for claim, method, answer in answers]
+        decided = [
+            (claim, method, answer, policy.decide(answer.code, answer.message))
+            for (claim, method, _request), answer in zip(ready, replies, strict=True)
+        ]
+        self._fold_gates(decided)
+        outcomes += [
+            self._decide(claim, answer, decision) for claim, _m, answer, decision in decided
+        ]
         return outcomes
 
     def _prepare(self, claim: Claim) -> tuple[Method, message.Message]:
@@ -195,31 +200,28 @@ class Dispatcher:
         return method, build_request(method, parse_payload(claim.payload), key)
 
     def _bad_row(self, claim: Claim, exc: BadRowError) -> Outcome:
-        decision = policy.bad_row(str(exc), policy.ParkReason(exc.reason))
         outcome = Parked(
             claim,
             Call("system", "parked", None, str(exc)),
             reason=exc.reason,
             counts_attempt=False,
         )
-        log.debug("bad row %s: %s", claim.id, decision.explanation)
+        log.debug("bad row %s: %s", claim.id, exc)
         self._emit(claim, None, outcome)
         return outcome
 
-    def _fold_gates(self, answers: Sequence[tuple[Claim, Method, Answer]]) -> None:
+    def _fold_gates(self, decided: Sequence[tuple[Claim, Method, Answer, Decision]]) -> None:
         """One gate update per batch: the calls of a batch ran together, so they count once."""
         strongest, message = Gate.NONE, ""
-        for _claim, method, answer in answers:
-            decision = policy.decide(answer.code, answer.message)
+        for _claim, method, answer, decision in decided:
             if decision.gate == Gate.METHOD_REMOVED:
                 self.gates.remove_method(method.path)
-            elif _GATE_RANK[decision.gate] > _GATE_RANK[strongest]:
+            elif gate_rank(decision.gate) > gate_rank(strongest):
                 strongest, message = decision.gate, answer.message
-        if answers:
+        if decided:
             self.gates.on_answer(strongest, self.clock(), message)
 
-    def _decide(self, claim: Claim, method: Method, answer: Answer) -> Outcome:
-        decision = policy.decide(answer.code, answer.message)
+    def _decide(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
         outcome = self._outcome(claim, answer, decision)
         self._emit(claim, answer, outcome)
         return outcome
@@ -329,14 +331,3 @@ def _window(start: object, end: object) -> tuple[datetime, datetime] | None:
     if first.tzinfo is None or last.tzinfo is None:
         return None
     return first, last
-
-
-_GATE_RANK = {
-    Gate.NONE: 0,
-    Gate.METHOD_REMOVED: 0,
-    Gate.RATE_LIMITED: 1,
-    Gate.UNREACHABLE: 2,
-    Gate.ROLLOVER: 2,
-    Gate.MAINTENANCE: 3,
-    Gate.UNAUTHENTICATED: 4,
-}

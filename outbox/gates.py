@@ -173,7 +173,7 @@ class Gates:
             if current == Gate.UNAUTHENTICATED and gate not in (None, Gate.UNAUTHENTICATED):
                 self._open()  # the key was accepted: what the probe revealed replaces the halt
                 current = gate
-        stronger = gate is not None and _RANK[gate] > _RANK[current]
+        stronger = gate is not None and gate_rank(gate) > gate_rank(current)
         self.on_answer(gate if stronger and gate else current, now, message)
 
     def reset(self, now: datetime) -> None:
@@ -195,7 +195,7 @@ class Gates:
             return
         if gate == Gate.METHOD_REMOVED:
             return  # handled per method by remove_method()
-        if _RANK[gate] < _RANK.get(self._gate, 0):
+        if gate_rank(gate) < gate_rank(self._gate):
             return  # a stronger gate is closed already
         self._level = self._level + 1 if self._gate == gate else 1
         self._gate = gate
@@ -269,3 +269,8 @@ _REASONS = {
     Gate.UNAUTHENTICATED: "API key refused (UNAUTHENTICATED): halted; check the key and its IP "
     "allow-list at recrypt.net/api, then `systemctl reload outbox` (SIGHUP)",
 }
+
+
+def gate_rank(gate: str) -> int:
+    """Which gate wins when several apply (0: none, or a per-method one such as NOT_FOUND)."""
+    return _RANK.get(gate, 0)

@@ -220,11 +220,6 @@ def decide(code: grpc.StatusCode, message: str) -> Decision:
     return _UNKNOWN
 
 
-def bad_row(message: str, reason: ParkReason = ParkReason.BAD_ROW) -> Decision:
-    """A row whose data can never be sent as it is: parked before any call."""
-    return Decision(Action.PARK, message, counts_attempt=False, park_reason=reason)
-
-
 def unknown_outcome_exhausted(unknown: int) -> Decision:
     return Decision(
         Action.PARK,
