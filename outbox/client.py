@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,12 +33,28 @@ _CHANNEL_OPTIONS = (
 
 @dataclass(frozen=True)
 class Answer:
-    """What one call ended with: a status code, its message, and the response on OK."""
+    """What one call ended with: a status code, its message, and the response on OK.
+
+    ``started`` is False only when the call provably never left this host (the channel was
+    already closed when it was to start): such a row goes back untouched. Every other failure,
+    a call cancelled mid-flight included, may have executed.
+    """
 
     code: grpc.StatusCode
     message: str
     response: pb.Message | None
     duration_ms: float
+    started: bool = True
+
+
+class _NeverStarted:
+    """A call that could not start: the channel was closed before it (a reload or a stop)."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def wait(self) -> Answer:
+        return Answer(grpc.StatusCode.CANCELLED, self._reason, None, 0.0, started=False)
 
 
 class PendingCall(Protocol):
@@ -84,9 +101,12 @@ class GrpcClient:
         return f"GrpcClient(deadline={self._deadline})"
 
     def start(self, method: Method, request: pb.Message) -> PendingCall:
-        call = self._callable(method)
         started = time.perf_counter()
-        future = call.future(request, timeout=self._deadline, metadata=self._metadata)
+        try:
+            call = self._callable(method)
+            future = call.future(request, timeout=self._deadline, metadata=self._metadata)
+        except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
+            return _NeverStarted(f"not sent: {exc}")
         return _GrpcPendingCall(future, started)
 
     def call(self, method: Method, request: pb.Message) -> Answer:
@@ -119,6 +139,65 @@ class GrpcClient:
                 )
                 self._callables[method.path] = found
             return found
+
+
+class ClientSlot:
+    """The client new calls use, and the retired ones still finishing their calls.
+
+    A reload puts a new client in the slot; the old one is closed only once the last call
+    that started on it has been answered, so a reload never cancels a call in flight (each
+    cancelled call would be an unknown outcome).
+    """
+
+    def __init__(self, client: RecryptClient) -> None:
+        self._lock = threading.Lock()
+        self._current = client
+        self._users: dict[int, int] = {}
+        self._retired: dict[int, RecryptClient] = {}
+
+    @property
+    def current(self) -> RecryptClient:
+        return self._current
+
+    @contextmanager
+    def use(self) -> Iterator[RecryptClient]:
+        """The current client, kept open until the block ends."""
+        with self._lock:
+            client = self._current
+            self._users[id(client)] = self._users.get(id(client), 0) + 1
+        try:
+            yield client
+        finally:
+            self._done(client)
+
+    def replace(self, client: RecryptClient) -> None:
+        """New calls use ``client``; the old one closes when its last call is answered."""
+        with self._lock:
+            old, self._current = self._current, client
+            self._retired[id(old)] = old
+        self._close_idle()
+
+    def close(self) -> None:
+        """Stop: close every client now; calls still in flight are cancelled."""
+        with self._lock:
+            clients = [self._current, *self._retired.values()]
+            self._retired.clear()
+        for client in clients:
+            client.close()
+
+    def _done(self, client: RecryptClient) -> None:
+        with self._lock:
+            left = self._users.pop(id(client)) - 1
+            if left:
+                self._users[id(client)] = left
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        with self._lock:
+            idle = [k for k in self._retired if not self._users.get(k)]
+            closing = [self._retired.pop(k) for k in idle]
+        for client in closing:
+            client.close()
 
 
 def open_channel(config: RecryptConfig) -> grpc.Channel:

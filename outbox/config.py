@@ -151,6 +151,12 @@ class RetentionConfig(_Section):
     )
     batch_size: int = Field(1000, gt=0, description="rows deleted per transaction")
     interval: Seconds = Field(3600.0, description="seconds between purge runs")
+    tombstone_days: float = Field(
+        400.0,
+        ge=0,
+        le=36_500,
+        description="a purged row's key stays refused this many days after the purge; 0 for ever",
+    )
 
 
 class CheckConfig(_Section):
@@ -182,6 +188,17 @@ class Config(_Section):
             raise ValueError(
                 f"[worker] lease ({self.worker.lease:g} s) must be longer than [recrypt] deadline "
                 f"({self.recrypt.deadline:g} s), or another worker may resend a row still in flight"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tombstones_outlast_rows(self) -> Config:
+        days, tombstones = self.retention.days, self.retention.tombstone_days
+        if days and tombstones and tombstones < days:
+            raise ValueError(
+                f"[retention] tombstone_days ({tombstones:g}) must be at least [retention] days "
+                f"({days:g}): a purged key is refused for reuse while Recrypt may remember it, "
+                "far longer than its row is kept (default 400)"
             )
         return self
 

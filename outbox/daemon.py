@@ -1,19 +1,14 @@
-"""The daemon: APScheduler drives small jobs around the dispatcher; signals stop or reload it.
+"""The daemon: the composition root. It builds the services (``outbox.services``) around one
+dispatcher and one clock, has APScheduler run each service's ``run_once(now)``, and handles
+signals.
 
-Jobs (each a short function, safe to run late or twice):
-
-- ``dispatch``: drain due rows (every ``[worker] poll_interval``, or at once on a wake-up)
-- ``probe``: while maintenance or a refused key closes the gate, call Core.MaintenanceCheck
-- ``maintenance``: poll Core.MaintenanceCheck (``[maintenance] probe_interval``) to learn
-  whether rollover downtime is scheduled this week and whether maintenance mode is on
-- ``renew``: extend the lease of rows whose calls are still in flight (long calls)
-- ``reaper``: hand back rows whose lease ran out; expire rows past ``expires_at``
-- ``heartbeat``: record this worker and its gate in ``outbox_workers``
-- ``retention``: purge finished rows older than ``[retention] days``
-
-SIGTERM/SIGINT: stop claiming, let the cycle in flight finish, hand back what is still held,
-exit 0. A second SIGTERM exits at once (rows held are resent later with the same key: safe).
-SIGHUP: reload the config and API key and reopen the gate.
+SIGTERM/SIGINT: stop claiming, let the calls in flight finish (within a bound), record every
+answer received, hand back only the rows never sent, exit 0. Rows whose answer could still not
+be recorded stay ``inflight``; the reaper resends them after one lease (same key: safe). A
+second SIGTERM exits at once.
+SIGHUP: reload ``[recrypt]`` and the API key (new calls use the new channel; the old one closes
+once its calls are answered) and reopen the gate. Nothing else is reloaded: each other service
+keeps the settings it was built with, and a reload that changes them says so in the log.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -36,7 +31,7 @@ import sqlalchemy as sa
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from outbox import __version__
+from outbox import __version__, policy
 from outbox.client import Answer, GrpcClient
 from outbox.config import Config, load
 from outbox.database import make_engine
@@ -48,17 +43,34 @@ from outbox.logs import kv, register_secret
 from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
 from outbox.policy import Backoff
+from outbox.services import (
+    ClockCheck,
+    Dispatch,
+    Expirer,
+    Heartbeat,
+    LeaseRenewer,
+    MaintenancePoll,
+    Probe,
+    Reaper,
+    Retention,
+    RetentionSettings,
+    Service,
+)
 from outbox.store import Claim, Committed, HandedBack, Outcome, Parked, Retry, Store, WorkerBeat
 from outbox.store.listener import Listener
 from outbox.systemd import Notifier
 
 log = logging.getLogger("outbox.daemon")
 
-HEARTBEAT_SECONDS = 5.0
 SHUTDOWN_GRACE = 20.0  # seconds in-flight calls may take on SIGTERM before they are cancelled
-SHUTDOWN_SLACK = 15.0  # then at most this long to hand back and close, or exit regardless
+SHUTDOWN_SLACK = 15.0  # then at most this long to record, hand back and close, or exit anyway
+SHUTDOWN_FLUSH = 8.0  # of the slack: how long a stop keeps trying to record kept answers
 MAX_PIPELINES = 4  # dispatch cycles in parallel: max_in_flight // batch_size, at most this
+MAX_SKEW_FRACTION = 0.25  # of the lease: the clock skew to the database a daemon tolerates
 TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
+#: What a SIGHUP applies (all of ``[recrypt]`` but ``proto_path``, and the key); any other
+#: section changed in the file needs a restart, and the reload says so.
+RELOADED_SECTIONS = ("recrypt",)
 
 
 def utcnow() -> datetime:
@@ -119,22 +131,20 @@ class Daemon:
         self.started_at = clock()
         self.stopping = threading.Event()
         self._reload = threading.Event()
-        self._woken = threading.Event()
-        self._idle = threading.Event()  # no dispatch cycle under way
-        self._idle.set()
         self._shutdown_done = threading.Event()
         self.engine = make_engine(config.database.url)
         ensure_at_head(self.engine)
         self.store = Store(self.engine)
+        self.clock_check = ClockCheck(self._skew, config.worker.lease * MAX_SKEW_FRACTION)
+        self.clock_check.require(clock())
         self.catalog = Catalog.load(config.recrypt.proto_path or None)
         api_key = config.require_api_key().get_secret_value()
         register_secret(api_key)
         self.gates = gates_from(config)
         self.gates.subscribe(self._gate_changed)
-        self.client = GrpcClient(config.recrypt, api_key)
         self.dispatcher = Dispatcher(
             self.store,
-            self.client,
+            GrpcClient(config.recrypt, api_key),
             self.catalog,
             self.gates,
             worker_id=self.worker_id,
@@ -142,8 +152,10 @@ class Daemon:
             clock=clock,
         )
         self.dispatcher.observe(_log_outcome)
-        self.dispatcher.observe(self._count_outcome)
+        self.dispatcher.observe(self._count_outcome, lost=self._count_lost)
         self.dispatcher.after_cycle(self._cycle_done)
+        self.services = self._services()
+        self.dispatch = next(s for s in self.services if isinstance(s, Dispatch))
         self.follower = self._follower() if config.streams.accounts else None
         self.listener = self._listener()
         listen = config.metrics.listen
@@ -157,11 +169,15 @@ class Daemon:
     # ---- lifecycle
 
     def start(self) -> None:
-        for name, job, seconds, at_once in self._jobs():
+        for service in self.services:
             # next_run_time=None would add the job *paused*: leave it out to run on schedule.
-            first = {"next_run_time": datetime.now(UTC)} if at_once else {}
+            first = {"next_run_time": datetime.now(UTC)} if service.at_start else {}
             self.scheduler.add_job(
-                self._guard(job, name), "interval", seconds=seconds, id=name, **first
+                self._guard(service),
+                "interval",
+                seconds=service.interval,
+                id=service.name,
+                **first,
             )
         if self.health is not None:
             self.health.start()
@@ -185,21 +201,26 @@ class Daemon:
         # exits non-zero before READY, and systemd reports a failed start).
         self.notifier.ready(f"dispatching to {recrypt.target}")
 
-    def _jobs(self) -> list[tuple[str, Callable[[], Any], float, bool]]:
-        """(id, function, interval in seconds, run at start) of every scheduled job."""
-        w, m = self.config.worker, self.config.maintenance
-        jobs: list[tuple[str, Callable[[], Any], float, bool]] = [
-            ("dispatch", self._dispatch, w.poll_interval, True),
-            ("probe", self.dispatcher.probe, min(1.0, w.poll_interval), False),
-            ("maintenance", self.dispatcher.check_maintenance, m.probe_interval, True),
-            ("renew", self._renew, w.lease / 3, False),
-            ("reaper", self._reap, max(w.lease / 2, 0.05), True),
-            ("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, True),
-            ("table", self._table, TABLE_SECONDS, True),
+    def _services(self) -> list[Service]:
+        """Every background service, each with the settings it keeps until a restart."""
+        c, d, store = self.config, self.dispatcher, self.store
+        w = c.worker
+        clock_ok = lambda: self.clock_check.ok  # noqa: E731
+        services: list[Service] = [
+            Dispatch(d, self.stopping, w.poll_interval, allowed=clock_ok),
+            Probe(d, min(1.0, w.poll_interval)),
+            MaintenancePoll(d, c.maintenance.probe_interval),
+            LeaseRenewer(store, self.worker_id, d.inflight_ids, w.lease),
+            Reaper(store, w.lease, c.retry.max_unknown_attempts, allowed=clock_ok),
+            Expirer(store, max(w.lease / 2, 0.05)),
+            Heartbeat(store, self._beat, self._db_result, self.clock_check),
+            _TableGauges(self, TABLE_SECONDS),
         ]
-        if self.config.retention.days > 0:
-            jobs.append(("retention", self._retention, self.config.retention.interval, False))
-        return jobs
+        if c.retention.days > 0:
+            r = c.retention
+            settings = RetentionSettings(r.days, r.batch_size, r.tombstone_days, r.interval)
+            services.append(Retention(store, settings, self.stopping))
+        return services
 
     def run(self) -> int:
         """Run in the foreground until SIGTERM/SIGINT; returns the exit code."""
@@ -218,23 +239,29 @@ class Daemon:
 
     def wake(self) -> None:
         """Run the dispatch job now (a row was inserted); a drain under way goes round again."""
-        self._woken.set()
+        self.dispatch.woken.set()
         if not self.stopping.is_set() and self.scheduler.running:
             self.scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no dispatch cycle is under way (tests, and the stop)."""
+        return self.dispatch.idle.wait(timeout)
+
     def shutdown(self) -> None:
-        """Stop claiming, let the cycle in flight finish, hand back what is still held."""
+        """Stop claiming, let the calls in flight finish, record every answer, hand back
+        only the rows never sent."""
         self.stopping.set()
         self._exit_if_stuck(SHUTDOWN_GRACE + SHUTDOWN_SLACK)
-        self.notifier.stopping("stopping: finishing in-flight calls, handing back the rest")
+        self.notifier.stopping("stopping: finishing in-flight calls, recording their answers")
         if self.follower is not None:
             self.follower.stop(timeout=5.0)
         if self.listener is not None:
             self.listener.stop()
         self._finish_in_flight()
         self.scheduler.shutdown(wait=True)
+        self._flush_answers(SHUTDOWN_FLUSH)
         handed = self._hand_back()
-        self.client.close()
+        self.dispatcher.clients.close()
         self.engine.dispose()
         log.info(kv("stopped", worker=self.worker_id, handed_back=handed))
         if self.health is not None:
@@ -242,11 +269,31 @@ class Daemon:
         self.notifier.close()
         self._shutdown_done.set()
 
+    def _flush_answers(self, seconds: float) -> None:
+        """Record the answers the database refused so far, trying for up to ``seconds``.
+
+        What still cannot be recorded stays ``inflight``: the reaper resends those rows after
+        one lease with the same key (ALREADY_EXISTS commits them; the response is then lost,
+        so the keys are logged here).
+        """
+        give_up = time.monotonic() + seconds
+        while not self.dispatcher.flush() and time.monotonic() < give_up:
+            self.stopping.wait(0.5)  # the stop is already set: a plain bounded pause
+        if self.dispatcher.unrecorded():
+            log.error(
+                kv(
+                    "answers_unrecorded_at_stop",
+                    keys=",".join(self.dispatcher.unrecorded_keys()),
+                    then="rows stay inflight; the reaper resends them after one lease",
+                )
+            )
+
     def _hand_back(self) -> int | None:
-        """Release what this worker still holds; if the database fails us now, the reaper
-        releases it after one lease, and we still exit cleanly."""
+        """Release the rows this worker claimed and never sent; if the database fails us now,
+        the reaper releases them after one lease, and we still exit cleanly."""
         try:
-            handed = self.store.hand_back_all(self.worker_id, self.clock())
+            unsent = self.dispatcher.unsent_ids()
+            handed = self.store.hand_back(self.worker_id, unsent, self.clock())
             self.store.worker_stopped(self.worker_id, self.clock())
         except sa.exc.SQLAlchemyError as exc:
             log.error(
@@ -282,13 +329,13 @@ class Daemon:
         resent later with the same key, which is safe.
         """
         grace = min(SHUTDOWN_GRACE, self.config.recrypt.deadline)
-        self.notifier.extend_timeout(grace + 10)
-        if not self._idle.wait(grace):
+        self.notifier.extend_timeout(grace + SHUTDOWN_FLUSH + 10)
+        if not self.wait_idle(grace):
             log.warning(
                 kv("cancel_in_flight", after_s=grace, rows=len(self.dispatcher.inflight_ids()))
             )
-            self.client.close()
-            self._idle.wait(10)
+            self.dispatcher.clients.close()
+            self.wait_idle(10)
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: cheap, no query per probe (the heartbeat job tracks the database)."""
@@ -296,13 +343,24 @@ class Daemon:
             return False, "stopping"
         if self._db_error:
             return False, self._db_error
+        if not self.clock_check.ok:
+            return False, "clock skew: " + self.clock_check.message()
         view = self.gates.view(self.clock())
         if view.gate == "unauthenticated":
             return False, "halted: API key refused; fix the key, then systemctl reload outbox"
         return True, f"ready: gate {view.gate}"
 
+    @property
+    def client(self) -> GrpcClient:
+        return self.dispatcher.client  # type: ignore[return-value]
+
     def reload(self) -> None:
-        """SIGHUP: re-read the config file and API key; reopen the gate; keep the work."""
+        """SIGHUP: ``[recrypt]`` and the API key; reopen the gate; keep the work.
+
+        New calls use the new client at once; the old channel closes when its last call is
+        answered, so no call in flight is cancelled. Other sections are not applied: each
+        service keeps its settings, and a change to them is logged as needing a restart.
+        """
         try:
             fresh = load(self.config_path)
             api_key = fresh.require_api_key().get_secret_value()
@@ -311,43 +369,33 @@ class Daemon:
         except Exception as exc:  # a bad reload keeps the running config
             log.error(kv("reload_failed", error=str(exc), then="keeping the running config"))
             return
-        old = self.client
-        self.client = self.dispatcher.client = client
-        old.close()
-        self.config = fresh
+        self.dispatcher.clients.replace(client)
+        ignored = _changed_sections(self.config, fresh, RELOADED_SECTIONS)
+        recrypt = fresh.recrypt
+        if recrypt.proto_path != self.config.recrypt.proto_path:  # compiled once, at start
+            ignored.append("recrypt.proto_path")
+            recrypt = recrypt.model_copy(update={"proto_path": self.config.recrypt.proto_path})
+        self.config = self.config.model_copy(update={"recrypt": recrypt})
         self.gates.reset(self.clock())
-        log.info(kv("reloaded", worker=self.worker_id))
+        if ignored:
+            log.warning(
+                kv("reload_needs_restart", sections=",".join(ignored), then="restart to apply")
+            )
+        log.info(kv("reloaded", worker=self.worker_id, applied=",".join(RELOADED_SECTIONS)))
         self.wake()
 
-    # ---- jobs
+    # ---- what the services call back
 
-    def _dispatch(self) -> None:
-        self._idle.clear()
-        try:
-            while not self.stopping.is_set():
-                self._woken.clear()
-                self.dispatcher.drain(self.stopping)
-                if not self._woken.is_set():
-                    return
-        finally:
-            self._idle.set()
+    def _skew(self, _now: datetime) -> float:
+        """Seconds the database's clock is ahead of this host's (round trip halved)."""
+        before = self.clock()
+        database = self.store.database_now()
+        after = self.clock()
+        return (database - (before + (after - before) / 2)).total_seconds()
 
-    def _renew(self) -> None:
-        ids = self.dispatcher.inflight_ids()
-        if ids:
-            self.store.renew_leases(self.worker_id, ids, self.config.worker.lease, self.clock())
-
-    def _reap(self) -> None:
-        now = self.clock()
-        for key in self.store.release_expired_leases(now):
-            log.warning(kv("lease_expired", key=key, action="resend with the same key"))
-        expired, parked = self.store.expire_due(now)
-        if expired or parked:
-            log.info(kv("expired", expired=expired, parked_unknown=parked))
-
-    def _heartbeat(self) -> None:
+    def _beat(self) -> WorkerBeat:
         view = self.gates.view(self.clock())
-        beat = WorkerBeat(
+        return WorkerBeat(
             self.worker_id,
             socket.gethostname(),
             os.getpid(),
@@ -357,14 +405,11 @@ class Daemon:
             _gate_reason(view),
             view.until,
         )
-        try:
-            self.store.heartbeat(beat, self.clock())
-        except Exception:
-            self._db_error = "database unreachable"  # fixed text: never the URL
-            raise
-        self._db_error = None
 
-    def _table(self) -> None:
+    def _db_result(self, error: Exception | None) -> None:
+        self._db_error = "database unreachable" if error is not None else None  # never the URL
+
+    def table_gauges(self) -> None:
         now = self.clock()
         view = self.store.status(now)
         age = (now - view.oldest_due_at).total_seconds() if view.oldest_due_at else None
@@ -380,6 +425,7 @@ class Daemon:
         """After each dispatch cycle, in the dispatching thread: a hung cycle stops the pings."""
         now = time.monotonic()
         self.metrics.cycle_done(time.time())
+        self.metrics.unrecorded.set(self.dispatcher.unrecorded())
         interval = self.notifier.watchdog_interval
         if interval is not None and now - self._last_ping >= interval:  # already WatchdogSec/2
             self._last_ping = now
@@ -389,6 +435,11 @@ class Daemon:
         if answer is not None:
             self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0)
         self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
+        if outcome.call is not None and outcome.call.decision == policy.KEY_USED_BEFORE:
+            self.metrics.key_used_before.inc()
+
+    def _count_lost(self, _outcome: Outcome) -> None:
+        self.metrics.observe_outcome("lost")
 
     def _listener(self) -> Listener | None:
         """LISTEN/NOTIFY wake-ups on PostgreSQL (``[worker] notify``); others poll."""
@@ -407,25 +458,15 @@ class Daemon:
             clock=self.clock,
         )
 
-    def _retention(self) -> None:
-        cutoff = self.clock() - timedelta(days=self.config.retention.days)
-        total = 0
-        while not self.stopping.is_set():
-            purged = self.store.purge_finished(cutoff, self.config.retention.batch_size)
-            total += purged
-            if purged < self.config.retention.batch_size:
-                break
-        if total:
-            log.info(kv("purged", rows=total, older_than=cutoff.isoformat()))
-
-    def _guard(self, job: Callable[[], Any], name: str) -> Callable[[], None]:
-        """A job that fails logs one line and runs again next time; it never kills the daemon."""
+    def _guard(self, service: Service) -> Callable[[], None]:
+        """A service that fails logs one line and runs again next time; it never kills the
+        daemon. Each run gets ``now`` from the daemon's one clock."""
 
         def run() -> None:
             try:
-                job()
+                service.run_once(self.clock())
             except Exception as exc:
-                log.error(kv("job_failed", job=name, error=f"{type(exc).__name__}: {exc}"))
+                log.error(kv("job_failed", job=service.name, error=_short_error(exc)))
 
         return run
 
@@ -451,6 +492,32 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
+
+
+class _TableGauges:
+    """Refresh the table gauges (rows by state, oldest due) and systemd's STATUS line."""
+
+    name = "table"
+    at_start = True
+
+    def __init__(self, daemon: Daemon, interval: float) -> None:
+        self._daemon = daemon
+        self.interval = interval
+
+    def run_once(self, now: datetime) -> None:
+        self._daemon.table_gauges()
+
+
+def _changed_sections(running: Config, fresh: Config, applied: tuple[str, ...]) -> list[str]:
+    """Sections a reload would change but does not apply (they need a restart)."""
+    names = [n for n in type(running).model_fields if n != "api_key" and n not in applied]
+    return [n for n in names if getattr(running, n) != getattr(fresh, n)]
+
+
+def _short_error(exc: Exception) -> str:
+    """An error's type and first line, bounded: never a statement with its parameters."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"
 
 
 def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:

@@ -27,6 +27,7 @@ from google.protobuf import (
 )
 
 from outbox.errors import BadRowError, ConfigError
+from outbox.payload import brief, check_text
 from outbox.resources import protos_dir
 
 KEY_FIELD = "idempotency_key"
@@ -87,7 +88,7 @@ class Catalog:
         found = self._methods.get(path)
         if found is None:
             raise BadRowError(
-                f"unknown method {path!r}: no such RPC in the protos at {self.source}; "
+                f"unknown method {brief(repr(path))}: no such RPC in the protos at {self.source}; "
                 "use the full gRPC path, e.g. /recrypt.wallet.v1.Wallet/Transfer",
                 reason="bad_row",
             )
@@ -146,7 +147,8 @@ class Catalog:
 def build_request(method: Method, payload: Any, key: str) -> message.Message:
     """The request from the row's JSON, with ``idempotency_key`` set to the row's key.
 
-    Raises ``BadRowError`` saying exactly which part of the payload is wrong.
+    Raises ``BadRowError`` saying exactly which part of the payload is wrong, quoting at most
+    a short prefix of each piece of it (a field name can be 70 kB).
     """
     if not isinstance(payload, dict):
         raise BadRowError(
@@ -165,6 +167,7 @@ def build_request(method: Method, payload: Any, key: str) -> message.Message:
             raise BadRowError(
                 f"payload has both {field.name} and {field.json_name}: write the field once"
             )
+    check_text(body)
     request = method.request_class()
     try:
         json_format.ParseDict(body, request)
@@ -172,7 +175,8 @@ def build_request(method: Method, payload: Any, key: str) -> message.Message:
         raise BadRowError("payload JSON is nested too deeply to be a request") from None
     except json_format.ParseError as exc:
         raise BadRowError(
-            f"payload does not parse as {method.request_class.DESCRIPTOR.full_name}: {exc}"
+            f"payload does not parse as {method.request_class.DESCRIPTOR.full_name}: "
+            + brief(str(exc))
         ) from exc
     setattr(request, KEY_FIELD, key)
     if request.ByteSize() > MAX_REQUEST_BYTES:

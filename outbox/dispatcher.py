@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import message
 
 from outbox import policy
-from outbox.client import Answer, RecryptClient
+from outbox.client import Answer, ClientSlot, RecryptClient
 from outbox.descriptors import Catalog, Method, build_request, response_to_json
 from outbox.errors import BadRowError
 from outbox.gates import Gates, gate_rank
@@ -44,6 +44,12 @@ class DispatchSettings:
     max_unknown_attempts: int = 10
     maintenance_check: str = MAINTENANCE_CHECK
     pipelines: int = 1  # cycles run in parallel by drain(): calls in flight while others record
+    #: answers not yet recorded (database away) above which no new rows are claimed
+    max_unrecorded: int | None = None  # None: one batch
+
+    @property
+    def unrecorded_limit(self) -> int:
+        return self.max_unrecorded if self.max_unrecorded is not None else self.batch_size
 
 
 @dataclass
@@ -51,11 +57,22 @@ class CycleReport:
     """What one cycle did, for logs, metrics and tests."""
 
     claimed: int = 0
-    outcomes: list[Outcome] = field(default_factory=list)
-    lost: list[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)  # recorded (ours)
+    lost: list[Outcome] = field(default_factory=list)  # another worker owns the row now
+    unrecorded: int = 0  # answers kept in memory: the database refused the record
 
 
+@dataclass(frozen=True)
+class Answered:
+    """An outcome decided and not yet recorded, with the answer it came from (None: no call)."""
+
+    outcome: Outcome
+    answer: Answer | None
+
+
+#: Told once per outcome, after it is recorded (``lost``: another worker owned the row).
 Observer = Callable[[Claim, Answer | None, Outcome], None]
+LostObserver = Callable[[Outcome], None]
 
 
 class Dispatcher:
@@ -72,7 +89,7 @@ class Dispatcher:
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
-        self.client = client
+        self.clients = ClientSlot(client)
         self.catalog = catalog
         self.gates = gates
         self.worker_id = worker_id
@@ -80,18 +97,30 @@ class Dispatcher:
         self.clock = clock
         self._rng = rng or random.Random()
         self._observers: list[Observer] = []
+        self._lost_observers: list[LostObserver] = []
         self._cycle_hooks: list[Callable[[], None]] = []
-        self._inflight: set[int] = set()
+        self._inflight: set[int] = set()  # claimed by us and not yet recorded
+        self._unsent: set[int] = set()  # claimed by us, no call started: safe to hand back
         self._inflight_lock = threading.Lock()
+        self._unrecorded: list[Answered] = []  # answers the database refused to record
+        self._record_lock = threading.Lock()
         self.cycles = 0  # completed cycles: the daemon's watchdog reads it
+
+    @property
+    def client(self) -> RecryptClient:
+        """The client new calls use (a reload replaces it through ``clients``)."""
+        return self.clients.current
 
     def after_cycle(self, hook: Callable[[], None]) -> None:
         """Called after every cycle, from the thread doing the work (the systemd watchdog)."""
         self._cycle_hooks.append(hook)
 
-    def observe(self, observer: Observer) -> None:
-        """Called once per recorded outcome (logging and metrics hook here)."""
+    def observe(self, observer: Observer, lost: LostObserver | None = None) -> None:
+        """Called once per recorded outcome (logging and metrics hook here), after the record;
+        ``lost`` once per outcome whose row another worker had taken over."""
         self._observers.append(observer)
+        if lost is not None:
+            self._lost_observers.append(lost)
 
     # ---- the cycle
 
@@ -120,14 +149,18 @@ class Dispatcher:
         return total
 
     def run_once(self) -> CycleReport:
-        now = self.clock()
+        """Record what is still unrecorded; then, while that backlog is small, one batch."""
         report = CycleReport()
-        granted = self.gates.acquire(now, self.settings.batch_size)
-        try:
-            if granted > 0:
-                self._cycle(granted, now, report)
-        finally:
-            self.gates.release(granted)
+        self.flush(report)
+        now = self.clock()
+        if self.unrecorded() < self.settings.unrecorded_limit:
+            granted = self.gates.acquire(now, self.settings.batch_size)
+            try:
+                if granted > 0:
+                    self._cycle(granted, now, report)
+            finally:
+                self.gates.release(granted)
+        report.unrecorded = self.unrecorded()
         with self._inflight_lock:
             self.cycles += 1
         for hook in self._cycle_hooks:
@@ -146,58 +179,173 @@ class Dispatcher:
         if not claims:
             return
         log.debug("event=claimed worker=%s rows=%d", self.worker_id, len(claims))
-        self._hold([c.id for c in claims], add=True)
+        ids = [c.id for c in claims]
+        with self._inflight_lock:
+            self._inflight.update(ids)
+            self._unsent.update(ids)
         try:
-            report.outcomes = self._send(claims)
-            report.lost = self.store.record(report.outcomes, self.clock())
-        finally:
-            self._hold([c.id for c in claims], add=False)
-        self._report_lost(report.lost)
+            answered = self._send(claims)
+        except Exception:
+            self._abandon(ids)
+            raise
+        self._record(answered, report)
+
+    def _abandon(self, ids: list[int]) -> None:
+        """A cycle failed before its answers: hand back what was never sent; the rest (calls
+        that may have started) stays ``inflight`` for the reaper, an unknown outcome."""
+        with self._inflight_lock:
+            unsent = sorted(self._unsent.intersection(ids))
+        self._release(ids)
+        try:
+            self.store.hand_back(self.worker_id, unsent, self.clock())
+        except Exception as exc:  # the reaper releases them after one lease
+            log.error("event=hand_back_failed rows=%d error=%s", len(unsent), type(exc).__name__)
 
     def inflight_ids(self) -> list[int]:
         """Rows this worker holds right now (the lease renewer extends them)."""
         with self._inflight_lock:
             return sorted(self._inflight)
 
-    def _hold(self, ids: list[int], *, add: bool) -> None:
+    def unsent_ids(self) -> list[int]:
+        """Rows claimed by this worker whose call never started: the only ones a stop may
+        hand back untouched."""
         with self._inflight_lock:
-            if add:
-                self._inflight.update(ids)
-            else:
-                self._inflight.difference_update(ids)
+            return sorted(self._unsent)
 
-    def _send(self, claims: Sequence[Claim]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+    def unrecorded(self) -> int:
+        """Answers received and not yet recorded (the database refused them so far)."""
+        with self._record_lock:
+            return len(self._unrecorded)
+
+    def unrecorded_keys(self) -> list[str]:
+        with self._record_lock:
+            return [str(a.outcome.claim.idempotency_key) for a in self._unrecorded]
+
+    # ---- recording: record first, then tell observers
+
+    def flush(self, report: CycleReport | None = None) -> bool:
+        """Record the answers kept in memory; True when none is left."""
+        with self._record_lock:
+            backlog, self._unrecorded = self._unrecorded, []
+        if backlog:
+            self._record(backlog, report or CycleReport())
+        return self.unrecorded() == 0
+
+    def _record(self, answered: list[Answered], report: CycleReport) -> None:
+        """Record a batch; if the database refuses, keep every answer to record it again."""
+        if not answered:
+            return
+        try:
+            lost = self.store.record([a.outcome for a in answered], self.clock())
+        except Exception as exc:  # any failure: nothing of this batch is known to be recorded
+            self._keep(answered, exc)
+            return
+        lost_ids = {id(o) for o in lost}
+        ours = [a for a in answered if id(a.outcome) not in lost_ids]
+        self._release([a.outcome.claim.id for a in answered])
+        report.outcomes += [a.outcome for a in ours]
+        report.lost += lost
+        for a in ours:
+            self._emit(a.outcome.claim, a.answer, a.outcome)
+        self._late(lost)
+
+    def _keep(self, answered: list[Answered], exc: Exception) -> None:
+        with self._record_lock:
+            self._unrecorded.extend(answered)
+            held = len(self._unrecorded)
+        log.error(
+            "event=record_failed worker=%s rows=%d unrecorded=%d error=%s then=%s",
+            self.worker_id,
+            len(answered),
+            held,
+            type(exc).__name__,
+            "answers kept in memory and recorded again before any new claim",
+        )
+
+    def _release(self, ids: list[int]) -> None:
+        with self._inflight_lock:
+            self._inflight.difference_update(ids)
+            self._unsent.difference_update(ids)
+
+    def _late(self, lost: Sequence[Outcome]) -> None:
+        """Answers for rows another worker took over: still evidence of what executed."""
+        if not lost:
+            return
+        for outcome in lost:
+            for observer in self._lost_observers:
+                observer(outcome)
+        self._report_lost(lost)
+        try:
+            self.store.record_late_answers(lost, self.clock())
+        except Exception as exc:  # evidence only: the row itself is in another worker's hands
+            log.error(
+                "event=late_answer_unrecorded worker=%s rows=%d error=%s",
+                self.worker_id,
+                len(lost),
+                type(exc).__name__,
+            )
+
+    # ---- sending
+
+    def _send(self, claims: Sequence[Claim]) -> list[Answered]:
+        answered: list[Answered] = []
         ready: list[tuple[Claim, Method, message.Message]] = []
         for claim in claims:
             try:
                 ready.append((claim, *self._prepare(claim)))
             except BadRowError as exc:
-                outcomes.append(self._bad_row(claim, exc))
+                answered.append(Answered(self._bad_row(claim, exc), None))
         log.debug("event=sent worker=%s rows=%d", self.worker_id, len(ready))
-        replies = self.client.send_all([(method, request) for _c, method, request in ready])
+        with self.clients.use() as client:
+            with self._inflight_lock:  # from here on each call may have started
+                self._unsent.difference_update(c.id for c, _m, _r in ready)
+            replies = client.send_all([(method, request) for _c, method, request in ready])
         decided = [
             (claim, method, answer, policy.decide(answer.code, answer.message))
             for (claim, method, _request), answer in zip(ready, replies, strict=True)
         ]
-        self._fold_gates(decided)
-        outcomes += [
-            self._decide(claim, answer, decision) for claim, _m, answer, decision in decided
+        self._fold_gates([d for d in decided if d[2].started])
+        answered += [
+            Answered(self._outcome(claim, answer, decision), answer)
+            for claim, _m, answer, decision in decided
         ]
-        return outcomes
+        return answered
 
     def _prepare(self, claim: Claim) -> tuple[Method, message.Message]:
-        """Every check that can fail before a call: a failure parks the row, never crashes."""
+        """Every check that can fail before a call: a failure parks the row, never crashes.
+
+        From the row's readability to its meaning, the first check that fails names the
+        row's problem; no message quotes more than a short prefix of the row's data.
+        """
+        if claim.defect:
+            raise BadRowError(claim.defect)
         key = check_key(claim.idempotency_key)
+        if claim.key_purged_at is not None:
+            raise BadRowError(
+                f"idempotency_key was used by an earlier row, purged on "
+                f"{claim.key_purged_at:%Y-%m-%d}: Recrypt may still hold that request under "
+                "the key, and this row would commit on ALREADY_EXISTS without its effect; "
+                "cancel it and enqueue the intent under a new key",
+                reason=policy.ParkReason.KEY_REUSED,
+            )
         if claim.payload_changed:
             raise BadRowError(
-                "payload changed after the first send: re-using a key with a different payload "
-                "is undefined at Recrypt; restore the original payload and requeue, or cancel "
-                "and enqueue the new payload under a new key",
+                "method or payload changed after the first send: re-using a key for another "
+                "request is undefined at Recrypt; restore the original method and payload and "
+                "requeue, or cancel and enqueue the new request under a new key",
                 reason=policy.ParkReason.PAYLOAD_CHANGED,
             )
         method = self.catalog.submittable(claim.method)
-        return method, build_request(method, parse_payload(claim.payload), key)
+        try:
+            return method, build_request(method, parse_payload(claim.payload), key)
+        except BadRowError:
+            raise
+        except Exception as exc:  # the protobuf runtime on data nobody foresaw: park the row
+            raise BadRowError(
+                f"payload cannot be made into a {method.request_class.DESCRIPTOR.full_name} "
+                f"({type(exc).__name__}); fix the writer, enqueue the intent again under a new "
+                "key, then cancel this row"
+            ) from exc
 
     def _bad_row(self, claim: Claim, exc: BadRowError) -> Outcome:
         outcome = Parked(
@@ -207,7 +355,6 @@ class Dispatcher:
             counts_attempt=False,
         )
         log.debug("bad row %s: %s", claim.id, exc)
-        self._emit(claim, None, outcome)
         return outcome
 
     def _fold_gates(self, decided: Sequence[tuple[Claim, Method, Answer, Decision]]) -> None:
@@ -221,12 +368,9 @@ class Dispatcher:
         if decided:
             self.gates.on_answer(strongest, self.clock(), message)
 
-    def _decide(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
-        outcome = self._outcome(claim, answer, decision)
-        self._emit(claim, answer, outcome)
-        return outcome
-
     def _outcome(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
+        if not answer.started:  # the channel closed before this call: it never left the host
+            return HandedBack(claim, Call("system", "not_sent", None, answer.message))
         text = decision.explanation + (
             f"; Recrypt said: {answer.message}" if answer.message else ""
         )
@@ -236,6 +380,14 @@ class Dispatcher:
         match decision.action:
             case Action.COMMIT:
                 response = response_to_json(answer.response) if answer.response else None
+                if _key_used_before(claim, answer):
+                    call = Call(
+                        "call",
+                        policy.KEY_USED_BEFORE,
+                        answer.code.name,
+                        f"{policy.KEY_USED_BEFORE_TEXT}; {text}",
+                        answer.duration_ms,
+                    )
                 return Committed(claim, call, response)
             case Action.RETRY if decision.bounded and unknown >= self.settings.max_unknown_attempts:
                 parked = policy.unknown_outcome_exhausted(unknown)
@@ -270,7 +422,7 @@ class Dispatcher:
         for outcome in lost:
             log.warning(
                 "event=lost_row key=%s worker=%s: another worker owns the row now (our lease "
-                "expired); our outcome was not recorded and theirs stands",
+                "expired); theirs stands; our answer goes into its history as late_answer",
                 outcome.claim.idempotency_key,
                 self.worker_id,
             )
@@ -314,7 +466,17 @@ class Dispatcher:
         except BadRowError:
             log.error("event=maintenance_check_missing method=%s", self.settings.maintenance_check)
             return None
-        return self.client.start(method, method.request_class()).wait()
+        with self.clients.use() as client:
+            return client.start(method, method.request_class()).wait()
+
+
+def _key_used_before(claim: Claim, answer: Answer) -> bool:
+    """ALREADY_EXISTS on a row's very first attempt: someone used this key before us."""
+    return (
+        answer.code == grpc.StatusCode.ALREADY_EXISTS
+        and claim.attempts == 0
+        and not claim.maybe_executed
+    )
 
 
 def _field(response: message.Message | None, name: str) -> object:

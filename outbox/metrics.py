@@ -50,7 +50,8 @@ CODES = (
     "DATA_LOSS",
     "UNAUTHENTICATED",
 )
-OUTCOMES = ("committed", "retry", "parked", "handed_back")
+#: "lost": our answer came after another worker had taken the row over (kept as evidence only)
+OUTCOMES = ("committed", "retry", "parked", "handed_back", "lost")
 STATES = ("pending", "inflight", "committed", "parked", "cancelled", "expired")
 GATES = ("open", "rollover", "maintenance", "unauthenticated", "rate_limited")
 # A Recrypt call takes milliseconds when healthy and up to the deadline (10 s) when not.
@@ -96,6 +97,17 @@ class Metrics:
             "outbox_gate", "1 for the dispatcher's current gate", ["gate"], registry=r
         )
         self.up = Gauge("outbox_up", "1 while the daemon runs", ["version"], registry=r)
+        self.key_used_before = Counter(
+            "outbox_key_used_before",
+            "Rows committed on ALREADY_EXISTS at their very first attempt: the key was used "
+            "at Recrypt before (check on recrypt.net)",
+            registry=r,
+        )
+        self.unrecorded = Gauge(
+            "outbox_unrecorded_answers",
+            "Answers received and kept in memory because the database refused to record them",
+            registry=r,
+        )
         self.last_cycle = Gauge(
             "outbox_last_cycle_timestamp_seconds",
             "Unix time the last dispatch cycle finished",
@@ -120,7 +132,7 @@ class Metrics:
         self.submit_seconds.observe(max(seconds, 0.0))
 
     def observe_outcome(self, outcome: str) -> None:
-        """One row outcome: committed, retry, parked or handed_back."""
+        """One row outcome: committed, retry, parked, handed_back or lost."""
         self.outcomes.labels(outcome=_fixed(outcome, OUTCOMES)).inc()
 
     def set_gate(self, gate: str) -> None:

@@ -43,7 +43,8 @@ class ParkReason(enum.StrEnum):
     METHOD_REMOVED = "method_removed"  # NOT_FOUND: the API was deprecated and removed
     REJECTED = "rejected"  # UNIMPLEMENTED / INVALID_ARGUMENT / OUT_OF_RANGE
     BAD_ROW = "bad_row"  # the row's data can never be sent as it is
-    PAYLOAD_CHANGED = "payload_changed"  # payload edited after the first send
+    PAYLOAD_CHANGED = "payload_changed"  # method or payload edited after the first send
+    KEY_REUSED = "key_reused"  # the key of a row retention purged: Recrypt may still hold it
     UNKNOWN_OUTCOME = "unknown_outcome"  # too many attempts whose outcome we cannot know
     EXPIRED_UNKNOWN = "expired_unknown"  # expires_at passed after a maybe-executed attempt
 
@@ -254,3 +255,14 @@ class Backoff:
         )
         spread = (rng or random).random() * self.jitter
         return base * (1.0 - spread)
+
+
+#: History decision for ALREADY_EXISTS on a row's very first attempt (a metric counts them):
+#: the key was used at Recrypt before this row was ever sent.
+KEY_USED_BEFORE = "commit_key_used_before"
+KEY_USED_BEFORE_TEXT = (
+    "ALREADY_EXISTS on the very first attempt: this key was used at Recrypt before this row "
+    "was sent (by another system, a copy of this row, or a row purged from this outbox); "
+    "committed, but check on recrypt.net that the transaction with this key is the one this "
+    "row meant"
+)

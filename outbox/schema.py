@@ -66,9 +66,29 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
+        if isinstance(value, str):  # a driver that could not read it (MariaDB's zero date)
+            value = datetime.fromisoformat(value)
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        """Reading never fails on a stored value: one that is not a time comes back as text.
+
+        The databases refuse such values from writers (migration 0005 on SQLite), but a row
+        written before, or around the guards, must still show in ``outbox show`` as it is
+        stored (an epoch number on SQLite, ``0000-00-00 00:00:00`` on MariaDB) rather than
+        crash it. Nothing compares what it reads here: the claim compares in SQL.
+        """
+        process = super().result_processor(dialect, coltype)
+
+        def lenient(value: Any) -> Any:
+            try:
+                return process(value) if process else value
+            except (TypeError, ValueError):
+                return str(value)
+
+        return lenient
 
 
 class utc_now(sa.sql.expression.FunctionElement[datetime]):
@@ -95,6 +115,28 @@ def _utc_now_mysql(_element: utc_now, _compiler: SQLCompiler, **_kw: Any) -> str
 
 def _json() -> sa.types.TypeEngine[Any]:
     return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+INFLIGHT_LANE_SQL = "CASE WHEN state = 'inflight' THEN lane END"
+
+
+class InflightLane(sa.Computed):
+    """``inflight_lane``: the row's lane while it is in flight; STORED, VIRTUAL on SQLite.
+
+    One generated column with one UNIQUE index works on all three databases (MariaDB has no
+    partial indexes). SQLite's ALTER TABLE cannot add a STORED column, and rebuilding
+    ``outbox_messages`` there would cascade-delete the attempt history (DROP TABLE runs ON
+    DELETE CASCADE while foreign keys are on, and a migration cannot turn them off inside its
+    transaction); an index on a VIRTUAL column stores the value, so it enforces the same.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(INFLIGHT_LANE_SQL, persisted=True)
+
+
+@compiles(InflightLane, "sqlite")
+def _inflight_lane_sqlite(_element: InflightLane, _compiler: Any, **_kw: Any) -> str:
+    return f"GENERATED ALWAYS AS ({INFLIGHT_LANE_SQL}) VIRTUAL"
 
 
 _id_type = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -131,6 +173,8 @@ messages = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=True),
     sa.Column("committed_at", UTCDateTime(), nullable=True),
     sa.Column("response", _json(), nullable=True),
+    # The row's lane while it is in flight, else NULL; unique: one row of a lane in flight (0005).
+    sa.Column("inflight_lane", sa.String(255), InflightLane(), nullable=True),
     sa.UniqueConstraint("idempotency_key"),
     sa.CheckConstraint(f"state IN ({_state_values})", name="state_valid"),
     # The claim walks pending rows in id order. Partial where the database can (migration 0002).
@@ -150,6 +194,9 @@ messages = sa.Table(
         postgresql_where=sa.text(f"lane IS NOT NULL AND {_open_sql}"),
         sqlite_where=sa.text(f"lane IS NOT NULL AND {_open_sql}"),
     ),
+    # Lanes: at most one row of a lane in flight, enforced by the database (two daemons racing
+    # for one lane: the loser's claim fails here and is run again). Also "is the lane busy?".
+    sa.Index("uq_outbox_messages_inflight_lane", "inflight_lane", unique=True),
     # The lease reaper: inflight rows whose lease ran out.
     sa.Index(
         "ix_outbox_messages_lease",
@@ -196,6 +243,30 @@ workers = sa.Table(
     sa.Column("gate_reason", sa.Text(), nullable=True),
     sa.Column("gate_until", UTCDateTime(), nullable=True),
     sa.Column("stopped_at", UTCDateTime(), nullable=True),
+)
+
+# A key whose row retention purged (migration 0004). Recrypt may still hold a request under the
+# key, so the outbox refuses it for a new row (enqueue raises; a plain-SQL row is parked
+# key_reused) until ``[retention] tombstone_days`` have passed since ``purged_at``.
+tombstones = sa.Table(
+    "outbox_tombstones",
+    metadata,
+    sa.Column("idempotency_key", sa.String(64), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=True),  # NULL: the row was never claimed
+    sa.Column("final_state", sa.String(16), nullable=False),
+    sa.Column("finished_at", UTCDateTime(), nullable=False),  # the row's last update
+    sa.Column("purged_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_outbox_tombstones_purged_at", "purged_at"),
+)
+
+
+# One row per lane name that a serialising writer used (migration 0005): writers of a lane lock
+# its row until their transaction ends (``outbox.store.lock_lane``), so a lane's ids follow
+# commit order. Never deleted: a writer may be waiting on the row.
+lanes = sa.Table(
+    "outbox_lanes",
+    metadata,
+    sa.Column("lane", sa.String(255), primary_key=True),
 )
 
 

@@ -34,6 +34,7 @@ def enqueue(
     expires_at: datetime | None = None,
     reference: str | None = None,
     catalog: Catalog | None = None,
+    serialise_lane: bool = True,
 ) -> str:
     """Insert one outbox row inside the caller's transaction and return its idempotency key.
 
@@ -42,6 +43,12 @@ def enqueue(
     ``BadRowError`` rather than parked later. ``Decimal`` values are stored as decimal strings;
     amounts are never floats. A key already in the outbox raises ``DuplicateKeyError``.
     A rollback of the caller's transaction leaves no row.
+
+    With a ``lane``, the lane's writer lock is held until the caller's transaction ends, so a
+    second writer of the lane waits for this one to commit and the lane's rows are sent in
+    commit order (README, "Lanes"). Enqueue into one lane per transaction, or always lock
+    lanes in the same order, or two writers can deadlock. ``serialise_lane=False`` skips the
+    lock: then a row committed late may be sent after a later row of its lane.
     """
     key = check_key(key) if key is not None else new_key()
     body = _decimals_to_strings(dict(payload))
@@ -51,7 +58,7 @@ def enqueue(
         if value is not None and value.tzinfo is None:
             raise BadRowError(f"{name} must be an aware datetime (UTC), got a naive one")
     row = NewRow(key, method, body, lane, not_before, expires_at, reference)
-    enqueue_row(conn, row, utcnow())
+    enqueue_row(conn, row, utcnow(), serialise_lane=serialise_lane)
     return key
 
 

@@ -8,6 +8,7 @@ The store knows rows and states; it never knows gRPC.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,18 +18,24 @@ from typing import Any
 
 import sqlalchemy as sa
 import tenacity
+from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from outbox.errors import DuplicateKeyError, OperatorActionError, RowNotFoundError
-from outbox.payload import fingerprint
+from outbox.payload import bounded, fingerprint, read_text
 from outbox.schema import (
     FINISHED_STATES,
     OPEN_STATES,
     State,
     UTCDateTime,
     attempts,
+    lanes,
     messages,
+    tombstones,
+    utcnow,
     workers,
 )
 from outbox.store.rows import (
@@ -63,10 +70,12 @@ __all__ = [
     "WorkerBeat",
     "WorkerView",
     "enqueue_row",
+    "lock_lane",
     "new_key",
     "retry_transient",
 ]
 
+log = logging.getLogger("outbox.store")
 m = messages
 
 # MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout; PostgreSQL: 40P01 deadlock, 40001
@@ -74,8 +83,20 @@ m = messages
 _TRANSIENT_CODES = {1213, 1205, "40P01", "40001"}
 
 
+#: The index that keeps one row of a lane in flight (migration 0005), as every database names
+#: it in a unique violation: PostgreSQL and MariaDB give the index, SQLite the column.
+_LANE_RACE = "inflight_lane"
+
+
 def _transient(exc: BaseException) -> bool:
-    """A transaction that lost a lock race: rolled back whole, safe to run again."""
+    """A transaction that lost a lock race: rolled back whole, safe to run again.
+
+    That includes a claim that lost a lane to another daemon's concurrent claim: neither saw
+    the other's uncommitted row, the lane's unique index refused the second; run again, the
+    claim sees the winner's row in flight and leaves the lane alone.
+    """
+    if isinstance(exc, sa.exc.IntegrityError):
+        return _LANE_RACE in str(exc.orig)
     if not isinstance(exc, sa.exc.DBAPIError):
         return False
     orig = exc.orig
@@ -96,8 +117,42 @@ retry_transient = tenacity.retry(
 # --------------------------------------------------------------------------- writers
 
 
-def enqueue_row(conn: Connection | Session, row: NewRow, now: datetime) -> None:
-    """Insert one row on the caller's connection, inside the caller's transaction."""
+def lock_lane(conn: Connection | Session, lane: str | None) -> None:
+    """Hold ``lane``'s writer lock until the caller's transaction ends; ids then follow commits.
+
+    Two writers of one lane that commit out of order give the later commit the smaller id,
+    and the daemon may already have sent the larger one. A writer holding the lane's row in
+    ``outbox_lanes`` from before its INSERT until its COMMIT makes the next writer of the
+    lane wait, so its row gets a larger id and is sent after. SQLite needs nothing: it has
+    one writer at a time. MariaDB takes the row with ``ON DUPLICATE KEY UPDATE``, which locks
+    it exclusively at once: ``INSERT IGNORE`` would leave two waiting writers each holding a
+    shared lock, and their ``FOR UPDATE`` would then deadlock.
+    """
+    name = _dialect_of(conn)
+    if lane is None or name == "sqlite":
+        return
+    if name == "postgresql":
+        conn.execute(postgresql.insert(lanes).values(lane=lane).on_conflict_do_nothing())
+    else:
+        upsert = mysql.insert(lanes).values(lane=lane)
+        conn.execute(upsert.on_duplicate_key_update(lane=upsert.inserted.lane))
+    conn.execute(sa.select(lanes.c.lane).where(lanes.c.lane == lane).with_for_update())
+
+
+def _dialect_of(conn: Connection | Session) -> str:
+    return conn.get_bind().dialect.name if isinstance(conn, Session) else conn.dialect.name
+
+
+def enqueue_row(
+    conn: Connection | Session, row: NewRow, now: datetime, *, serialise_lane: bool = True
+) -> None:
+    """Insert one row on the caller's connection, inside the caller's transaction.
+
+    A key already in the outbox, or spent by a row that retention purged (a tombstone), is
+    refused: Recrypt deduplicates by key, so the new row would "commit" without its effect.
+    """
+    lock_lane(conn, row.lane if serialise_lane else None)
+    _refuse_spent_key(conn, row.idempotency_key)
     exists = conn.execute(
         sa.select(m.c.id).where(m.c.idempotency_key == row.idempotency_key)
     ).first()
@@ -113,6 +168,17 @@ def enqueue_row(conn: Connection | Session, row: NewRow, now: datetime) -> None:
             f"idempotency_key {row.idempotency_key} is already in the outbox (inserted "
             "concurrently); use a new key for a new transfer"
         ) from exc
+
+
+def _refuse_spent_key(conn: Connection | Session, key: str) -> None:
+    t = tombstones
+    purged = conn.execute(sa.select(t.c.purged_at).where(t.c.idempotency_key == key)).scalar()
+    if purged is not None:
+        raise DuplicateKeyError(
+            f"idempotency_key {key} was used by a row purged on {_aware(purged):%Y-%m-%d}; "
+            "Recrypt may still hold that request under the key, so it is never sent again: "
+            "use a new key for a new transfer"
+        )
 
 
 # --------------------------------------------------------------------------- the store
@@ -146,7 +212,8 @@ class Store:
 
         PostgreSQL and MariaDB lock with ``FOR UPDATE SKIP LOCKED`` so daemons share work;
         SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
-        The payload's fingerprint is stored at the first claim, before any send.
+        The fingerprint of method and payload is stored at the first claim, before any send.
+        It never fails on one row's data: what cannot be read is the claim's ``defect``.
         """
         if self.dialect == "postgresql":
             return self._claim_returning(worker, batch, lease, now, exclude_methods)
@@ -181,13 +248,13 @@ class Store:
     ) -> list[Claim]:
         """PostgreSQL: the whole claim in one statement, the fingerprint computed in SQL.
 
-        ``payload::text`` of a jsonb value is canonical, so its SHA-256 is a fingerprint of the
-        value; the row keeps the first one, and ``current`` is compared with it on every claim.
+        ``payload::text`` of a jsonb value is canonical, so the SHA-256 of the method, a newline
+        and that text binds the key to one request (as ``outbox.payload.fingerprint`` does in
+        Python); the row keeps the first one, and ``current`` is compared with it on every claim.
         """
         due = self._due_query(batch, now, exclude_methods).with_only_columns(m.c.id)
-        current = sa.func.encode(
-            sa.func.sha256(sa.func.convert_to(sa.cast(m.c.payload, sa.Text), "UTF8")), "hex"
-        )
+        request = m.c.method + "\n" + sa.cast(m.c.payload, sa.Text)
+        current = sa.func.encode(sa.func.sha256(sa.func.convert_to(request, "UTF8")), "hex")
         claimed = (
             m.update()
             .where(m.c.id.in_(due.scalar_subquery()))
@@ -207,15 +274,6 @@ class Store:
     def _due_query(
         self, batch: int, now: datetime, exclude_methods: Collection[str]
     ) -> sa.Select[Any]:
-        earlier = m.alias("earlier")
-        lane_free = sa.or_(
-            m.c.lane.is_(None),
-            ~sa.exists().where(
-                earlier.c.lane == m.c.lane,
-                earlier.c.id < m.c.id,
-                earlier.c.state.in_([s.value for s in OPEN_STATES]),
-            ),
-        )
         query = (
             sa.select(*_claim_columns())
             .where(
@@ -223,7 +281,7 @@ class Store:
                 sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
                 sa.or_(m.c.not_before.is_(None), m.c.not_before <= now),
                 sa.or_(m.c.expires_at.is_(None), m.c.expires_at > now),
-                lane_free,
+                _lane_free(),
             )
             .order_by(m.c.id)
             .limit(batch)
@@ -235,31 +293,60 @@ class Store:
 
     @staticmethod
     def _claim_from(row: sa.Row[Any], worker: str, *, current: str | None = None) -> Claim:
-        """A claim from a selected row; ``current`` is the fingerprint if SQL computed it."""
+        """A claim from a selected row; ``current`` is the fingerprint if SQL computed it.
+
+        Never raises on the row's data: a writer column that is not text becomes the claim's
+        ``defect`` (the dispatcher parks the row), and ``fingerprint`` never raises.
+        """
+        text, defect = _writer_text_of(row)
         return Claim(
             id=row.id,
-            idempotency_key=row.idempotency_key,
-            method=row.method,
-            payload=row.payload,
-            lane=row.lane,
+            **text,
             attempts=row.attempts,
             maybe_executed=bool(row.maybe_executed),
             worker=worker,
             stored_fingerprint=row.payload_fingerprint,
-            fingerprint=current or fingerprint(row.payload),
+            fingerprint=current or fingerprint(row.method, row.payload),
             unknown_attempts=row.unknown_attempts,
+            defect=defect,
+            key_purged_at=_aware(row.key_purged_at),
         )
 
-    @retry_transient
     def record(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
-        """Record a batch of outcomes in one transaction; returns those whose row was lost.
+        """Record a batch of outcomes; returns those whose row was lost to another worker.
 
-        One locking SELECT finds the rows this worker still holds; the others were taken over
-        after our lease ran out, and their newer outcome stands. Then one guarded UPDATE per
-        kind of outcome (executemany) and one INSERT of the history lines.
+        One transaction for the batch. If the database refuses one row's data, the batch is
+        recorded row by row and the refused outcome parks its row ``bad_row`` with a fixed
+        message: one row never loses the others' outcomes, whose calls have executed.
+        A connection-level error is raised (nothing of that transaction was recorded): the
+        caller records the same outcomes again later, which the guarded UPDATEs make safe.
         """
         if not outcomes:
             return []
+        try:
+            return self._record_batch(outcomes, now)
+        except sa.exc.StatementError as exc:
+            if _connection_level(exc):
+                raise
+        return [lost for outcome in outcomes for lost in self._record_alone(outcome, now)]
+
+    def _record_alone(self, outcome: Outcome, now: datetime) -> list[Outcome]:
+        """One outcome in its own transaction; if its data is refused, a fixed-message park."""
+        try:
+            return self._record_batch([outcome], now)
+        except sa.exc.StatementError as exc:
+            if _connection_level(exc):
+                raise
+            error = _error_name(exc)
+        log.error("event=record_refused row=%s error=%s then=park_bad_row", outcome.claim.id, error)
+        return [outcome] if self._record_batch([_refused(outcome, error)], now) else []
+
+    @retry_transient
+    def _record_batch(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
+        """One transaction: one locking SELECT finds the rows this worker still holds (the
+        others were taken over after our lease ran out, and their newer outcome stands), then
+        one guarded UPDATE per kind of outcome (executemany) and one INSERT of history lines.
+        """
         with self._tx() as conn:
             held = self._still_held(conn, outcomes)
             kept = [o for o in outcomes if _claim_token(o.claim) in held]
@@ -299,15 +386,25 @@ class Store:
         return done.rowcount
 
     @retry_transient
-    def release_expired_leases(self, now: datetime, limit: int = 500) -> list[str]:
+    def release_expired_leases(
+        self, now: datetime, limit: int = 500, *, max_unknown_attempts: int = 10
+    ) -> list[str]:
         """The reaper: inflight rows whose lease ran out go back to pending, maybe executed.
 
         The worker died or hung mid-call, so the call may have executed: the row is resent
-        with the same key (safe) and counts an attempt. Returns the keys released.
+        with the same key (safe) and counts an attempt whose outcome is unknown. A release that
+        would reach ``max_unknown_attempts`` ([retry] max_unknown_attempts; 10 is its default)
+        parks the row ``unknown_outcome`` instead: a call that hangs every time is not resent
+        for ever. Returns the keys released to pending (the parked ones are not).
         """
         with self._tx() as conn:
             rows = conn.execute(
-                sa.select(m.c.id, m.c.idempotency_key, m.c.lease_owner)
+                sa.select(
+                    m.c.id,
+                    _as_written(m.c.idempotency_key).label("key"),
+                    m.c.lease_owner,
+                    m.c.unknown_attempts,
+                )
                 .where(m.c.state == State.INFLIGHT, m.c.lease_expires_at < now)
                 .order_by(m.c.id)
                 .limit(limit)
@@ -315,38 +412,9 @@ class Store:
             ).all()
             released = []
             for row in rows:
-                done = conn.execute(
-                    m.update()
-                    .where(
-                        m.c.id == row.id,
-                        m.c.state == State.INFLIGHT,
-                        m.c.lease_owner == row.lease_owner,
-                    )
-                    .values(
-                        state=State.PENDING,
-                        attempts=m.c.attempts + 1,
-                        unknown_attempts=m.c.unknown_attempts + 1,
-                        maybe_executed=True,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        next_attempt_at=None,
-                        last_code="LEASE_EXPIRED",
-                        last_message=f"lease of worker {row.lease_owner} expired mid-call: "
-                        "resending with the same key (safe)",
-                        updated_at=now,
-                    )
-                )
-                if done.rowcount == 1:
-                    released.append(row.idempotency_key)
-                    _add_history(
-                        conn,
-                        row.id,
-                        now,
-                        "reaper",
-                        Call(
-                            "system", "lease_expired", "LEASE_EXPIRED", f"worker {row.lease_owner}"
-                        ),
-                    )
+                parks = row.unknown_attempts + 1 >= max_unknown_attempts
+                if _release(conn, row, now, parks=parks) and not parks:
+                    released.append(read_text(row.key, "idempotency_key")[0])
         return released
 
     @retry_transient
@@ -389,17 +457,46 @@ class Store:
         return counts[0], counts[1]
 
     @retry_transient
-    def hand_back_all(self, worker: str, now: datetime) -> int:
-        """On shutdown: every row this worker still holds goes back to pending untouched."""
+    def hand_back(self, worker: str, ids: Collection[int], now: datetime) -> int:
+        """Rows this worker claimed and never sent go back to pending untouched.
+
+        Only for rows whose call provably never started (the dispatcher knows which): a row
+        whose call may have started is never handed back untouched; it stays ``inflight``
+        until its answer is recorded or the reaper releases it as an unknown outcome.
+        """
+        if not ids:
+            return 0
         with self._tx() as conn:
             done = conn.execute(
                 m.update()
-                .where(m.c.state == State.INFLIGHT, m.c.lease_owner == worker)
+                .where(
+                    m.c.id.in_(list(ids)),
+                    m.c.state == State.INFLIGHT,
+                    m.c.lease_owner == worker,
+                )
                 .values(
                     state=State.PENDING, lease_owner=None, lease_expires_at=None, updated_at=now
                 )
             )
         return done.rowcount
+
+    @retry_transient
+    def record_late_answers(self, late: Sequence[Outcome], now: datetime) -> None:
+        """Answers for rows this worker lost (its lease ran out before it could record).
+
+        Each goes into the attempt history as ``late_answer``: evidence of what executed. An OK
+        for a row that the reaper has released, and nobody holds now, commits it with its
+        response (the request executed, once); a row already committed without a response
+        (ALREADY_EXISTS) gets this one.
+        """
+        with self._tx() as conn:
+            for outcome in late:
+                call = outcome.call or Call("system", "unknown")
+                text = f"answer arrived after this worker had lost the row: {call.message or ''}"
+                line = Call("call", "late_answer", call.code, text, call.duration_ms)
+                _add_history(conn, outcome.claim.id, now, outcome.claim.worker, line)
+                if isinstance(outcome, Committed):
+                    _commit_late(conn, outcome, now)
 
     @retry_transient
     def record_stream_event(self, key: str, event: Call, now: datetime) -> bool:
@@ -429,7 +526,7 @@ class Store:
                 "state": State.PENDING,
                 "next_attempt_at": None,
                 "park_reason": None,
-                "last_message": f"requeued by {actor}: {reason}",
+                "last_message": bounded(f"requeued by {actor}: {reason}"),
                 "updated_at": now,
             }
             if row.park_reason == "expired_unknown":
@@ -469,7 +566,7 @@ class Store:
                 .values(
                     state=State.CANCELLED,
                     next_attempt_at=None,
-                    last_message=f"cancelled by {actor}: {reason}",
+                    last_message=bounded(f"cancelled by {actor}: {reason}"),
                     updated_at=now,
                 )
             )
@@ -582,6 +679,16 @@ class Store:
 
     # ---- workers and retention
 
+    def database_now(self) -> datetime:
+        """The database server's clock (UTC): the one clock every daemon shares."""
+        now: Any = {
+            "sqlite": sa.func.strftime("%Y-%m-%d %H:%M:%f", "now"),
+            "postgresql": sa.func.statement_timestamp(),
+        }.get(self.dialect, sa.func.utc_timestamp(6))
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(now)).scalar_one()
+        return _aware(value)  # type: ignore[no-any-return]
+
     @retry_transient
     def heartbeat(self, beat: WorkerBeat, now: datetime) -> None:
         values = {
@@ -622,27 +729,61 @@ class Store:
         ]
 
     @retry_transient
-    def purge_finished(self, older_than: datetime, batch: int) -> int:
-        """Delete one batch of finished rows (and their history) last updated before a time."""
+    def purge_finished(
+        self, older_than: datetime, batch: int, *, now: datetime | None = None
+    ) -> int:
+        """Delete one batch of finished rows (and their history) last updated before a time.
+
+        Each purged key leaves a tombstone in the same transaction: Recrypt may remember the
+        key long after the row is gone, and a new request under it would "commit" on
+        ALREADY_EXISTS without its effect. ``purge_tombstones`` removes them much later.
+        """
         with self._tx() as conn:
-            ids = (
+            rows = conn.execute(
+                sa.select(
+                    m.c.id,
+                    _as_written(m.c.idempotency_key).label("key"),
+                    m.c.payload_fingerprint,
+                    m.c.state,
+                    m.c.updated_at,
+                )
+                .where(
+                    m.c.state.in_([s.value for s in FINISHED_STATES]),
+                    m.c.updated_at < older_than,
+                )
+                .order_by(m.c.id)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return 0
+            _bury(conn, rows, now or utcnow())
+            ids = [row.id for row in rows]
+            conn.execute(attempts.delete().where(attempts.c.message_id.in_(ids)))
+            conn.execute(m.delete().where(m.c.id.in_(ids)))
+        return len(ids)
+
+    @retry_transient
+    def purge_tombstones(self, older_than: datetime, batch: int) -> int:
+        """Delete one batch of tombstones of keys purged before a time ([retention]
+        tombstone_days ago): from then on, such a key would be accepted again.
+        """
+        t = tombstones
+        with self._tx() as conn:
+            keys = (
                 conn.execute(
-                    sa.select(m.c.id)
-                    .where(
-                        m.c.state.in_([s.value for s in FINISHED_STATES]),
-                        m.c.updated_at < older_than,
-                    )
-                    .order_by(m.c.id)
+                    sa.select(t.c.idempotency_key)
+                    .where(t.c.purged_at < older_than)
+                    .order_by(t.c.purged_at)
                     .limit(batch)
+                    .with_for_update(skip_locked=True)
                 )
                 .scalars()
                 .all()
             )
-            if not ids:
-                return 0
-            conn.execute(attempts.delete().where(attempts.c.message_id.in_(ids)))
-            conn.execute(m.delete().where(m.c.id.in_(ids)))
-        return len(ids)
+            if keys:
+                conn.execute(t.delete().where(t.c.idempotency_key.in_(keys)))
+        return len(keys)
 
     def explain_claim(self, batch: int, now: datetime) -> str:
         """The database's plan for the claim's row selection (PostgreSQL), for tests and ops."""
@@ -655,18 +796,226 @@ class Store:
 # --------------------------------------------------------------------------- helpers
 
 
+class _as_written(sa.sql.expression.FunctionElement[Any]):
+    """A writer's text column as the database holds it, converted to text in Python.
+
+    SQLite stores any bytes in a text column, and its driver fails the whole fetch (quoting
+    the value) on one that is not UTF-8; so SQLite hands over the bytes (``CAST … AS BLOB``)
+    and ``read_text`` decodes them row by row. The other databases refuse such values at
+    INSERT and hand over text.
+    """
+
+    type = sa.types.NullType()
+    inherit_cache = True
+    name = "as_written"
+
+
+@compiles(_as_written)
+def _as_written_text(element: _as_written, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_as_written, "sqlite")
+def _as_written_blob(element: _as_written, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS BLOB)"
+
+
+#: The writers' text columns a claim reads, in Claim's field names.
+_WRITER_TEXT = ("idempotency_key", "method", "payload", "lane")
+
+
 def _claim_columns() -> tuple[Any, ...]:
-    """What a claim reads of each row (the payload as text: it is validated, never trusted)."""
+    """What a claim reads of each row: the writers' columns as written (validated, never
+    trusted), the daemon's counters, and when a row with the same key was purged, if one was.
+    """
+    spent = (
+        sa.select(tombstones.c.purged_at)
+        .where(tombstones.c.idempotency_key == m.c.idempotency_key)
+        .scalar_subquery()
+    )
     return (
         m.c.id,
-        m.c.idempotency_key,
-        m.c.method,
-        sa.cast(m.c.payload, sa.Text).label("payload"),
-        m.c.lane,
+        _as_written(m.c.idempotency_key).label("idempotency_key"),
+        _as_written(m.c.method).label("method"),
+        _as_written(sa.cast(m.c.payload, sa.Text)).label("payload"),
+        _as_written(m.c.lane).label("lane"),
         m.c.attempts,
         m.c.unknown_attempts,
         m.c.maybe_executed,
         m.c.payload_fingerprint,
+        spent.label("key_purged_at"),
+    )
+
+
+def _writer_text_of(row: sa.Row[Any]) -> tuple[dict[str, Any], str | None]:
+    """The writers' columns of a claimed row as text, and the first defect found, if any."""
+    text: dict[str, Any] = {}
+    defects = []
+    for column in _WRITER_TEXT:
+        text[column], defect = read_text(getattr(row, column), column)
+        defects.append(defect)
+    return text, next((d for d in defects if d), None)
+
+
+def _commit_late(conn: Connection, outcome: Committed, now: datetime) -> None:
+    """A late OK: commit a released row nobody holds, or fill in a missing response."""
+    response = sa.bindparam("b_response", type_=m.c.response.type)
+    row = m.c.id == outcome.claim.id
+    conn.execute(
+        m.update()
+        .where(row, m.c.state == State.PENDING)
+        .values(
+            state=State.COMMITTED,
+            committed_at=now,
+            response=response,
+            next_attempt_at=None,
+            last_code=outcome.call.code,
+            last_message=outcome.call.message,
+            updated_at=now,
+        ),
+        {"b_response": outcome.response},
+    )
+    if outcome.response is not None:
+        conn.execute(
+            m.update()
+            .where(row, m.c.state == State.COMMITTED, m.c.response.is_(None))
+            .values(response=response),
+            {"b_response": outcome.response},
+        )
+
+
+def _bury(conn: Connection, rows: Sequence[sa.Row[Any]], now: datetime) -> None:
+    """Tombstones for the keys of rows about to be purged.
+
+    A key that already has one keeps it: the first use is the one Recrypt knows (the later row
+    was a reuse, parked ``key_reused`` and cancelled). Keys are compared case-folded, as
+    MariaDB's collation compares them. A key that is not text (SQLite) needs none: it was
+    never sendable.
+    """
+    t = tombstones
+    keyed = [(row, *read_text(row.key, "idempotency_key")) for row in rows]
+    keys = [key for _row, key, defect in keyed if defect is None]
+    known = conn.execute(sa.select(t.c.idempotency_key).where(t.c.idempotency_key.in_(keys)))
+    buried = {key.casefold() for key in known.scalars()}
+    stones = [
+        {
+            "idempotency_key": key,
+            "fingerprint": row.payload_fingerprint,
+            "final_state": row.state,
+            "finished_at": row.updated_at,
+            "purged_at": now,
+        }
+        for row, key, defect in keyed
+        if defect is None and key.casefold() not in buried
+    ]
+    if stones:
+        conn.execute(t.insert(), stones)
+
+
+def _release(conn: Connection, row: sa.Row[Any], now: datetime, *, parks: bool) -> bool:
+    """One expired lease: back to pending, or parked ``unknown_outcome``. False: the row moved."""
+    owner, unknown = row.lease_owner, row.unknown_attempts + 1
+    if parks:
+        text = (
+            f"lease of worker {owner} expired mid-call; outcome unknown for {unknown} attempts: "
+            "check on recrypt.net whether the transaction with this idempotency key happened, "
+            "then requeue (same key, safe) or cancel --force"
+        )
+        values: dict[str, Any] = {"state": State.PARKED, "park_reason": "unknown_outcome"}
+        line = Call("system", "park", "LEASE_EXPIRED", text)
+    else:
+        text = f"lease of worker {owner} expired mid-call: resending with the same key (safe)"
+        values = {"state": State.PENDING}
+        line = Call("system", "lease_expired", "LEASE_EXPIRED", f"worker {owner}")
+    done = conn.execute(
+        m.update()
+        .where(m.c.id == row.id, m.c.state == State.INFLIGHT, m.c.lease_owner == owner)
+        .values(
+            **values,
+            attempts=m.c.attempts + 1,
+            unknown_attempts=m.c.unknown_attempts + 1,
+            maybe_executed=True,
+            lease_owner=None,
+            lease_expires_at=None,
+            next_attempt_at=None,
+            last_code="LEASE_EXPIRED",
+            last_message=bounded(text),
+            updated_at=now,
+        )
+    )
+    if done.rowcount == 1:
+        _add_history(conn, row.id, now, "reaper", line)
+    return bool(done.rowcount == 1)
+
+
+#: MariaDB/MySQL server errors that pymysql raises as OperationalError although they refuse a
+#: row's data, not the connection: a CHECK constraint failed (3819 MySQL, 4025 MariaDB).
+_REFUSED_DATA_CODES = {3819, 4025}
+
+
+def _connection_level(exc: sa.exc.StatementError) -> bool:
+    """Not the row's fault: no connection, a dropped one, a server that stopped answering."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False  # a value that could not even be bound: the row's data
+    if exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError):
+        return True
+    code = (getattr(exc.orig, "args", None) or (None,))[0]
+    return isinstance(exc, sa.exc.OperationalError) and code not in _REFUSED_DATA_CODES
+
+
+def _error_name(exc: sa.exc.StatementError) -> str:
+    """The error's class and code, never its text (which may quote the refused value)."""
+    orig = exc.orig if exc.orig is not None else exc
+    code = getattr(orig, "sqlstate", None) or (getattr(orig, "args", None) or (None,))[0]
+    return type(orig).__name__ + (f" {code}" if isinstance(code, (int, str)) else "")
+
+
+def _refused(outcome: Outcome, error: str) -> Parked:
+    """An outcome the database refused to store, as a park that stores nothing of it but its
+    answer's code, cut short, in a fixed message (the code may be what was refused).
+    """
+    code = bounded(outcome.call.code, 32) if outcome.call else None
+    maybe = isinstance(outcome, (Retry, Parked)) and outcome.maybe_executed
+    if isinstance(outcome, Committed):
+        then = "it executed once: requeue it (same key) to commit on ALREADY_EXISTS"
+    elif maybe:
+        then = "it may have executed: check on recrypt.net, then requeue (same key) or cancel"
+    else:
+        then = "nothing executed: requeue it (same key) or cancel it"
+    text = (
+        f"the database refused to store this row's outcome ({error}); Recrypt answered "
+        f"{code or 'nothing'}: {then}"
+    )
+    return Parked(
+        outcome.claim,
+        Call("system", "parked", None, text),
+        reason="bad_row",  # policy.ParkReason.BAD_ROW (the store does not import the policy)
+        maybe_executed=isinstance(outcome, Committed) or maybe,
+        counts_attempt=isinstance(outcome, Committed)
+        or (isinstance(outcome, (Retry, Parked)) and outcome.counts_attempt),
+    )
+
+
+def _lane_free() -> sa.ColumnElement[bool]:
+    """A lane's row is claimable when no row of its lane is in flight and no earlier one is open.
+
+    "No earlier row open" alone is not enough: a writer that commits late makes a row with a
+    smaller id appear after a later row of its lane was claimed; without the first condition
+    both would be in flight at once, the late one overtaking. Both probes are index lookups
+    (``uq_outbox_messages_inflight_lane``, ``ix_outbox_messages_lane_open``). A concurrent
+    claim that neither probe can see yet is stopped by the unique index (``_transient``).
+    """
+    busy, earlier = m.alias("busy"), m.alias("earlier")
+    return sa.or_(
+        m.c.lane.is_(None),
+        sa.and_(
+            ~sa.exists().where(busy.c.inflight_lane == m.c.lane),
+            ~sa.exists().where(
+                earlier.c.lane == m.c.lane,
+                earlier.c.id < m.c.id,
+                earlier.c.state.in_([s.value for s in OPEN_STATES]),
+            ),
+        ),
     )
 
 
@@ -700,6 +1049,7 @@ def _guarded(**values: Any) -> sa.Update:
     )
 
 
+_ACTOR_LIMIT = attempts.c.actor.type.length or 255  # type: ignore[attr-defined]
 _counted = m.c.attempts + sa.bindparam("b_counted", type_=sa.Integer())
 #: Once a row may have executed it stays so: the flag is only ever set, never cleared.
 _sticky_maybe = sa.or_(m.c.maybe_executed, sa.bindparam("b_maybe", type_=sa.Boolean()))
@@ -740,7 +1090,7 @@ def _transition_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
         "b_attempts": outcome.claim.attempts,
         "b_now": now,
         "b_code": call.code if call else None,
-        "b_message": call.message if call else None,
+        "b_message": bounded(call.message) if call else None,
     }
     match outcome:
         case Committed():
@@ -762,13 +1112,14 @@ def _transition_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
 
 
 def _history_params(message_id: int, now: datetime, actor: str, call: Call) -> dict[str, Any]:
+    """One history line; every history line is written through here, its text bounded."""
     return {
         "message_id": message_id,
         "at": now,
         "kind": call.kind,
-        "actor": actor,
+        "actor": bounded(actor, _ACTOR_LIMIT),
         "code": call.code,
-        "message": call.message,
+        "message": bounded(call.message),
         "decision": call.decision,
         "duration_ms": call.duration_ms,
     }

@@ -33,11 +33,18 @@ class Claim:
     maybe_executed: bool
     worker: str
     stored_fingerprint: str | None  # set at an earlier claim; None on the first claim
-    fingerprint: str  # of the payload as claimed now
+    fingerprint: str  # of the method and payload as claimed now (outbox.payload.fingerprint)
     unknown_attempts: int = 0  # attempts so far whose outcome was unknown
+    # Why the row cannot even be read as a request (its text is not UTF-8...): the dispatcher
+    # parks it bad_row before anything else. The claim itself never fails on one row's data.
+    defect: str | None = None
+    # When retention purged an earlier row with this key (a tombstone): the key is spent, and
+    # the dispatcher parks the row key_reused before any call.
+    key_purged_at: datetime | None = None
 
     @property
     def payload_changed(self) -> bool:
+        """The method or payload differs from what the key was first sent with."""
         return self.stored_fingerprint is not None and self.stored_fingerprint != self.fingerprint
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 import outbox
 from outbox.config import load
 from outbox.daemon import Daemon
@@ -12,7 +15,13 @@ HOUR = 3600.0
 KEY = "daemon-test-api-key"
 
 
-def daemon_for(url: str, target: str, poll: float = HOUR, probe: float = 60.0) -> Daemon:
+def daemon_for(
+    url: str,
+    target: str,
+    poll: float = HOUR,
+    probe: float = 60.0,
+    clock: Callable[[], datetime] | None = None,
+) -> Daemon:
     base = load(None, env={"RECRYPT_API_KEY": KEY})
     config = base.model_copy(
         update={
@@ -26,7 +35,7 @@ def daemon_for(url: str, target: str, poll: float = HOUR, probe: float = 60.0) -
             ),
         }
     )
-    return Daemon(config)
+    return Daemon(config) if clock is None else Daemon(config, clock=clock)
 
 
 def test_an_insert_wakes_the_daemon_without_polling(postgres_url) -> None:

@@ -342,14 +342,16 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             for row in mine:
                 self._set(row, lease_expires_at=self.now + timedelta(seconds=LEASE))
 
-        @rule(worker=st.sampled_from(WORKERS))
-        def hand_back_all(self, worker: str) -> None:
-            mine = [
+        @rule(worker=st.sampled_from(WORKERS), data=st.data())
+        def hand_back_unsent(self, worker: str, data: st.DataObject) -> None:
+            """A stop hands back the rows it never sent (the dispatcher names them)."""
+            held = [
                 r
                 for r in self.model.values()
                 if r.state == State.INFLIGHT and r.lease_owner == worker
             ]
-            assert store.hand_back_all(worker, self.now) == len(mine)
+            mine = data.draw(st.lists(st.sampled_from(held), unique_by=lambda r: r.id)) if held else []
+            assert store.hand_back(worker, [r.id for r in mine], self.now) == len(mine)
             for row in mine:
                 self._set(row, state=State.PENDING.value, lease_owner=None, lease_expires_at=None)
 

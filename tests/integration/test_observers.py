@@ -1,0 +1,58 @@
+"""Record first, then tell observers; a row lost to another worker is reported as lost
+(issue 9 §1)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import sqlalchemy as sa
+
+import outbox
+from outbox.simulator import TRANSFER, Fault
+
+C = grpc.StatusCode
+
+
+def enqueue(engine: sa.Engine) -> str:
+    payload = {"fromAccount": "a", "toAccount": "b", "amount": "2.00", "currency": "AUD"}
+    with engine.begin() as conn:
+        return outbox.enqueue(conn, TRANSFER, payload)
+
+
+def test_observers_hear_of_an_outcome_only_after_it_is_recorded(
+    engine, store, sim, make_dispatcher
+) -> None:
+    key = enqueue(engine)
+    dispatcher = make_dispatcher()
+    seen: list[str] = []
+    dispatcher.observe(lambda claim, _a, _o: seen.append(store.get(claim.idempotency_key).state))
+    dispatcher.run_once()
+    assert seen == ["committed"]  # the observer already sees the recorded state
+    assert store.get(key).state == "committed"
+
+
+def test_a_row_lost_to_another_worker_is_reported_lost_never_committed(
+    engine, store, sim, make_dispatcher, clock
+) -> None:
+    key = enqueue(engine)
+    first = make_dispatcher("w1", lease=30.0)
+    told: list[str] = []
+    lost: list[str] = []
+    first.observe(
+        lambda _c, _a, o: told.append(type(o).__name__),
+        lost=lambda o: lost.append(o.claim.idempotency_key),
+    )
+    release = threading.Event()
+    held = sim.inject(Fault(C.OK, hang=release, times=1))
+    cycle = threading.Thread(target=first.run_once)
+    cycle.start()
+    assert sim.wait_for(lambda _s: held.hits == 1)
+    clock.advance(31)  # our lease runs out while the call hangs
+    assert store.release_expired_leases(clock(), max_unknown_attempts=5) == [key]
+    release.set()
+    cycle.join(10)
+
+    assert told == [] and lost == [key]
+    history = store.history(key)
+    assert [h.decision for h in history if h.kind == "call"] == ["late_answer"]

@@ -1,0 +1,399 @@
+"""The seams issue 9 found untested, as chaos actions; each is counted in ``report.faults``.
+
+- ``outage``: the database refuses (``Database.refusing``) while calls are in flight, so their
+  answers arrive with nowhere to go; for longer than a poll, and sometimes than a lease; now
+  and then a daemon is stopped (SIGTERM) in the middle of it.
+- ``lane_race``: two writers on one lane, the earlier INSERT committing after the later row
+  was already sent (server databases; SQLite serialises writers, so it cannot happen there).
+- ``poison``: rows the database accepts but that cannot be read or sent as written: a lone
+  surrogate escape (``\\ud800``), bytes that are not UTF-8 (SQLite, raw ``sqlite3``), a field
+  name of 70 kB. Each must end parked ``bad_row`` (or be refused at INSERT) and hold nothing up.
+- ``method_edit``: a row's ``method`` changed by plain SQL after its first send, while it
+  waits for a retry; the key must never reach a second method.
+- ``key_reuse``: a retention run purges finished rows, then a new row reuses a purged
+  committed row's key with another payload; ``outbox.enqueue`` must refuse the key and the
+  row must never commit.
+- ``reload_in_flight``: SIGHUP while calls are held in the simulator.
+- ``operator_cancel``: ``cancel`` without ``--force`` of a pending row (it must then never run).
+
+Violations seen while running (rather than in the end state) go to ``found``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from random import Random
+
+import sqlalchemy as sa
+
+import outbox
+from outbox.errors import OperatorActionError
+from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, Fault
+from tests.torture.daemons import Daemons, Slot
+from tests.torture.database import Database, _with_decimals, text_key
+from tests.torture.parts import (
+    LEASE_S,
+    POLL_S,
+    WRITES,
+    C,
+    ChaosFault,
+    Report,
+    RowSpec,
+    TortureSimulator,
+    utcnow,
+    wait_until,
+)
+from tests.torture.writer import Writer, new_key, payload_for, transfer_payload
+
+LONG_NAME = 70_000  # characters in the poison field name: over MariaDB's 64 kB TEXT
+Later = Callable[[float, str, Callable[[], None]], None]
+
+
+def poison_kinds(backend: str) -> list[str]:
+    """The poison rows worth trying on ``backend`` (each at least once per run)."""
+    kinds = ["surrogate", "long_field"]
+    if backend == "sqlite":
+        kinds += ["bytes_payload", "bytes_method", "bytes_key"]
+    return kinds
+
+
+class Seams:
+    """The new fault kinds; ``actions()`` gives them to the chaos thread with their weights."""
+
+    def __init__(
+        self,
+        rng: Random,
+        sim: TortureSimulator,
+        db: Database,
+        daemons: Daemons,
+        writer: Writer,
+        doomed: set[str],
+        report: Report,
+        later: Later,
+        note: Callable[[str], None],
+    ) -> None:
+        self.rng = rng
+        self.sim = sim
+        self.db = db
+        self.daemons = daemons
+        self.writer = writer
+        self.doomed = doomed
+        self.report = report
+        self.later = later
+        self.note = note
+        self.found: list[str] = []
+        self.edits: list[tuple[RowSpec, str, ChaosFault]] = []
+        self.poison_todo = poison_kinds(db.backend)
+        rng.shuffle(self.poison_todo)
+        self.reused: set[str] = set()
+        self.purged: dict[str, list[dict[str, object]]] = {}
+
+    def actions(self) -> dict[str, tuple[Callable[[], None], int]]:
+        actions: dict[str, tuple[Callable[[], None], int]] = {
+            "outage": (self.outage, 5),
+            "poison": (self.poison, 2),
+            "method_edit": (self.method_edit, 2),
+            "key_reuse": (self.key_reuse, 2),
+            "reload_in_flight": (self.reload_in_flight, 2),
+            "operator_cancel": (self.operator_cancel, 2),
+        }
+        if self.db.backend != "sqlite":
+            actions["lane_race"] = (self.lane_race, 3)
+        return actions
+
+    # ---- helpers
+
+    def _slow_calls(self, times: int, delay: float) -> ChaosFault:
+        """Hold the next ``times`` write calls ``delay`` seconds in the simulator, then serve."""
+        fault = ChaosFault(C.OK, methods=WRITES, times=times, delay=delay)
+        fault.spared = self.doomed
+        self.sim.inject(fault)
+        return fault
+
+    def _arrived(self, fault: Fault, timeout: float = 2.0) -> bool:
+        return self.sim.wait_for(lambda _s: fault.hits >= 1, timeout=timeout)
+
+    def _stoppable(self) -> Slot | None:
+        slots = [s for s in self.daemons.running() if self.daemons.is_started(s) and not s.stopping]
+        return self.rng.choice(slots) if slots else None
+
+    # ---- outage
+
+    def outage(self) -> None:
+        """Calls in flight, then the database refuses for a while; sometimes a SIGTERM too."""
+        rng = self.rng
+        slow = self._slow_calls(rng.randint(2, 8), rng.uniform(0.2, 0.7))
+        in_flight = self._arrived(slow)
+        over_lease = rng.random() < 0.4
+        seconds = (
+            rng.uniform(LEASE_S + 0.5, LEASE_S + 3.0)
+            if over_lease
+            else rng.uniform(2 * POLL_S, LEASE_S - 0.5)
+        )
+        slot = self._stoppable() if rng.random() < 0.25 else None
+        try:
+            with self.db.refusing() as counts:
+                if slot is not None:
+                    self.daemons.stop(slot)
+                time.sleep(seconds)
+        except sa.exc.DBAPIError as exc:  # e.g. the server is restarting
+            self.note(f"outage failed: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            slow.active = False
+        faults = self.report.faults
+        faults["db_outage"] += 1
+        if over_lease:
+            faults["db_outage_over_lease"] += 1
+        if slot is not None:
+            faults["stop_during_outage"] += 1
+        self.report.extra["outage_ms"] += int(seconds * 1000)
+        self.report.extra["outage_held_calls"] += slow.hits
+        self.note(
+            f"outage {seconds:.1f}s in_flight={in_flight} held={slow.hits} {counts} "
+            f"stopped={slot.index if slot else None}"
+        )
+
+    # ---- lane race
+
+    def lane_race(self) -> None:
+        """T1 inserts A (lane L) and commits late; T2 inserts B (lane L) and commits first.
+
+        B's call is held in the simulator when A commits, so a daemon that claims A then has
+        two rows of L in flight: seen here in the table, and at the end in the simulator.
+        """
+        rng = self.rng
+        lane = f"race-{rng.randrange(16**6):06x}"
+        first, second = (self._lane_row(lane) for _ in range(2))
+        hold = self.sim.inject(
+            Fault(C.OK, keys=frozenset({second.key}), times=1, delay=rng.uniform(0.5, 0.8))
+        )
+        arrived = False
+        try:
+            with self.db.engine.connect() as t1:
+                late = t1.begin()
+                self.db.write(t1, first)
+                self.db.insert(second)
+                arrived = self._arrived(hold, timeout=3.0)
+                late.commit()
+            first.visible_at = utcnow()
+        except sa.exc.DBAPIError as exc:
+            self.note(f"lane race: a writer failed ({type(exc).__name__}); inserting again")
+            for spec in (first, second):
+                if spec.visible_at is None:
+                    self.db.insert(spec)
+        for spec in (first, second):
+            self.writer.register(spec)
+        self.report.faults["lane_race"] += 1
+        if arrived:
+            self.report.extra["lane_race_in_flight"] += 1
+            self._watch_lane(lane, hold)
+        self.note(f"lane race {lane}: B held={arrived}")
+
+    def _lane_row(self, lane: str) -> RowSpec:
+        via = "api" if self.rng.random() < 0.5 else "sql"
+        payload = transfer_payload(self.rng, account=lane)
+        spec = self.writer.spec(new_key(self.rng), TRANSFER, payload, "lane", via)
+        spec.lane = lane
+        return spec
+
+    def _watch_lane(self, lane: str, hold: Fault) -> None:
+        """While B is held: never two rows of the lane in flight (in the table)."""
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            try:
+                both = self.db.inflight_in_lane(lane)
+            except sa.exc.DBAPIError:
+                return
+            if both > 1:
+                self.found.append(
+                    f"lane {lane}: {both} rows inflight at once (the earlier row committed "
+                    "late, after the later one was claimed)"
+                )
+                return
+            time.sleep(0.05)
+
+    # ---- poison rows
+
+    def poison(self) -> None:
+        kind = (
+            self.poison_todo.pop()
+            if self.poison_todo
+            else self.rng.choice(poison_kinds(self.db.backend))
+        )
+        spec = self.writer.spec(new_key(self.rng), TRANSFER, None, f"poison_{kind}", "sql")
+        spec.park = "bad_row"
+        if kind.startswith("bytes_"):
+            spec.refused = self._insert_bytes(spec, kind.removeprefix("bytes_"))
+        else:
+            body = transfer_payload(self.rng)
+            if kind == "surrogate":
+                text = json.dumps({**body, "memo": "MEMO"}).replace("MEMO", "acme \\ud800")
+            else:
+                text = json.dumps({**body, "f" * LONG_NAME: 1})
+            spec.payload = text
+            self.db.insert(spec)
+        self.doomed.add(spec.key)
+        self.writer.register(spec)
+        self.report.faults[spec.kind] += 1
+        if spec.refused is not None:
+            self.report.extra["poison_refused"] += 1
+        self.note(f"poison {spec.kind} {spec.key!r} refused={spec.refused}")
+
+    def _insert_bytes(self, spec: RowSpec, column: str) -> str | None:
+        """SQLite: one column holds bytes that are not UTF-8, as TEXT or as a BLOB."""
+        key, method = spec.key.encode(), spec.method.encode()
+        payload = json.dumps({**transfer_payload(self.rng), "memo": "cafe"}).encode()
+        if column == "key":
+            key = key[:-1] + b"\xff"
+        elif column == "method":
+            method = method.replace(b"Transfer", b"Tr\xe4nsfer")
+        else:
+            payload = payload.replace(b"cafe", b"caf\xe9")  # Latin-1, as an old client writes
+        as_text = self.rng.random() < 0.6
+        spec.via, spec.kind = "raw", f"{spec.kind}_{'text' if as_text else 'blob'}"
+        spec.key, spec.method = text_key(key), text_key(method)
+        spec.payload = payload
+        return self.db.insert_raw(spec, (key, method, payload), as_text)
+
+    # ---- method edits
+
+    def method_edit(self) -> None:
+        """A row whose first sends time out; once sent, its method is changed by SQL."""
+        first, second = self.rng.choice([(PLACE_ORDER, CANCEL_ORDER), (CANCEL_ORDER, PLACE_ORDER)])
+        payload = {"account": f"trader-{self.rng.randrange(10)}"}  # parses as either request
+        via = "api" if self.rng.random() < 0.5 else "sql"
+        spec = self.writer.spec(new_key(self.rng), first, payload, "method_edit", via)
+        self.doomed.add(spec.key)
+        hold = ChaosFault(
+            C.DEADLINE_EXCEEDED,
+            "upstream timeout",
+            keys=frozenset({spec.key}),
+            methods=frozenset({first}),
+        )
+        self.sim.inject(hold)
+        self.db.insert(spec)
+        self.writer.register(spec)
+        self.edits.append((spec, second, hold))
+        self.report.faults["method_edit"] += 1
+        self.later(self.rng.uniform(0.3, 1.5), f"edit {spec.index}", lambda: self._edit(spec))
+
+    def _sent(self, key: str) -> bool:
+        return any(s.key == key for s in self.sim.spans)
+
+    def _edit(self, spec: RowSpec, force: bool = False) -> None:
+        if spec.edited_to is not None:
+            return
+        if not self._sent(spec.key) and not force:
+            self.later(0.3, f"edit {spec.index}", lambda: self._edit(spec))
+            return
+        second = next(m for s, m, _f in self.edits if s is spec)
+        try:
+            self.db.set_method(spec.key, second)
+        except sa.exc.DBAPIError as exc:
+            self.note(f"edit {spec.index} failed: {type(exc).__name__}")
+            self.later(0.3, f"edit {spec.index}", lambda: self._edit(spec, force))
+            return
+        spec.edited_to, spec.edited_after_send = second, self._sent(spec.key)
+        self.note(
+            f"edited {spec.key} {spec.method} -> {second} after_send={spec.edited_after_send}"
+        )
+
+    def finish_edits(self) -> None:
+        """Calm: edit what is still unedited (after its first send, if it comes in 5 s)."""
+        for spec, _second, hold in self.edits:
+            if spec.edited_to is None:
+                wait_until(lambda s=spec: self._sent(s.key), 5.0)
+                self._edit(spec, force=True)
+            hold.active = False
+
+    # ---- key reuse
+
+    def key_reuse(self) -> None:
+        """Retention purges finished rows; a new row takes a purged committed row's key."""
+        try:
+            gone = self.db.purge_finished()
+        except sa.exc.DBAPIError as exc:
+            self.note(f"purge failed: {type(exc).__name__}")
+            return
+        for row in gone:
+            self.purged.setdefault(str(row["idempotency_key"]), []).append(row)
+        self.report.extra["purged"] += len(gone)
+        done = {str(r["idempotency_key"]) for r in gone if r["state"] == "committed"}
+        executed = self.sim.executed_keys()
+        candidates = [
+            s
+            for s in self.writer.specs
+            if s.key in done and s.key in executed and s.key not in self.reused
+        ]
+        if not candidates:
+            self.note(f"key reuse: purged {len(gone)}, no committed row to reuse")
+            return
+        original = self.rng.choice(candidates)
+        self.reused.add(original.key)
+        self.doomed.add(original.key)
+        self._enqueue_must_refuse(original)
+        payload = payload_for(self.rng, original.method)
+        spec = self.writer.spec(original.key, original.method, payload, "key_reuse", "sql")
+        spec.reused_from = original.index
+        self.db.insert(spec)
+        self.writer.register(spec)
+        self.report.faults["key_reuse"] += 1
+        self.note(f"key reuse of row {original.index} {original.key}: refused={spec.refused}")
+
+    def _enqueue_must_refuse(self, original: RowSpec) -> None:
+        payload = _with_decimals(payload_for(self.rng, original.method))
+        try:
+            with self.db.engine.connect() as conn:
+                tx = conn.begin()
+                try:
+                    outbox.enqueue(conn, original.method, payload, key=original.key)
+                finally:
+                    tx.rollback()  # never keep it: the plain-SQL reuse comes next
+        except (outbox.OutboxError, sa.exc.DBAPIError) as exc:
+            self.note(f"enqueue refused the purged key: {type(exc).__name__}")
+            return
+        self.found.append(
+            f"key reuse: outbox.enqueue accepted the key {original.key} of row "
+            f"{original.index}, committed and then purged by retention (it must raise)"
+        )
+
+    # ---- reloads and operator cancels
+
+    def reload_in_flight(self) -> None:
+        slow = self._slow_calls(self.rng.randint(3, 8), self.rng.uniform(0.4, 0.8))
+        in_flight = self._arrived(slow)
+        sent = self.daemons.reload()
+        self.report.faults["reload_in_flight"] += 1
+        self.report.extra["reloads"] += sent
+        self.note(f"reload with calls in flight={in_flight} held={slow.hits} daemons={sent}")
+
+    def operator_cancel(self) -> None:
+        """``outbox cancel`` (no ``--force``) of a pending row; refused if it may have run."""
+        rows = self.db.try_rows() or {}
+        pending = [
+            s
+            for s in self.writer.specs
+            if s.kind in ("plain", "not_before")
+            and not s.cancelled
+            and rows.get(s.key, {}).get("state") == "pending"
+        ]
+        if not pending:
+            return
+        spec = self.rng.choice(pending)
+        try:
+            self.db.store.cancel(
+                spec.key, "torture@chaos", "torture: operator cancel", utcnow(), False
+            )
+        except OperatorActionError as exc:
+            self.report.extra["cancel_refused"] += 1
+            self.note(f"cancel {spec.key} refused: {exc}")
+            return
+        except sa.exc.DBAPIError as exc:
+            self.note(f"cancel {spec.key} failed: {type(exc).__name__}")
+            return
+        spec.cancelled = True
+        self.report.faults["operator_cancel"] += 1
+        self.note(f"cancelled {spec.key}")
