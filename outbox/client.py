@@ -7,6 +7,7 @@ depends on; ``GrpcClient`` is the one implementation, tested against the simulat
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -64,6 +65,10 @@ class PendingCall(Protocol):
 class RecryptClient(Protocol):
     def start(self, method: Method, request: pb.Message) -> PendingCall: ...
 
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the channel has a connection (READY); False if none came in time."""
+        ...
+
     def send_all(self, calls: Sequence[tuple[Method, pb.Message]]) -> list[Answer]:
         """Send a batch at once (all in flight together); answers in the same order."""
         ...
@@ -96,6 +101,9 @@ class GrpcClient:
         self._channel = open_channel(config)
         self._callables: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._state: grpc.ChannelConnectivity | None = None
+        self._state_changed = threading.Condition()
+        self._channel.subscribe(self._on_connectivity, try_to_connect=True)
 
     def __repr__(self) -> str:  # never show the metadata
         return f"GrpcClient(deadline={self._deadline})"
@@ -125,8 +133,27 @@ class GrpcClient:
         )
         return multi(request, metadata=self._metadata)
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether the channel is connected: waits up to ``timeout`` while it is connecting,
+        and answers False at once when the last attempt to connect failed.
+
+        The dispatcher starts calls only on a READY channel: a call that was never started
+        provably never left this host. Once started, any failure may have executed, whatever
+        its text says (a server can answer "failed to connect" too).
+        """
+        settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+        with self._state_changed:
+            self._state_changed.wait_for(lambda: self._state in settled, timeout)
+            return bool(self._state == grpc.ChannelConnectivity.READY)
+
     def close(self) -> None:
+        self._channel.unsubscribe(self._on_connectivity)
         self._channel.close()
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        with self._state_changed:
+            self._state = state
+            self._state_changed.notify_all()
 
     def _callable(self, method: Method) -> Any:
         with self._lock:
@@ -210,14 +237,23 @@ def open_channel(config: RecryptConfig) -> grpc.Channel:
 
 def _warn_plaintext(target: str) -> None:
     """``tls = false`` is for a simulator on this host; anywhere else the key travels in clear."""
-    host = target.rpartition(":")[0].strip("[]")
-    if host in ("localhost", "::1") or host.startswith("127."):
+    if _is_loopback(target.rpartition(":")[0].strip("[]")):
         return
     logging.getLogger("outbox.client").warning(
         "event=plaintext_target target=%s: [recrypt] tls = false sends the API key unencrypted "
         "to a host that is not this one; set tls = true",
         target,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    """Judged from the address, never the spelling: ``127.evil.example`` is not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _credentials(config: RecryptConfig) -> grpc.ChannelCredentials:

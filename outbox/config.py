@@ -232,6 +232,12 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             "the API key holds a control character (a stray newline or tab inside it?); "
             "copy it again from recrypt.net/api"
         )
+    if key and not key.isascii():
+        # gRPC metadata values are printable ASCII: gRPC would refuse every call locally.
+        raise ConfigError(
+            "the API key holds a character that is not ASCII (a typographic quote or dash "
+            "pasted with it?); gRPC can only send ASCII keys: copy it again from recrypt.net/api"
+        )
     return config.model_copy(update={"api_key": SecretStr(key) if key else None})
 
 

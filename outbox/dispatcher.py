@@ -44,6 +44,7 @@ class DispatchSettings:
     max_unknown_attempts: int = 10
     maintenance_check: str = MAINTENANCE_CHECK
     pipelines: int = 1  # cycles run in parallel by drain(): calls in flight while others record
+    connect_timeout: float = 5.0  # how long a batch waits for a connection before handing back
     #: answers not yet recorded (database away) above which no new rows are claimed
     max_unrecorded: int | None = None  # None: one batch
 
@@ -297,19 +298,46 @@ class Dispatcher:
                 answered.append(Answered(self._bad_row(claim, exc), None))
         log.debug("event=sent worker=%s rows=%d", self.worker_id, len(ready))
         with self.clients.use() as client:
-            with self._inflight_lock:  # from here on each call may have started
-                self._unsent.difference_update(c.id for c, _m, _r in ready)
-            replies = client.send_all([(method, request) for _c, method, request in ready])
+            replies = self._send_on(client, ready)
         decided = [
-            (claim, method, answer, policy.decide(answer.code, answer.message))
+            (claim, method, answer, _decision(answer))
             for (claim, method, _request), answer in zip(ready, replies, strict=True)
         ]
-        self._fold_gates([d for d in decided if d[2].started])
+        self._fold_gates(decided)
         answered += [
             Answered(self._outcome(claim, answer, decision), answer)
             for claim, _m, answer, decision in decided
         ]
         return answered
+
+    def _send_on(
+        self, client: RecryptClient, ready: Sequence[tuple[Claim, Method, message.Message]]
+    ) -> list[Answer]:
+        """Start the calls only on a connected channel: a call never started never executed."""
+        if not ready:
+            return []
+        refused = self._connect(client)
+        if refused is not None:
+            return [refused] * len(ready)
+        with self._inflight_lock:  # from here on each call may have started
+            self._unsent.difference_update(c.id for c, _m, _r in ready)
+        return client.send_all([(method, request) for _c, method, request in ready])
+
+    def _connect(self, client: RecryptClient) -> Answer | None:
+        """None when the channel is connected; else why not, as a never-started answer.
+
+        Without a connection, Core.MaintenanceCheck (it reads and changes nothing) makes one,
+        and its error says why there is none in gRPC's words (a TLS failure names the
+        certificate). Whatever it answers, the batch itself was not started.
+        """
+        if client.wait_ready(self.settings.connect_timeout):
+            return None
+        probe = self._maintenance_check_on(client)
+        if probe is None:  # no MaintenanceCheck in these protos
+            return Answer(grpc.StatusCode.UNAVAILABLE, "no connection", None, 0.0, started=False)
+        if probe.code == grpc.StatusCode.OK:
+            return None
+        return Answer(probe.code, probe.message, None, 0.0, started=False)
 
     def _prepare(self, claim: Claim) -> tuple[Method, message.Message]:
         """Every check that can fail before a call: a failure parks the row, never crashes.
@@ -369,11 +397,8 @@ class Dispatcher:
             self.gates.on_answer(strongest, self.clock(), message)
 
     def _outcome(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
-        if not answer.started:  # the channel closed before this call: it never left the host
-            return HandedBack(claim, Call("system", "not_sent", None, answer.message))
-        text = decision.explanation + (
-            f"; Recrypt said: {answer.message}" if answer.message else ""
-        )
+        said = "Recrypt said" if answer.started else "gRPC said (nothing was sent)"
+        text = decision.explanation + (f"; {said}: {answer.message}" if answer.message else "")
         call = Call("call", decision.action.value, answer.code.name, text, answer.duration_ms)
         attempts = claim.attempts + int(decision.counts_attempt)
         unknown = claim.unknown_attempts + int(decision.bounded)  # only unknown outcomes count
@@ -468,6 +493,18 @@ class Dispatcher:
             return None
         with self.clients.use() as client:
             return client.start(method, method.request_class()).wait()
+
+    def _maintenance_check_on(self, client: RecryptClient) -> Answer | None:
+        try:
+            method = self.catalog.method(self.settings.maintenance_check)
+        except BadRowError:
+            return None
+        return client.start(method, method.request_class()).wait()
+
+
+def _decision(answer: Answer) -> Decision:
+    """What an answer means; a call that never started is decided by the client, not text."""
+    return policy.decide(answer.code, answer.message) if answer.started else policy.NOT_SENT
 
 
 def _key_used_before(claim: Claim, answer: Answer) -> bool:

@@ -83,29 +83,31 @@ class Gates:
     def allowance(self, now: datetime) -> int:
         """How many calls the dispatcher may start now (0: none)."""
         with self._lock:
-            if self._gate in (Gate.UNAUTHENTICATED, Gate.MAINTENANCE):
-                return 0
-            if self._until is not None and now < self._until:
-                return 0
-            if self._gate in (Gate.ROLLOVER, Gate.UNREACHABLE):
-                return 1  # one probe at a time (acquire() shares it between cycles)
-            return self._limit
+            return self._allowance_locked(now)
+
+    def _allowance_locked(self, now: datetime) -> int:
+        if self._gate in (Gate.UNAUTHENTICATED, Gate.MAINTENANCE):
+            return 0
+        if self._until is not None and now < self._until:
+            return 0
+        if self._gate in (Gate.ROLLOVER, Gate.UNREACHABLE):
+            return 1  # one probe at a time (acquire() shares it between cycles)
+        return self._limit
 
     def acquire(self, now: datetime, want: int) -> int:
         """Reserve up to ``want`` calls for one cycle; cycles running in parallel share the
-        allowance, so ``max_in_flight`` and "one probe at a time" hold across them."""
-        granted = max(0, min(want, self.allowance(now) - self._reserved_now()))
+        allowance, so ``max_in_flight`` and "one probe at a time" hold across them.
+
+        Checking the allowance and reserving from it is one critical section: two loops can
+        never both take the single rollover probe."""
         with self._lock:
+            granted = max(0, min(want, self._allowance_locked(now) - self._reserved))
             self._reserved += granted
         return granted
 
     def release(self, granted: int) -> None:
         with self._lock:
             self._reserved -= granted
-
-    def _reserved_now(self) -> int:
-        with self._lock:
-            return self._reserved
 
     def excluded_methods(self, now: datetime) -> tuple[str, ...]:
         with self._lock:
@@ -259,6 +261,9 @@ _RANK = {
     Gate.MAINTENANCE: 3,
     Gate.UNAUTHENTICATED: 4,
 }
+
+#: Every state a gate can be in, "open" first: metric label sets and docs derive from this.
+GATE_STATES: tuple[str, ...] = tuple(str(g) for g in _RANK)
 _REASONS = {
     Gate.UNREACHABLE: "cannot connect to Recrypt (network or TLS): backing off, one probe at "
     "a time; check the network path, [recrypt] target and ca_file",

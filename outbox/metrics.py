@@ -26,6 +26,7 @@ from prometheus_client.metrics import Counter, Gauge, Histogram
 
 from outbox import __version__
 from outbox.errors import ConfigError
+from outbox.gates import GATE_STATES
 from outbox.logs import kv, redact
 
 log = logging.getLogger("outbox.metrics")
@@ -53,7 +54,7 @@ CODES = (
 #: "lost": our answer came after another worker had taken the row over (kept as evidence only)
 OUTCOMES = ("committed", "retry", "parked", "handed_back", "lost")
 STATES = ("pending", "inflight", "committed", "parked", "cancelled", "expired")
-GATES = ("open", "rollover", "maintenance", "unauthenticated", "rate_limited")
+GATES = GATE_STATES  # every gate state has a series: an alert can fire on each
 # A Recrypt call takes milliseconds when healthy and up to the deadline (10 s) when not.
 SUBMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -19,7 +19,7 @@ MESSAGE_LIMIT = 4000
 QUOTE_LIMIT = 80
 #: Characters of a whole error message built from row data.
 BRIEF_LIMIT = 600
-_LONG_RUN = re.compile(r"[^\s\"']{%d,}" % (QUOTE_LIMIT + 1))
+_LONG_RUN = re.compile(rf"[^\s\"']{{{QUOTE_LIMIT + 1},}}")
 
 
 def parse_payload(raw: Any) -> Any:

@@ -71,16 +71,10 @@ def _vgw_db(message: str) -> bool:
     return "vgw-db" in message.lower()
 
 
-def _not_connected(message: str) -> bool:
-    # gRPC's client-side text when no connection could be made (refused, DNS, TLS handshake):
-    # the request never left this host, so nothing can have executed.
-    return "failed to connect" in message.lower()
-
-
 def _number(message: str) -> bool:
-    # "Message contains the limit": any digit means an object limit. Parking on a number is the
-    # safe side: a rate limit mistaken for a limit waits for a human; never the reverse loop.
-    return re.search(r"\d", message) is not None
+    # The guide's row is "a number": the message IS the limit ("100"). Any other text, digits
+    # or not ("429 Too Many Requests", "retry in 1s"), is the next row: rate limiting.
+    return re.fullmatch(r"\s*\d+\s*", message) is not None
 
 
 _UNKNOWN = Decision(
@@ -121,17 +115,6 @@ TABLE: tuple[tuple[grpc.StatusCode, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.UNAVAILABLE,
-        _not_connected,
-        Decision(
-            Action.HAND_BACK,
-            "could not connect to Recrypt (network or TLS; the request was never sent): "
-            "backing off; check the network path, [recrypt] target and ca_file",
-            counts_attempt=False,
-            gate=Gate.UNREACHABLE,
-        ),
-    ),
-    (
         C.PERMISSION_DENIED,
         _any,
         Decision(
@@ -148,8 +131,11 @@ TABLE: tuple[tuple[grpc.StatusCode, Matcher, Decision], ...] = (
         Decision(
             Action.RETRY,
             "transaction timed out inside Recrypt (DEADLINE_EXCEEDED vgw-db), most likely "
-            "rolled back; resending with the same key is safe",
+            "rolled back; resending with the same key is safe. The guide says this should "
+            "never occur under normal operation: it counts toward [retry] "
+            "max_unknown_attempts, and the row is parked for a human if it keeps happening",
             maybe_executed=True,
+            bounded=True,
         ),
     ),
     (
@@ -210,6 +196,18 @@ TABLE: tuple[tuple[grpc.StatusCode, Matcher, Decision], ...] = (
     *((code, _any, _UNKNOWN) for code in (C.UNAVAILABLE, C.DEADLINE_EXCEEDED)),
     *((code, _any, _UNKNOWN) for code in (C.UNKNOWN, C.INTERNAL, C.ABORTED, C.CANCELLED)),
     (C.DATA_LOSS, _any, _UNKNOWN),
+)
+
+
+#: A call that never started: the channel had no connection (refused, DNS, TLS handshake) or
+#: was closed. Judged by the client from the channel, never from an answer's text: a server
+#: can answer "failed to connect" after executing, and that is an unknown outcome.
+NOT_SENT = Decision(
+    Action.HAND_BACK,
+    "could not connect to Recrypt (network or TLS; the request was never sent): backing off; "
+    "check the network path, [recrypt] target and ca_file",
+    counts_attempt=False,
+    gate=Gate.UNREACHABLE,
 )
 
 

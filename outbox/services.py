@@ -215,10 +215,17 @@ class Retention:
 
     def run_once(self, now: datetime) -> None:
         s = self.settings
-        rows = self._purge(self.store.purge_finished, now - timedelta(days=s.days))
-        tombs = self._purge(self.store.purge_tombstones, now - timedelta(days=s.tombstone_days))
-        if rows or tombs:
-            log.info(kv("purged", rows=rows, tombstones=tombs, older_than_days=s.days))
+
+        def rows(cutoff: datetime, batch: int) -> int:
+            return self.store.purge_finished(cutoff, batch, now=now)
+
+        purged = self._purge(rows, now - timedelta(days=s.days))
+        tombs = 0
+        if s.tombstone_days > 0:  # 0: tombstones are kept for ever
+            cutoff = now - timedelta(days=s.tombstone_days)
+            tombs = self._purge(self.store.purge_tombstones, cutoff)
+        if purged or tombs:
+            log.info(kv("purged", rows=purged, tombstones=tombs, older_than_days=s.days))
 
     def _purge(self, purge: Callable[[datetime, int], int], cutoff: datetime) -> int:
         total = 0

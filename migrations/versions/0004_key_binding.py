@@ -30,12 +30,30 @@ down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-OPEN = "state IN ('pending', 'inflight', 'parked')"
 #: Stored where the payload changed before this migration: not hex, so no formula matches it.
 NEVER_MATCHES = "changed before migration 0004"
-PG_PAYLOAD_ONLY = "encode(sha256(convert_to(payload::text, 'UTF8')), 'hex')"
-PG_METHOD_AND_PAYLOAD = "encode(sha256(convert_to(method || chr(10) || payload::text, 'UTF8')), 'hex')"
 PAGE = 500
+
+rows = sa.table(
+    "outbox_messages",
+    sa.column("id", sa.Integer),
+    sa.column("method", sa.String),
+    sa.column("payload", sa.Text),
+    sa.column("payload_fingerprint", sa.String),
+    sa.column("state", sa.String),
+)
+OPEN_BOUND = sa.and_(
+    rows.c.payload_fingerprint.is_not(None), rows.c.state.in_(["pending", "inflight", "parked"])
+)
+
+
+def _pg_sha256(text: Any) -> Any:
+    return sa.func.encode(sa.func.sha256(sa.func.convert_to(text, "UTF8")), "hex")
+
+
+# PostgreSQL's claim hashes ``payload::text``, jsonb's canonical text (Store._claim_returning).
+PG_PAYLOAD_ONLY = _pg_sha256(sa.cast(rows.c.payload, sa.Text))
+PG_METHOD_AND_PAYLOAD = _pg_sha256(rows.c.method + "\n" + sa.cast(rows.c.payload, sa.Text))
 
 Formula = Callable[[Any, Any], str]
 
@@ -61,15 +79,14 @@ def downgrade() -> None:
     op.drop_table("outbox_tombstones")  # its index goes with it
 
 
-def _rebind(pg_old: str, pg_new: str, old: Formula, new: Formula) -> None:
+def _rebind(pg_old: Any, pg_new: Any, old: Formula, new: Formula) -> None:
     """Open rows whose stored fingerprint is ``old``'s get ``new``'s; the others never match."""
     if op.get_context().dialect.name == "postgresql":
+        matches = rows.c.payload_fingerprint == pg_old
         op.execute(
-            sa.text(
-                f"UPDATE outbox_messages SET payload_fingerprint = CASE WHEN payload_fingerprint "
-                f"= {pg_old} THEN {pg_new} ELSE :never END "
-                f"WHERE payload_fingerprint IS NOT NULL AND {OPEN}"
-            ).bindparams(never=NEVER_MATCHES)
+            rows.update()
+            .where(OPEN_BOUND)
+            .values(payload_fingerprint=sa.case((matches, pg_new), else_=sa.literal(NEVER_MATCHES)))
         )
     elif not context.is_offline_mode():  # --sql cannot compute in Python: nothing to print
         _rebind_in_python(old, new)
@@ -77,21 +94,28 @@ def _rebind(pg_old: str, pg_new: str, old: Formula, new: Formula) -> None:
 
 def _rebind_in_python(old: Formula, new: Formula) -> None:
     bind = op.get_bind()
-    as_read = "CAST({} AS BLOB)" if bind.dialect.name == "sqlite" else "{}"  # as the claim reads
-    select = sa.text(
-        f"SELECT id, {as_read.format('method')} AS method, {as_read.format('payload')} AS payload, "
-        f"payload_fingerprint FROM outbox_messages WHERE payload_fingerprint IS NOT NULL "
-        f"AND {OPEN} AND id > :after ORDER BY id LIMIT {PAGE}"
+    as_read = rows.c.method, rows.c.payload
+    if bind.dialect.name == "sqlite":  # the bytes, as the claim reads them (Store._as_written)
+        as_read = sa.cast(rows.c.method, sa.LargeBinary), sa.cast(rows.c.payload, sa.LargeBinary)
+    page = (
+        sa.select(rows.c.id, as_read[0].label("method"), as_read[1].label("payload"))
+        .add_columns(rows.c.payload_fingerprint)
+        .where(OPEN_BOUND)
+        .order_by(rows.c.id)
+        .limit(PAGE)
     )
-    update = sa.text("UPDATE outbox_messages SET payload_fingerprint = :fp WHERE id = :id")
+    update = rows.update().where(rows.c.id == sa.bindparam("b_id"))
     after = 0
-    while rows := bind.execute(select, {"after": after}).all():
-        fresh = [
-            {"id": r.id, "fp": new(r.method, r.payload) if old(r.method, r.payload) == r[3] else NEVER_MATCHES}
-            for r in rows
-        ]
+    while found := bind.execute(page.where(rows.c.id > after)).all():
+        fresh = [{"b_id": row.id, "payload_fingerprint": _rebound(row, old, new)} for row in found]
         bind.execute(update, fresh)
-        after = rows[-1].id
+        after = found[-1].id
+
+
+def _rebound(row: Any, old: Formula, new: Formula) -> str:
+    if old(row.method, row.payload) != row.payload_fingerprint:
+        return NEVER_MATCHES  # changed after the first send: keep it caught
+    return new(row.method, row.payload)
 
 
 def _payload_only(_method: Any, payload: Any) -> str:

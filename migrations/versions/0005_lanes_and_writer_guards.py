@@ -24,6 +24,7 @@ A later migration that rebuilds ``outbox_messages`` on SQLite (batch "recreate")
 triggers and must create them again (``sqlite_triggers()`` below).
 """
 
+# ruff: noqa: S608  (the SQL is built from this file's constants: column names, fixed text)
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -88,7 +89,7 @@ def _hand_back_extra_inflight_rows_per_lane() -> None:
             "WHERE state = 'inflight' AND lane IS NOT NULL ORDER BY lane, id"
         )
     ).all()
-    first = {}
+    first: dict[str, int] = {}
     for row in rows:
         first.setdefault(row.lane, row.id)
     for row_id in {row.id for row in rows} - set(first.values()):

@@ -492,7 +492,9 @@ class Store:
         with self._tx() as conn:
             for outcome in late:
                 call = outcome.call or Call("system", "unknown")
-                text = f"answer arrived after this worker had lost the row: {call.message or ''}"
+                text = bounded(
+                    f"answer arrived after this worker had lost the row: {call.message or ''}"
+                )
                 line = Call("call", "late_answer", call.code, text, call.duration_ms)
                 _add_history(conn, outcome.claim.id, now, outcome.claim.worker, line)
                 if isinstance(outcome, Committed):
@@ -870,7 +872,7 @@ def _commit_late(conn: Connection, outcome: Committed, now: datetime) -> None:
             response=response,
             next_attempt_at=None,
             last_code=outcome.call.code,
-            last_message=outcome.call.message,
+            last_message=bounded(outcome.call.message or ""),
             updated_at=now,
         ),
         {"b_response": outcome.response},
@@ -884,7 +886,7 @@ def _commit_late(conn: Connection, outcome: Committed, now: datetime) -> None:
         )
 
 
-def _bury(conn: Connection, rows: Sequence[sa.Row[Any]], now: datetime) -> None:
+def _bury(conn: Connection, rows: Sequence[Any], now: datetime) -> None:
     """Tombstones for the keys of rows about to be purged.
 
     A key that already has one keeps it: the first use is the one Recrypt knows (the later row
@@ -912,7 +914,7 @@ def _bury(conn: Connection, rows: Sequence[sa.Row[Any]], now: datetime) -> None:
         conn.execute(t.insert(), stones)
 
 
-def _release(conn: Connection, row: sa.Row[Any], now: datetime, *, parks: bool) -> bool:
+def _release(conn: Connection, row: Any, now: datetime, *, parks: bool) -> bool:
     """One expired lease: back to pending, or parked ``unknown_outcome``. False: the row moved."""
     owner, unknown = row.lease_owner, row.unknown_attempts + 1
     if parks:
@@ -1009,7 +1011,8 @@ def _lane_free() -> sa.ColumnElement[bool]:
     return sa.or_(
         m.c.lane.is_(None),
         sa.and_(
-            ~sa.exists().where(busy.c.inflight_lane == m.c.lane),
+            # IS NOT NULL: a plan that hashes this subquery reads only the inflight rows
+            ~sa.exists().where(busy.c.inflight_lane.is_not(None), busy.c.inflight_lane == m.c.lane),
             ~sa.exists().where(
                 earlier.c.lane == m.c.lane,
                 earlier.c.id < m.c.id,
@@ -1161,21 +1164,32 @@ def _view_query(*, with_payload: bool) -> sa.Select[Any]:
     return sa.select(*columns)
 
 
+#: The view's timestamp columns: only these are read as times (a reference may look like one).
+_VIEW_TIMES = frozenset(c.name for c in m.c if isinstance(c.type, UTCDateTime))
+
+
 def _view(row: sa.Row[Any]) -> RowView:
-    data = {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+    """A row for operators; never fails on what a column holds (``outbox show`` must work)."""
+    data = {k: _aware(v) if k in _VIEW_TIMES else v for k, v in row._mapping.items()}
     data["maybe_executed"] = bool(data["maybe_executed"])
     return RowView(**data)
 
 
 def _aware(value: Any) -> Any:
-    """Aggregates (min) bypass the column type on some drivers: make sure datetimes are UTC."""
-    from outbox.schema import UTCDateTime  # noqa: PLC0415
+    """A time as aware UTC; a stored value that is not a time is returned as text, as stored.
 
+    Aggregates (min) bypass the column type on some drivers, so times may arrive as naive
+    datetimes or as text. A value that is no time at all (an SQLite row written before
+    migration 0005, MariaDB's zero date) is shown as it is rather than crash the caller.
+    """
     if isinstance(value, str):
-        value = datetime.fromisoformat(value)
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
     if isinstance(value, datetime):
         return UTCDateTime().process_result_value(value, None)  # type: ignore[arg-type]
-    return value
+    return value if value is None else str(value)
 
 
 def new_key() -> str:

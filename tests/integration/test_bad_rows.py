@@ -33,7 +33,9 @@ from outbox.store import Call, Committed, Parked, Store
 
 GOOD = {"fromAccount": "acc-1", "toAccount": "acc-2", "amount": "1.00", "currency": "AUD"}
 MARKER = "SECRET-PAYLOAD-7c1d"  # must never reach a message or a log line
-INSERT = sa.text("INSERT INTO outbox_messages (idempotency_key, method, payload) VALUES (:k, :m, :p)")
+INSERT = sa.text(
+    "INSERT INTO outbox_messages (idempotency_key, method, payload) VALUES (:k, :m, :p)"
+)
 
 
 def _key() -> str:
@@ -65,8 +67,9 @@ def _row(engine: Engine, row_id: int) -> sa.Row[Any]:
     m = messages
     with engine.connect() as conn:
         return conn.execute(
-            sa.select(m.c.state, m.c.park_reason, m.c.attempts, m.c.last_message, m.c.lease_owner)
-            .where(m.c.id == row_id)
+            sa.select(
+                m.c.state, m.c.park_reason, m.c.attempts, m.c.last_message, m.c.lease_owner
+            ).where(m.c.id == row_id)
         ).one()
 
 

@@ -32,7 +32,9 @@ from outbox.store import Store
 
 GOOD = {"fromAccount": "acc-1", "toAccount": "acc-2", "amount": "1.00", "currency": "AUD"}
 DAY = timedelta(days=1)
-INSERT = sa.text("INSERT INTO outbox_messages (idempotency_key, method, payload) VALUES (:k, :m, :p)")
+INSERT = sa.text(
+    "INSERT INTO outbox_messages (idempotency_key, method, payload) VALUES (:k, :m, :p)"
+)
 
 
 def _key() -> str:
@@ -166,7 +168,10 @@ def test_a_purged_key_is_refused_at_enqueue(
     engine: Engine, store: Store, make_dispatcher: Callable[..., Any], clock: Any
 ) -> None:
     key = _commit_and_purge(engine, store, make_dispatcher, clock)
-    with pytest.raises(DuplicateKeyError, match=r"purged on 2026-11-23.*new key"), engine.begin() as conn:
+    with (
+        pytest.raises(DuplicateKeyError, match=r"purged on 2026-11-23.*new key"),
+        engine.begin() as conn,
+    ):
         outbox.enqueue(conn, TRANSFER, GOOD | {"amount": "99.00"}, key=key)
 
 

@@ -11,6 +11,7 @@ what that makes possible run on PostgreSQL and MariaDB.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, Engine
 
 import outbox
+from outbox import migrate
 from outbox.database import make_engine
 from outbox.schema import messages, metadata
 from outbox.simulator import TRANSFER
@@ -35,6 +37,9 @@ from outbox.store import Call, Claim, Committed, Store
 LANE = "acme-trading"
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 LOCK_WAIT_TIMEOUT_S = 10.0
+# InnoDB refreshes INFORMATION_SCHEMA.INNODB_TRX only when it was not read for 0.1 s: a
+# faster poll reads the same stale snapshot for ever.
+LOCK_POLL_S = 0.15
 PAYLOAD = '{"fromAccount": "acme", "toAccount": "b", "amount": "1.00", "currency": "AUD"}'
 INSERT = sa.text(
     "INSERT INTO outbox_messages (idempotency_key, method, payload, lane) "
@@ -134,7 +139,7 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
     tick = threading.Event()
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        tick.wait(0.01)
+        tick.wait(LOCK_POLL_S)
 
 
 def blocked_or_done(observer: Engine, session: Session, future: Future[Any]) -> bool:
@@ -408,7 +413,9 @@ def test_inflight_lane_is_a_generated_column_with_a_unique_index(engine: Engine)
     errors here.
     """
     inspector = sa.inspect(engine)
-    column = next(c for c in inspector.get_columns("outbox_messages") if c["name"] == "inflight_lane")
+    column = next(
+        c for c in inspector.get_columns("outbox_messages") if c["name"] == "inflight_lane"
+    )
     assert "inflight" in str(column["computed"]["sqltext"]).lower()
     indexes = {i["name"]: i for i in inspector.get_indexes("outbox_messages")}
     assert indexes["uq_outbox_messages_inflight_lane"]["unique"]
@@ -417,3 +424,60 @@ def test_inflight_lane_is_a_generated_column_with_a_unique_index(engine: Engine)
         warnings.simplefilter("error")
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, metadata) == []
+
+
+def test_the_lane_probes_are_index_lookups(server_url: str, observer: Engine) -> None:
+    """The claim asks two questions of each lane row; each reads an index, never the table."""
+    with observer.begin() as conn:
+        conn.execute(sa.insert(messages), [lane_row(i) for i in range(20_500)])
+        conn.exec_driver_sql("ANALYZE" if is_postgres(conn) else "ANALYZE TABLE outbox_messages")
+    plan = claim_plan(observer)
+    assert "uq_outbox_messages_inflight_lane" in plan["busy"], plan
+    assert "ix_outbox_messages_lane_open" in plan["earlier"], plan
+
+
+def lane_row(i: int) -> dict[str, Any]:
+    """20,000 finished rows, one row in flight in each of 50 lanes, 450 pending behind them."""
+    state = "committed" if i < 20_000 else "inflight" if i < 20_050 else "pending"
+    lane = f"lane-{i % 50}"
+    return {"idempotency_key": new_key(), "method": TRANSFER, "payload": {}, "lane": lane} | {
+        "state": state,
+        "lease_owner": "w" if state == "inflight" else None,
+    }
+
+
+def is_postgres(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def claim_plan(engine: Engine) -> dict[str, str]:
+    """The claim's plan for each table alias (MariaDB: the index it reads)."""
+    query = Store(engine)._due_query(64, NOW, ()).with_only_columns(messages.c.id)
+    sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as conn:
+        if not is_postgres(conn):
+            rows = conn.exec_driver_sql(f"EXPLAIN {sql}").mappings().all()
+            return {row["table"]: str(row["key"]) for row in rows}
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+    assert "Seq Scan" not in plan, plan
+    subplans = re.split(r"SubPlan \d+", plan)[1:]
+    return {alias: sub for sub in subplans for alias in ("busy", "earlier") if f" {alias}" in sub}
+
+
+def test_migration_0005_hands_back_a_second_row_of_a_lane_in_flight(
+    backend: str, fresh_empty_url: Callable[[str], str]
+) -> None:
+    """Two daemons could put two rows of a lane in flight before 0005: the first one stays."""
+    engine = make_engine(fresh_empty_url(backend))
+    try:
+        migrate.upgrade(engine, "0004")
+        with engine.begin() as conn:
+            keys = [insert_plain(conn) for _ in range(3)]
+            conn.execute(sa.update(messages).values(state="inflight", lease_owner="w"))
+        migrate.upgrade(engine)
+        rows = {row.idempotency_key: row for row in Store(engine).list_rows()}
+    finally:
+        engine.dispose()
+    assert [rows[k].state for k in keys] == ["inflight", "pending", "pending"]
+    assert rows[keys[1]].maybe_executed and rows[keys[1]].lease_owner is None
+    assert "migration 0005" in (rows[keys[1]].last_message or "")

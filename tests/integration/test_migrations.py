@@ -94,7 +94,7 @@ def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) ->
 
 
 def test_ensure_at_head_refuses_an_empty_database(empty_engine: Engine) -> None:
-    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0003: run `outbox db upgrade`"):
+    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0005: run `outbox db upgrade`"):
         migrate.ensure_at_head(empty_engine)
 
 

@@ -393,10 +393,21 @@ def test_the_first_bytes_on_the_wire_are_a_tls_handshake_without_the_key(pki, ca
     assert b"PRI * HTTP/2.0" not in data  # no cleartext HTTP/2 preface
 
 
-def test_plaintext_to_a_non_loopback_target_is_flagged(caplog) -> None:
+@pytest.mark.parametrize(
+    "target", ["192.0.2.10:8443", "127.evil.example:8443", "127.0.0.1.nip.io:8443"]
+)
+def test_plaintext_to_a_non_loopback_target_is_flagged(caplog, target) -> None:
+    """Loopback is judged from the address, not the spelling (``127.evil.example``)."""
     with caplog.at_level(logging.WARNING):
-        open_channel(RecryptConfig(target="192.0.2.10:8443", tls=False)).close()
-    assert any("plaintext" in r.getMessage() or "tls" in r.getMessage() for r in caplog.records)
+        open_channel(RecryptConfig(target=target, tls=False)).close()
+    assert any("event=plaintext_target" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:1", "127.9.9.9:1", "[::1]:1", "localhost:1"])
+def test_plaintext_to_loopback_is_not_flagged(caplog, target) -> None:
+    with caplog.at_level(logging.WARNING):
+        open_channel(RecryptConfig(target=target, tls=False)).close()
+    assert not any("event=plaintext_target" in r.getMessage() for r in caplog.records)
 
 
 def test_plaintext_to_loopback_is_only_with_tls_false(start_sim, engine, store, dispatcher_for):

@@ -10,6 +10,7 @@ plain-SQL section documents them.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,10 +18,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 from sqlalchemy.engine import Engine
 
 import outbox
 from outbox import migrate
+from outbox.cli import main
 from outbox.database import make_engine
 from outbox.schema import messages
 from outbox.simulator import TRANSFER
@@ -92,9 +95,7 @@ def test_sqlite_stores_each_iso_form_as_the_apps_utc_text(form: str, sqlite_engi
 def test_sqlite_an_update_is_normalised_too(sqlite_engine: Engine) -> None:
     with sqlite_engine.begin() as conn:
         key = insert(conn)
-        conn.execute(
-            sa.text("UPDATE outbox_messages SET expires_at = '2026-11-23T09:30:00+01:30'")
-        )
+        conn.execute(sa.text("UPDATE outbox_messages SET expires_at = '2026-11-23T09:30:00+01:30'"))
     assert stored_text(sqlite_engine, key, "expires_at") == "2026-11-23 08:00:00.000000"
 
 
@@ -123,12 +124,15 @@ SQLITE_REFUSED = {
     "epoch-real": 1795420800.5,
     "epoch-text": "1795420800",
     "julian-day": 2461367.5,
+    "compact-number": 20261123080000,
+    "zero-date": "0000-00-00 00:00:00",
     "date-only": "2026-11-23",
     "no-seconds": "2026-11-23 08:00",
     "other-order": "23/11/2026 08:00:00",
     "not-a-day": "2026-02-31 08:00:00",
     "hour-25": "2026-11-23 25:00:00",
     "short-offset": "2026-11-23T08:00:00+2:00",
+    "hour-offset": "2026-11-23 08:00:00+00",
     "space-before-offset": "2026-11-23 08:00:00 +02:00",
     "lowercase-z": "2026-11-23T08:00:00z",
     "trailing-junk": "2026-11-23 08:00:00.5abc",
@@ -139,7 +143,9 @@ SQLITE_REFUSED = {
 
 @pytest.mark.parametrize("column", ["not_before", "expires_at"])
 @pytest.mark.parametrize("form", list(SQLITE_REFUSED))
-def test_sqlite_refuses_what_it_cannot_compare(form: str, column: str, sqlite_engine: Engine) -> None:
+def test_sqlite_refuses_what_it_cannot_compare(
+    form: str, column: str, sqlite_engine: Engine
+) -> None:
     """Numbers, epochs and other text: refused at INSERT and UPDATE, naming the column."""
     value = SQLITE_REFUSED[form]
     says = rf"{column}: .*YYYY-MM-DD HH:MM:SS"
@@ -153,12 +159,14 @@ def test_sqlite_refuses_what_it_cannot_compare(form: str, column: str, sqlite_en
 
 
 @pytest.mark.parametrize("payload", ["{not json", "", b'{"a": 1}', 42])
-def test_sqlite_refuses_a_payload_that_is_not_json_text(payload: Any, sqlite_engine: Engine) -> None:
-    with pytest.raises(sa.exc.IntegrityError, match="payload: .*JSON"), sqlite_engine.begin() as c:
+def test_sqlite_refuses_a_payload_that_is_not_json_text(
+    payload: Any, sqlite_engine: Engine
+) -> None:
+    with pytest.raises(sa.exc.IntegrityError, match=r"payload: .*JSON"), sqlite_engine.begin() as c:
         insert(c, payload=payload)
     with sqlite_engine.begin() as conn:
         insert(conn)
-    with pytest.raises(sa.exc.IntegrityError, match="payload: .*JSON"), sqlite_engine.begin() as c:
+    with pytest.raises(sa.exc.IntegrityError, match=r"payload: .*JSON"), sqlite_engine.begin() as c:
         c.execute(sa.text("UPDATE outbox_messages SET payload = :p"), {"p": payload})
 
 
@@ -232,6 +240,18 @@ def test_outbox_show_never_crashes_on_a_stored_value(sqlite_engine: Engine) -> N
     row = store.get(key)
     assert (row.not_before, row.expires_at) == ("1795420800", "soon")
     assert [r.idempotency_key for r in store.list_rows()] == [key]
+    shown = run_cli(str(sqlite_engine.url), "show", key, "--json")
+    assert json.loads(shown)["row"]["not_before"] == "1795420800"
+    assert "1795420800" in run_cli(str(sqlite_engine.url), "show", key)
+    run_cli(str(sqlite_engine.url), "status")
+
+
+def run_cli(url: str, *args: str) -> str:
+    """``outbox …`` in process; it must not fail."""
+    env = {"OUTBOX_DATABASE_URL": url, "RECRYPT_API_KEY": "k", "OUTBOX_CONFIG": None}
+    result = CliRunner().invoke(main, list(args), env=env)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.stdout
 
 
 # PostgreSQL: timestamptz. A value without a zone is read in the writer's session TimeZone.
@@ -242,8 +262,12 @@ POSTGRES_FORMS = {
     "utc-offset": ("2026-11-23 08:00:00+00", EIGHT),
     "offset": ("2026-11-23T10:00:00+02:00", EIGHT),
     "fraction": ("2026-11-23 08:00:00.5Z", EIGHT + timedelta(milliseconds=500)),
+    "date-only": ("2026-11-23", datetime(2026, 11, 22, 23, 0, tzinfo=UTC)),
+    "no-seconds": ("2026-11-23 09:00", EIGHT),
     "epoch-text": ("1795420800", None),
     "not-a-day": ("2026-02-31 08:00:00Z", None),
+    "hour-25": ("2026-11-23 25:00:00Z", None),
+    "zero-date": ("0000-00-00 00:00:00", None),
 }
 
 
@@ -265,11 +289,12 @@ def test_postgresql_reads_each_form(form: str, postgres_url: str) -> None:
         engine.dispose()
 
 
-def test_postgresql_refuses_an_epoch_number(postgres_url: str) -> None:
+@pytest.mark.parametrize("number", [1795420800, 20261123080000], ids=["epoch", "compact"])
+def test_postgresql_refuses_a_number(number: int, postgres_url: str) -> None:
     engine = make_engine(postgres_url)
     try:
         with pytest.raises(sa.exc.ProgrammingError, match="timestamp"), engine.begin() as conn:
-            insert(conn, expires_at=1795420800)
+            insert(conn, expires_at=number)
     finally:
         engine.dispose()
 
@@ -281,11 +306,15 @@ MARIADB_FORMS = {
     "T": ("2026-11-23T08:00:00", EIGHT),
     "fraction": ("2026-11-23 08:00:00.5", EIGHT + timedelta(milliseconds=500)),
     "compact-number": (20261123080000, EIGHT),
+    "date-only": ("2026-11-23", EIGHT - timedelta(hours=8)),
+    "no-seconds": ("2026-11-23 08:00", EIGHT),
     "Z": ("2026-11-23T08:00:00Z", None),
     "offset": ("2026-11-23T10:00:00+02:00", None),
+    "hour-offset": ("2026-11-23 08:00:00+00", None),
     "epoch": (1795420800, None),
     "epoch-text": ("1795420800", None),
     "not-a-day": ("2026-02-31 08:00:00", None),
+    "hour-25": ("2026-11-23 25:00:00", None),
 }
 
 
@@ -297,7 +326,7 @@ def test_mariadb_reads_each_form(form: str, mariadb_url: str) -> None:
         with engine.connect() as conn:
             conn.exec_driver_sql("SET time_zone = '+05:00'")  # no effect on DATETIME
             if read is None:
-                with pytest.raises(sa.exc.DBAPIError, match="1292, .Incorrect datetime value"):
+                with pytest.raises(sa.exc.DBAPIError, match=r"1292, .Incorrect datetime value"):
                     insert(conn, expires_at=written)
                 return
             key = insert(conn, expires_at=written)
@@ -320,12 +349,19 @@ def test_mariadb_non_strict_mode_drops_an_offset_silently(mariadb_url: str) -> N
         engine.dispose()
 
 
-def test_mariadb_a_zero_date_is_shown_not_crashed_on(mariadb_url: str) -> None:
-    """Strict mode still takes ``0000-00-00``; the driver hands it back as text."""
+def test_mariadb_a_zero_date_is_due_at_once_expires_at_once_and_shows(mariadb_url: str) -> None:
+    """Strict mode still takes ``0000-00-00``; it sorts first; the driver hands it back as text."""
     engine = make_engine(mariadb_url)
     try:
         with engine.begin() as conn:
-            key = insert(conn, not_before="0000-00-00 00:00:00", state="parked")
-        assert Store(engine).get(key).not_before == "0000-00-00 00:00:00.000000"
+            due = insert(conn, not_before="0000-00-00 00:00:00")
+            expired = insert(conn, expires_at="0000-00-00 00:00:00")
+        store = Store(engine)
+        assert store.expire_due(NOW) == (1, 0)
+        assert [c.idempotency_key for c in store.claim_due("w1", 10, 30, NOW)] == [due]
+        assert store.get(expired).state == "expired"
+        assert store.get(due).not_before == "0000-00-00 00:00:00.000000"
+        url = engine.url.render_as_string(hide_password=False)
+        assert "0000-00-00" in run_cli(url, "show", due)
     finally:
         engine.dispose()

@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemons", type=int, default=None, help="default: 1 SQLite, else 2")
     parser.add_argument("--rate", type=float, default=4.0, help="rows per second written")
     parser.add_argument("--keep", action="store_true", help="keep the database and logs")
+    parser.add_argument(
+        "--without",
+        default="",
+        metavar="ACTION,...",
+        help="leave these chaos actions out (e.g. poison, to see what else breaks when a "
+        "poison row stops everything); names as in harness.Chaos.actions",
+    )
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     workdir = Path(tempfile.mkdtemp(prefix=f"outbox-torture-{seed}-"))
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         rate=args.rate,
         lanes=8,
         settle_s=300.0,
+        stall_s=60.0,
+        without=[name for name in args.without.split(",") if name],
     )
     for violation in report.violations:
         print(f"VIOLATION: {violation}")

@@ -17,6 +17,7 @@ and its spans of calls, plus when the harness SIGKILLed each daemon) and the row
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from tests.torture.parts import (
 )
 
 MAX_PER_LANE = 3  # violation lines per lane and kind: the first few tell the story
+MAX_ALIKE = 5  # violation lines of one shape (rows left open, say): then a count
 
 
 class Simulated(Protocol):
@@ -174,6 +176,24 @@ def check(specs: list[RowSpec], table: Table, observed: Observed, catalog: Catal
         + check_calls(ordered, observed)
         + check_responses(ordered, table, observed, catalog)
     )
+
+
+def condense(lines: list[str], keep: int = MAX_ALIKE) -> list[str]:
+    """At most ``keep`` lines of each shape (the same text but for rows, keys and numbers)."""
+    seen: Counter[str] = Counter()
+    out = []
+    for line in lines:
+        shape = _shape(line)
+        seen[shape] += 1
+        if seen[shape] <= keep:
+            out.append(line)
+    out += [f"... and {n - keep} more like: {shape}" for shape, n in seen.items() if n > keep]
+    return out
+
+
+def _shape(line: str) -> str:
+    line = re.sub(r"row \d+ '[^']*' \([^)]*\)", "row N (...)", line)
+    return re.sub(r"\d+", "#", line)
 
 
 # --------------------------------------------------------------------------- rows

@@ -36,7 +36,7 @@ ROW_COLUMNS = (
 )
 
 
-def _with_decimals(payload: dict[str, Any]) -> dict[str, Any]:
+def with_decimals(payload: dict[str, Any]) -> dict[str, Any]:
     """What an application passes to ``enqueue``: amounts as ``Decimal`` (stored as strings)."""
     decimals = ("amount", "quantity", "limitPrice")
     return {k: Decimal(v) if k in decimals else v for k, v in payload.items()}
@@ -48,7 +48,7 @@ def _lenient_text(raw: bytes) -> str:
 
 
 def text_key(raw: Any) -> str:
-    """A key as the harness names it: text, or bytes (a BLOB key) decoded leniently."""
+    """A key (or other text) as the harness names it: text, or bytes decoded leniently."""
     return _lenient_text(bytes(raw)) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
 
 
@@ -143,7 +143,7 @@ class Database:
             outbox.enqueue(
                 conn,
                 spec.method,
-                _with_decimals(spec.payload),
+                with_decimals(spec.payload),
                 key=spec.key,
                 lane=spec.lane,
                 not_before=spec.not_before,
@@ -390,9 +390,9 @@ class Database:
 
         def killer() -> None:
             with admin.connect() as conn:
-                while not done.is_set():
+                while not done.is_set():  # as fast as it goes: a reconnect gets milliseconds
                     counts["killed"] += _kill_sessions(conn)
-                    done.wait(0.03)
+                    done.wait(0.001)
 
         thread = threading.Thread(target=killer, name="torture-mariadb-outage", daemon=True)
         thread.start()

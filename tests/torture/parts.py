@@ -34,7 +34,7 @@ C = grpc.StatusCode
 #: Row-specific parking faults: (kind, code, message, the park_reason it must produce).
 DOOMS: tuple[tuple[str, grpc.StatusCode, str, str], ...] = (
     ("precondition", C.FAILED_PRECONDITION, "compliance question pending", "precondition"),
-    ("object_limit", C.RESOURCE_EXHAUSTED, "open order limit 100 reached", "object_limit"),
+    ("object_limit", C.RESOURCE_EXHAUSTED, "100", "object_limit"),  # the guide: "a number"
     ("not_found", C.NOT_FOUND, "method removed: use v2", "method_removed"),
     ("unimplemented", C.UNIMPLEMENTED, "not implemented for this account", "rejected"),
     ("invalid_argument", C.INVALID_ARGUMENT, "account closed", "rejected"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from random import Random
 
 import sqlalchemy as sa
@@ -32,7 +33,7 @@ import outbox
 from outbox.errors import OperatorActionError
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, Fault
 from tests.torture.daemons import Daemons, Slot
-from tests.torture.database import Database, _with_decimals, text_key
+from tests.torture.database import Database, text_key, with_decimals
 from tests.torture.parts import (
     LEASE_S,
     POLL_S,
@@ -73,6 +74,7 @@ class Seams:
         report: Report,
         later: Later,
         note: Callable[[str], None],
+        quiet: Callable[[], bool],
     ) -> None:
         self.rng = rng
         self.sim = sim
@@ -83,6 +85,7 @@ class Seams:
         self.report = report
         self.later = later
         self.note = note
+        self.quiet = quiet  # no window open, the simulator up: calls can flow
         self.found: list[str] = []
         self.edits: list[tuple[RowSpec, str, ChaosFault]] = []
         self.poison_todo = poison_kinds(db.backend)
@@ -92,7 +95,7 @@ class Seams:
 
     def actions(self) -> dict[str, tuple[Callable[[], None], int]]:
         actions: dict[str, tuple[Callable[[], None], int]] = {
-            "outage": (self.outage, 5),
+            "outage": (self.outage, 7),
             "poison": (self.poison, 2),
             "method_edit": (self.method_edit, 2),
             "key_reuse": (self.key_reuse, 2),
@@ -112,8 +115,25 @@ class Seams:
         self.sim.inject(fault)
         return fault
 
-    def _arrived(self, fault: Fault, timeout: float = 2.0) -> bool:
+    def _arrived(self, fault: Fault, timeout: float = 3.0) -> bool:
         return self.sim.wait_for(lambda _s: fault.hits >= 1, timeout=timeout)
+
+    def _deferred(self, name: str, action: Callable[[int], None], tries: int) -> bool:
+        """Not quiet yet: ``action`` is tried again in a moment (``tries`` times at most)."""
+        if tries > 1 and not self.quiet():
+            self.later(0.5, name, lambda: action(tries - 1))
+            return True
+        return False
+
+    def burst(self, count: int) -> None:
+        """A few fresh rows, so that calls are in flight when the next fault lands."""
+        rng = self.rng
+        for _ in range(count):
+            method = TRANSFER if rng.random() < 0.7 else PLACE_ORDER
+            via = "api" if rng.random() < 0.5 else "sql"
+            spec = self.writer.spec(new_key(rng), method, payload_for(rng, method), "plain", via)
+            self.db.insert(spec)
+            self.writer.register(spec)
 
     def _stoppable(self) -> Slot | None:
         slots = [s for s in self.daemons.running() if self.daemons.is_started(s) and not s.stopping]
@@ -121,10 +141,16 @@ class Seams:
 
     # ---- outage
 
-    def outage(self) -> None:
-        """Calls in flight, then the database refuses for a while; sometimes a SIGTERM too."""
+    def outage(self, tries: int = 6) -> None:
+        """Calls in flight, then the database refuses for a while; sometimes a SIGTERM too.
+
+        It waits (a little) for a quiet moment, when no window holds the calls back.
+        """
+        if self._deferred("outage", self.outage, tries):
+            return
         rng = self.rng
         slow = self._slow_calls(rng.randint(2, 8), rng.uniform(0.2, 0.7))
+        self.burst(rng.randint(2, 6))
         in_flight = self._arrived(slow)
         over_lease = rng.random() < 0.4
         seconds = (
@@ -158,12 +184,14 @@ class Seams:
 
     # ---- lane race
 
-    def lane_race(self) -> None:
+    def lane_race(self, tries: int = 6) -> None:
         """T1 inserts A (lane L) and commits late; T2 inserts B (lane L) and commits first.
 
         B's call is held in the simulator when A commits, so a daemon that claims A then has
         two rows of L in flight: seen here in the table, and at the end in the simulator.
         """
+        if self._deferred("lane race", self.lane_race, tries):
+            return
         rng = self.rng
         lane = f"race-{rng.randrange(16**6):06x}"
         first, second = (self._lane_row(lane) for _ in range(2))
@@ -218,11 +246,13 @@ class Seams:
     # ---- poison rows
 
     def poison(self) -> None:
-        kind = (
-            self.poison_todo.pop()
-            if self.poison_todo
-            else self.rng.choice(poison_kinds(self.db.backend))
-        )
+        """Every kind of poison row the first time (each is worth a run), then one at random."""
+        kinds = self.poison_todo or [self.rng.choice(poison_kinds(self.db.backend))]
+        self.poison_todo = []
+        for kind in kinds:
+            self._poison(kind)
+
+    def _poison(self, kind: str) -> None:
         spec = self.writer.spec(new_key(self.rng), TRANSFER, None, f"poison_{kind}", "sql")
         spec.park = "bad_row"
         if kind.startswith("bytes_"):
@@ -244,19 +274,18 @@ class Seams:
 
     def _insert_bytes(self, spec: RowSpec, column: str) -> str | None:
         """SQLite: one column holds bytes that are not UTF-8, as TEXT or as a BLOB."""
-        key, method = spec.key.encode(), spec.method.encode()
-        payload = json.dumps({**transfer_payload(self.rng), "memo": "cafe"}).encode()
+        payload = json.dumps({**transfer_payload(self.rng), "memo": "cafe"})
+        values: list[str | bytes] = [spec.key, spec.method, payload]
         if column == "key":
-            key = key[:-1] + b"\xff"
+            values[0] = spec.key.encode()[:-1] + b"\xff"
         elif column == "method":
-            method = method.replace(b"Transfer", b"Tr\xe4nsfer")
+            values[1] = spec.method.encode().replace(b"Transfer", b"Tr\xe4nsfer")
         else:
-            payload = payload.replace(b"cafe", b"caf\xe9")  # Latin-1, as an old client writes
+            values[2] = payload.encode().replace(b"cafe", b"caf\xe9")  # Latin-1, as old clients
         as_text = self.rng.random() < 0.6
         spec.via, spec.kind = "raw", f"{spec.kind}_{'text' if as_text else 'blob'}"
-        spec.key, spec.method = text_key(key), text_key(method)
-        spec.payload = payload
-        return self.db.insert_raw(spec, (key, method, payload), as_text)
+        spec.key, spec.method, spec.payload = (text_key(v) for v in values)
+        return self.db.insert_raw(spec, (values[0], values[1], values[2]), as_text)
 
     # ---- method edits
 
@@ -301,6 +330,18 @@ class Seams:
             f"edited {spec.key} {spec.method} -> {second} after_send={spec.edited_after_send}"
         )
 
+    def calm(self) -> None:
+        """After the chaos: every edit done; a key reused at least once."""
+        self.finish_edits()
+        if not self.report.faults["key_reuse"]:
+            wait_until(lambda: bool(self._committed_executed()), 10.0, interval=0.5)
+            self.key_reuse(tries=1)
+
+    def _committed_executed(self) -> list[str]:
+        rows = self.db.try_rows() or {}
+        executed = self.sim.executed_keys()
+        return [k for k, r in rows.items() if r["state"] == "committed" and k in executed]
+
     def finish_edits(self) -> None:
         """Calm: edit what is still unedited (after its first send, if it comes in 5 s)."""
         for spec, _second, hold in self.edits:
@@ -311,8 +352,11 @@ class Seams:
 
     # ---- key reuse
 
-    def key_reuse(self) -> None:
-        """Retention purges finished rows; a new row takes a purged committed row's key."""
+    def key_reuse(self, tries: int = 5) -> None:
+        """Retention purges finished rows; a new row takes a purged committed row's key.
+
+        Without a committed row to reuse yet, it tries again a little later.
+        """
         try:
             gone = self.db.purge_finished()
         except sa.exc.DBAPIError as exc:
@@ -330,6 +374,8 @@ class Seams:
         ]
         if not candidates:
             self.note(f"key reuse: purged {len(gone)}, no committed row to reuse")
+            if tries > 1:
+                self.later(1.0, "key reuse", lambda: self.key_reuse(tries - 1))
             return
         original = self.rng.choice(candidates)
         self.reused.add(original.key)
@@ -344,7 +390,7 @@ class Seams:
         self.note(f"key reuse of row {original.index} {original.key}: refused={spec.refused}")
 
     def _enqueue_must_refuse(self, original: RowSpec) -> None:
-        payload = _with_decimals(payload_for(self.rng, original.method))
+        payload = with_decimals(payload_for(self.rng, original.method))
         try:
             with self.db.engine.connect() as conn:
                 tx = conn.begin()
@@ -362,8 +408,11 @@ class Seams:
 
     # ---- reloads and operator cancels
 
-    def reload_in_flight(self) -> None:
+    def reload_in_flight(self, tries: int = 6) -> None:
+        if self._deferred("reload in flight", self.reload_in_flight, tries):
+            return
         slow = self._slow_calls(self.rng.randint(3, 8), self.rng.uniform(0.4, 0.8))
+        self.burst(self.rng.randint(3, 6))
         in_flight = self._arrived(slow)
         sent = self.daemons.reload()
         self.report.faults["reload_in_flight"] += 1
@@ -371,7 +420,11 @@ class Seams:
         self.note(f"reload with calls in flight={in_flight} held={slow.hits} daemons={sent}")
 
     def operator_cancel(self) -> None:
-        """``outbox cancel`` (no ``--force``) of a pending row; refused if it may have run."""
+        """``outbox cancel`` (no ``--force``) of a pending row; refused if it may have run.
+
+        The row is one waiting for a retry or its ``not_before`` if there is one, else a new
+        row due in a few seconds.
+        """
         rows = self.db.try_rows() or {}
         pending = [
             s
@@ -380,13 +433,16 @@ class Seams:
             and not s.cancelled
             and rows.get(s.key, {}).get("state") == "pending"
         ]
-        if not pending:
-            return
-        spec = self.rng.choice(pending)
-        try:
-            self.db.store.cancel(
-                spec.key, "torture@chaos", "torture: operator cancel", utcnow(), False
+        spec = self.rng.choice(pending) if pending and self.rng.random() < 0.5 else None
+        if spec is None:
+            spec = self.writer.spec(
+                new_key(self.rng), TRANSFER, transfer_payload(self.rng), "not_before", "api"
             )
+            spec.not_before = utcnow() + timedelta(seconds=self.rng.uniform(3.0, 6.0))
+            self.db.insert(spec)
+            self.writer.register(spec)
+        try:
+            self.db.store.cancel(spec.key, "torture@chaos", "torture: cancel", utcnow(), False)
         except OperatorActionError as exc:
             self.report.extra["cancel_refused"] += 1
             self.note(f"cancel {spec.key} refused: {exc}")

@@ -99,3 +99,12 @@ def test_a_key_file_readable_by_others_is_refused_or_warned(tmp_path, caplog) ->
     )
     assert load(lenient, env={}).require_api_key().get_secret_value() == "secret-key"
     assert "readable by group or others" in caplog.text
+
+
+@pytest.mark.parametrize("key", ["ké€y-1234", "key\u201c1234\u201d", "key\u20131234"])
+def test_a_key_gRPC_cannot_send_is_refused_at_start(key) -> None:
+    """gRPC refuses non-ASCII metadata locally (INTERNAL "Invalid metadata"): before this
+    check, every row was parked as an unknown outcome though nothing was ever sent."""
+    with pytest.raises(ConfigError, match="not ASCII") as refused:
+        load(None, env={"RECRYPT_API_KEY": key})
+    assert key not in str(refused.value)

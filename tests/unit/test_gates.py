@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time as clock_time
 from datetime import UTC, datetime, time, timedelta
 
 from outbox.gates import Gates
@@ -146,3 +148,39 @@ def test_a_halted_gate_learns_of_maintenance_from_its_probe() -> None:
     view = g.view(T0 + timedelta(seconds=300))
     assert view.gate == "maintenance"
     assert view.until is not None and view.until < T0 + timedelta(seconds=400)
+
+
+
+class _YieldingLock:
+    """A lock that lets the other thread run each time it is released: any gap between two
+    critical sections that should have been one becomes a race that happens every time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._lock.release()
+        clock_time.sleep(0.0005)  # hand the GIL to the other loop
+
+
+def test_two_loops_never_both_take_the_single_rollover_probe() -> None:
+    g = gates()
+    g._lock = _YieldingLock()  # type: ignore[assignment]
+    g.on_answer(Gate.ROLLOVER, T0, "vgw-db")
+    probe_time = T0 + timedelta(seconds=1)
+    grants: list[int] = []
+    start = threading.Barrier(2)
+
+    def loop() -> None:
+        start.wait(timeout=5)
+        grants.append(g.acquire(probe_time, 50))
+
+    loops = [threading.Thread(target=loop) for _ in range(2)]
+    for t in loops:
+        t.start()
+    for t in loops:
+        t.join(5)
+    assert sorted(grants) == [0, 1]  # exactly one probe between the two loops

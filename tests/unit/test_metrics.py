@@ -204,3 +204,19 @@ def test_non_loopback_listen_warns(metrics: Metrics, caplog: pytest.LogCaptureFi
         HealthServer("0.0.0.0:0", metrics, Readiness())
         HealthServer("localhost:0", metrics, Readiness())
     assert [r.getMessage().split()[0] for r in caplog.records] == ["event=metrics_exposed"]
+
+
+def test_every_gate_state_has_a_series_at_zero() -> None:
+    """The unreachable gate once had no series: during a network outage every series read 0."""
+    from outbox.gates import GATE_STATES
+    from outbox.policy import Gate
+
+    registry = Metrics().registry
+    exported = {
+        s.labels["gate"]
+        for metric in registry.collect()
+        if metric.name == "outbox_gate"
+        for s in metric.samples
+    }
+    whole_api = {str(g) for g in Gate} - {str(Gate.NONE), str(Gate.METHOD_REMOVED)}
+    assert exported == set(GATE_STATES) == whole_api | {"open"}

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from outbox.policy import TABLE, Action, Backoff, Gate, ParkReason, decide
+from outbox.policy import NOT_SENT, TABLE, Action, Backoff, Gate, ParkReason, decide
 
 C = grpc.StatusCode
 
@@ -18,16 +18,6 @@ GUIDE = [
     (C.OK, "", Action.COMMIT, Gate.NONE, None, False, True),
     (C.ALREADY_EXISTS, "idempotency key used", Action.COMMIT, Gate.NONE, None, False, True),
     (C.UNAUTHENTICATED, "Session key", Action.HAND_BACK, Gate.UNAUTHENTICATED, None, False, False),
-    # our client never connected (refused, DNS, TLS handshake): nothing was sent
-    (
-        C.UNAVAILABLE,
-        "failed to connect to all addresses; last error: UNKNOWN: Tls handshake failed",
-        Action.HAND_BACK,
-        Gate.UNREACHABLE,
-        None,
-        False,
-        False,
-    ),
     (C.UNAVAILABLE, "vgw-db", Action.RETRY, Gate.ROLLOVER, None, True, True),
     (C.PERMISSION_DENIED, "maintenance", Action.HAND_BACK, Gate.MAINTENANCE, None, False, False),
     (C.DEADLINE_EXCEEDED, "vgw-db", Action.RETRY, Gate.NONE, None, True, True),
@@ -41,6 +31,9 @@ GUIDE = [
 ]
 UNKNOWN_OUTCOMES = [
     (C.UNAVAILABLE, "Socket closed"),  # the connection dropped mid-call: unknown
+    # gRPC's own words when it could not connect, but a server can send them too (after
+    # executing): "never sent" is judged from the channel by the client, never from text
+    (C.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: Tls handshake"),
     (C.DEADLINE_EXCEEDED, "Deadline Exceeded"),
     (C.UNKNOWN, ""),
     (C.INTERNAL, "boom"),
@@ -72,8 +65,22 @@ def test_unknown_outcomes_resend_bounded_and_maybe_executed(code, message) -> No
 def test_vgw_db_is_matched_on_the_message_not_only_the_code() -> None:
     assert decide(C.UNAVAILABLE, "VGW-DB").gate == Gate.ROLLOVER
     assert decide(C.UNAVAILABLE, "connection refused").gate == Gate.NONE
-    assert not decide(C.DEADLINE_EXCEEDED, "vgw-db").bounded  # the documented retryable
+    assert decide(C.DEADLINE_EXCEEDED, "vgw-db").bounded  # "should never occur": bounded
     assert decide(C.DEADLINE_EXCEEDED, "client deadline").bounded
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["429 Too Many Requests", "rate limit exceeded, retry in 1s", "slow down", "quota 5/s", ""],
+)
+def test_resource_exhausted_text_is_rate_limiting_even_with_digits(message) -> None:
+    decision = decide(C.RESOURCE_EXHAUSTED, message)
+    assert (decision.action, decision.gate) == (Action.HAND_BACK, Gate.RATE_LIMITED)
+
+
+@pytest.mark.parametrize("message", ["100", " 25 ", "1"])
+def test_resource_exhausted_that_is_a_number_is_the_object_limit(message) -> None:
+    assert decide(C.RESOURCE_EXHAUSTED, message).park_reason == ParkReason.OBJECT_LIMIT
 
 
 @given(st.sampled_from(list(C)), st.text(max_size=40))
@@ -82,6 +89,15 @@ def test_every_code_and_message_has_a_decision(code, message) -> None:
     assert decision.action in set(Action)
     if decision.action == Action.COMMIT:
         assert code in (C.OK, C.ALREADY_EXISTS)
+
+
+def test_a_call_never_started_is_handed_back_behind_the_unreachable_gate() -> None:
+    assert (NOT_SENT.action, NOT_SENT.gate, NOT_SENT.counts_attempt) == (
+        Action.HAND_BACK,
+        Gate.UNREACHABLE,
+        False,
+    )
+    assert not NOT_SENT.maybe_executed
 
 
 def test_the_table_has_a_row_for_every_status_code() -> None:

@@ -1,0 +1,89 @@
+"""Answers decided from what Recrypt really said (issue 10): no silent loops, no guesses."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+import outbox
+from outbox.simulator import TRANSFER, Fault
+
+C = grpc.StatusCode
+
+
+def enqueue(engine: sa.Engine, n: int = 1) -> list[str]:
+    with engine.begin() as conn:
+        return [
+            outbox.enqueue(
+                conn,
+                TRANSFER,
+                {"fromAccount": "a", "toAccount": "b", "amount": f"{i + 1}.00", "currency": "AUD"},
+            )
+            for i in range(n)
+        ]
+
+
+def test_a_deadline_exceeded_vgw_db_storm_ends_parked_for_a_human(
+    engine, store, sim, make_dispatcher, clock
+) -> None:
+    (key,) = enqueue(engine)
+    sim.inject(Fault(C.DEADLINE_EXCEEDED, "vgw-db"))
+    dispatcher = make_dispatcher(max_unknown_attempts=5)
+    for _ in range(10):  # more rounds than the bound: it must stop by itself
+        dispatcher.run_once()
+        clock.advance(600)
+    view = store.get(key)
+    assert (view.state, view.park_reason, view.maybe_executed) == (
+        "parked",
+        "unknown_outcome",
+        True,
+    )
+    assert sim.call_count(TRANSFER) == 5
+
+
+@pytest.mark.parametrize("text", ["429 Too Many Requests", "rate limit exceeded, retry in 1s"])
+def test_rate_limit_text_with_digits_throttles_and_parks_nothing(
+    engine, store, sim, make_dispatcher, text
+) -> None:
+    keys = enqueue(engine, 3)
+    sim.inject(Fault(C.RESOURCE_EXHAUSTED, text, times=3))
+    make_dispatcher().run_once()
+    views = [store.get(k) for k in keys]
+    assert {(v.state, v.attempts, v.park_reason) for v in views} == {("pending", 0, None)}
+
+
+def test_a_server_saying_failed_to_connect_after_executing_is_an_unknown_outcome(
+    engine, store, sim, make_dispatcher
+) -> None:
+    """gRPC's own "never connected" words, sent by a server (or proxy) that executed the call:
+    the row may have executed, so it must never be handed back as never sent."""
+    (key,) = enqueue(engine)
+    text = (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:443: "
+        "Failed to connect to remote host: Connection refused"
+    )
+    sim.inject(Fault(C.UNAVAILABLE, text, execute=True, times=1))
+    make_dispatcher().run_once()
+    view = store.get(key)
+    assert key in sim.executed_keys()
+    assert (view.state, view.attempts, view.maybe_executed) == ("pending", 1, True)
+
+
+def test_no_connection_sends_nothing_and_says_why(engine, store, catalog, clock) -> None:
+    """A target nobody listens on: the batch is never started; the row waits untouched."""
+    from outbox.client import GrpcClient
+    from outbox.config import RecryptConfig
+    from tests.integration.conftest import build_dispatcher
+
+    (key,) = enqueue(engine)
+    client = GrpcClient(RecryptConfig(target="127.0.0.1:9", tls=False, deadline=1.0), "k")
+    dispatcher = build_dispatcher(store, catalog, clock, client)
+    try:
+        dispatcher.run_once()
+    finally:
+        client.close()
+    view = store.get(key)
+    assert (view.state, view.attempts, view.maybe_executed) == ("pending", 0, False)
+    assert view.last_code == "UNAVAILABLE" and "nothing was sent" in (view.last_message or "")
+    assert dispatcher.gates.view(clock()).gate == "unreachable"
