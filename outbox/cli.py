@@ -34,6 +34,7 @@ from outbox import migrate
 from outbox.config import Config, load
 from outbox.database import make_engine
 from outbox.errors import OutboxError
+from outbox.logs import describe_error
 from outbox.schema import State
 from outbox.store import HistoryLine, RowView, StatusView, Store, WorkerView
 
@@ -112,8 +113,7 @@ def describe_failure(exc: BaseException, obj: Outbox | None) -> str:
     """One line for an OutboxError, or a database error naming the URL (not the password)."""
     if isinstance(exc, OutboxError):
         return str(exc)
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    reason = lines[0] if lines else type(exc).__name__
+    reason = describe_error(exc)  # a database may quote a row's value: never shown
     if not isinstance(exc, sa.exc.SQLAlchemyError):
         return f"{type(exc).__name__}: {reason}"
     where = obj.shown_url() if obj is not None else None

@@ -37,9 +37,10 @@ from outbox.config import Config, load
 from outbox.database import make_engine
 from outbox.descriptors import Catalog
 from outbox.dispatcher import Dispatcher, DispatchSettings
+from outbox.errors import ConfigError
 from outbox.follower import StreamFollower
 from outbox.gates import Gates, GateView
-from outbox.logs import kv, register_secret
+from outbox.logs import describe_error, kv, register_secret
 from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
 from outbox.policy import Backoff
@@ -68,6 +69,12 @@ SHUTDOWN_FLUSH = 8.0  # of the slack: how long a stop keeps trying to record kep
 MAX_PIPELINES = 4  # dispatch cycles in parallel: max_in_flight // batch_size, at most this
 MAX_SKEW_FRACTION = 0.25  # of the lease: the clock skew to the database a daemon tolerates
 TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
+REFUSED_TEXT = (
+    "refused (PERMISSION_DENIED while Recrypt is not in maintenance): the API key may not call "
+    "these methods; check its permissions (the protos' key_access option, and recrypt.net/api), "
+    "then systemctl reload outbox; re-probed every [maintenance] "
+    "unauthenticated_probe_interval. Holding: "
+)
 #: What a SIGHUP applies (all of ``[recrypt]`` but ``proto_path``, and the key); any other
 #: section changed in the file needs a restart, and the reload says so.
 RELOADED_SECTIONS = ("recrypt",)
@@ -351,6 +358,8 @@ class Daemon:
         view = self.gates.view(self.clock())
         if view.gate == "unauthenticated":
             return False, "halted: API key refused; fix the key, then systemctl reload outbox"
+        if view.refused_methods:
+            return False, REFUSED_TEXT + ", ".join(view.refused_methods)
         return True, f"ready: gate {view.gate}"
 
     @property
@@ -366,6 +375,7 @@ class Daemon:
         """
         try:
             fresh = load(self.config_path)
+            _check_reloadable(fresh, self.config)
             api_key = fresh.require_api_key().get_secret_value()
             register_secret(api_key)
             client = GrpcClient(fresh.recrypt, api_key)
@@ -419,6 +429,7 @@ class Daemon:
         parked = view.counts.get("parked", 0)
         self.metrics.set_table(view.counts, age, parked, len(view.blocked_lanes))
         gate = self.gates.view(now)
+        self.metrics.methods_refused.set(len(gate.refused_methods))
         self.notifier.status(
             f"gate {gate.gate}; pending {view.counts.get('pending', 0)}; parked {parked}"
             + (f"; {gate.reason}" if gate.reason else "")
@@ -469,7 +480,7 @@ class Daemon:
             try:
                 service.run_once(self.clock())
             except Exception as exc:
-                log.error(kv("job_failed", job=service.name, error=_short_error(exc)))
+                log.error(kv("job_failed", job=service.name, error=describe_error(exc)))
 
         return run
 
@@ -478,6 +489,7 @@ class Daemon:
         level = logging.INFO if view.gate == "open" else logging.WARNING
         log.log(level, kv("gate_changed", gate=view.gate, until=until, reason=view.reason))
         self.metrics.set_gate(view.gate)
+        self.metrics.methods_refused.set(len(view.refused_methods))
         if self.scheduler.running and not self.stopping.is_set():
             self.scheduler.modify_job("heartbeat", next_run_time=datetime.now(UTC))
 
@@ -511,16 +523,20 @@ class _TableGauges:
         self._daemon.table_gauges()
 
 
+def _check_reloadable(fresh: Config, running: Config) -> None:
+    """A reload applies ``[recrypt]`` under the running ``[worker]``: the lease must still
+    outlive a call, or another worker may resend a row still in flight."""
+    if fresh.recrypt.deadline >= running.worker.lease:
+        raise ConfigError(
+            f"[recrypt] deadline ({fresh.recrypt.deadline:g} s) must stay shorter than the "
+            f"running [worker] lease ({running.worker.lease:g} s); a new lease needs a restart"
+        )
+
+
 def _changed_sections(running: Config, fresh: Config, applied: tuple[str, ...]) -> list[str]:
     """Sections a reload would change but does not apply (they need a restart)."""
     names = [n for n in type(running).model_fields if n != "api_key" and n not in applied]
     return [n for n in names if getattr(running, n) != getattr(fresh, n)]
-
-
-def _short_error(exc: Exception) -> str:
-    """An error's type and first line, bounded: never a statement with its parameters."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
 
 
 def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
@@ -566,6 +582,8 @@ def _gate_reason(view: GateView) -> str | None:
         )
     if view.held_methods:
         parts.append("rollover window, holding: " + ", ".join(view.held_methods))
+    if view.refused_methods:
+        parts.append(REFUSED_TEXT + ", ".join(view.refused_methods))
     return "; ".join(parts) or None
 
 

@@ -391,7 +391,10 @@ class Dispatcher:
         for _claim, method, answer, decision in decided:
             if decision.gate == Gate.METHOD_REMOVED:
                 self.gates.remove_method(method.path)
-            elif gate_rank(decision.gate) > gate_rank(strongest):
+                continue
+            if decision.gate == Gate.MAINTENANCE:
+                self.gates.method_denied(method.path)  # maintenance, or the key's rights?
+            if gate_rank(decision.gate) > gate_rank(strongest):
                 strongest, message = decision.gate, answer.message
         if decided:
             self.gates.on_answer(strongest, self.clock(), message)

@@ -34,7 +34,7 @@ from google.protobuf import message as pb
 
 from outbox.descriptors import KEY_FIELD, Catalog, Method
 from outbox.errors import BadRowError, ConfigError
-from outbox.logs import kv
+from outbox.logs import describe_error, kv
 from outbox.policy import Backoff, Gate, decide
 from outbox.schema import utcnow
 from outbox.store import Call, Store
@@ -165,7 +165,7 @@ class StreamFollower:
         except grpc.RpcError as error:
             return error.code(), error.details() or "", received
         except Exception as exc:  # a bug (or on_event) must never end the thread silently
-            log.error(kv("stream_error", account=account, error=f"{type(exc).__name__}: {exc}"))
+            log.error(kv("stream_error", account=account, error=describe_error(exc)))
             return grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}", received
         finally:
             with self._cond:
@@ -201,7 +201,9 @@ class StreamFollower:
         try:
             matched = bool(key) and self._store.record_stream_event(key or "", event, self._clock())
         except Exception as exc:  # the database is down: keep the stream, lose only this line
-            log.error(kv("stream_record_failed", account=account, key=key, error=str(exc)))
+            log.error(
+                kv("stream_record_failed", account=account, key=key, error=describe_error(exc))
+            )
             return
         self._bump("recorded" if matched else "unmatched")
         if matched:

@@ -42,6 +42,8 @@ class GateView:
     limit: int  # calls allowed per cycle now (0 = none)
     removed_methods: tuple[str, ...]
     held_methods: tuple[str, ...]
+    refused_methods: tuple[str, ...] = ()  # PERMISSION_DENIED outside maintenance: the key
+    since: datetime | None = None  # when the current closure began (None: open)
 
 
 class Gates:
@@ -76,6 +78,9 @@ class Gates:
         self._reported: tuple[datetime, datetime] | None = None
         self._limit = max_in_flight
         self._removed: set[str] = set()
+        self._denied: set[str] = set()  # methods that answered PERMISSION_DENIED this pause
+        self._refused: dict[str, datetime] = {}  # method → when to try it again
+        self._since: datetime | None = None
         self._listeners: list[Callable[[GateView], None]] = []
 
     # ---- asking
@@ -112,7 +117,7 @@ class Gates:
     def excluded_methods(self, now: datetime) -> tuple[str, ...]:
         with self._lock:
             held = self._hold if self._holding(now) else ()
-            return tuple(sorted(self._removed)) + held
+            return tuple(sorted(self._removed)) + held + self._refused_now(now)
 
     def in_window(self, now: datetime) -> bool:
         """Inside the configured weekly window (UTC)?"""
@@ -159,6 +164,11 @@ class Gates:
         with self._lock:
             self._removed.add(path)
 
+    def method_denied(self, path: str) -> None:
+        """A method answered PERMISSION_DENIED: maintenance, unless the probe says otherwise."""
+        with self._lock:
+            self._denied.add(path)
+
     def on_probe(
         self, ok: bool, now: datetime, gate: Gate | None = None, message: str = ""
     ) -> None:
@@ -168,6 +178,7 @@ class Gates:
         stronger one (a maintenance probe answered UNAUTHENTICATED, say).
         """
         if ok:
+            self._refuse_denied(now)
             self.on_answer(Gate.NONE, now)
             return
         with self._lock:
@@ -179,17 +190,30 @@ class Gates:
         self.on_answer(gate if stronger and gate else current, now, message)
 
     def reset(self, now: datetime) -> None:
-        """A reload (SIGHUP): forget every closure and removed method, try again at once."""
+        """A reload (SIGHUP): forget every closure, removed and refused method; try again."""
         with self._lock:
             self._open()
             self._removed.clear()
+            self._refused.clear()
             view = self._view_locked(now)
         self._notify(view)
 
     def subscribe(self, listener: Callable[[GateView], None]) -> None:
         self._listeners.append(listener)
 
+    def _refuse_denied(self, now: datetime) -> None:
+        """Recrypt says there is no maintenance, yet these methods were refused: the key may
+        not call them. Hold them (a slow re-probe, or a reload); everything else goes on."""
+        with self._lock:
+            if self._gate == Gate.MAINTENANCE:
+                until = now + timedelta(seconds=self._unauth_probe)
+                self._refused.update(dict.fromkeys(self._denied, until))
+            self._denied.clear()
+
     # ---- internals (lock held)
+
+    def _refused_now(self, now: datetime) -> tuple[str, ...]:
+        return tuple(sorted(m for m, until in self._refused.items() if now < until))
 
     def _fold(self, gate: Gate, now: datetime, message: str) -> None:
         if gate == Gate.NONE:
@@ -200,6 +224,8 @@ class Gates:
         if gate_rank(gate) < gate_rank(self._gate):
             return  # a stronger gate is closed already
         self._level = self._level + 1 if self._gate == gate else 1
+        if self._gate != gate:
+            self._since = now
         self._gate = gate
         self._reason = _REASONS[gate] + (f" (Recrypt said: {message})" if message else "")
         self._until = now + timedelta(seconds=self._wait(gate))
@@ -229,7 +255,7 @@ class Gates:
             self._limit = min(self._max, self._limit * 2)
 
     def _open(self, keep_limit: bool = False) -> None:
-        self._gate, self._reason, self._until = OPEN, None, None
+        self._gate, self._reason, self._until, self._since = OPEN, None, None, None
         self._level = 0
         if not keep_limit:
             self._limit = self._max
@@ -246,6 +272,8 @@ class Gates:
             limit=limit,
             removed_methods=tuple(sorted(self._removed)),
             held_methods=self._hold if self._holding(now) else (),
+            refused_methods=self._refused_now(now),
+            since=self._since,
         )
 
     def _notify(self, view: GateView) -> None:

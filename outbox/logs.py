@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -93,3 +94,21 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     # "skipped: maximum number of running instances" is our design (one dispatch at a time).
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+_QUOTED = re.compile(r"""'[^']*'|"[^"]*"|'[^']*$|"[^"]*$""")
+ERROR_TEXT_LIMIT = 200
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error for a log line: its type, the database's code, and the first line of its text
+    with every quoted run elided. Databases quote the offending value ("… with text '{"memo":
+    …'", "Token "x" is invalid"): a log line must never carry row data."""
+    orig = getattr(exc, "orig", None)
+    cause = orig if orig is not None else exc
+    args = getattr(cause, "args", None) or (None,)
+    code = getattr(cause, "sqlstate", None) or (args[0] if isinstance(args[0], int) else None)
+    head = str(cause).strip().splitlines()
+    first = _QUOTED.sub("'…'", head[0]) if head else ""
+    coded = f" [{code}]" if code else ""
+    return f"{type(cause).__name__}{coded}: {first[:ERROR_TEXT_LIMIT]}"

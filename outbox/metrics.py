@@ -104,6 +104,12 @@ class Metrics:
             "at Recrypt before (check on recrypt.net)",
             registry=r,
         )
+        self.methods_refused = Gauge(
+            "outbox_methods_refused",
+            "Methods held because Recrypt refused them (PERMISSION_DENIED) outside maintenance: "
+            "check the API key's permissions",
+            registry=r,
+        )
         self.unrecorded = Gauge(
             "outbox_unrecorded_answers",
             "Answers received and kept in memory because the database refused to record them",

@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import uuid
+from decimal import Decimal
 from typing import Any, overload
 
 from outbox.errors import BadRowError
@@ -162,3 +163,14 @@ def check_key(key: Any) -> str:
             "str(uuid.uuid4()), then cancel this row"
         )
     return key
+
+
+def plain_decimal(value: Decimal) -> str:
+    """A decimal as Recrypt's plain decimal string: never an exponent, never NaN or infinity.
+
+    ``str(Decimal("0.00000050"))`` is ``"5.0E-7"`` and ``str(Decimal("5E+3"))`` is ``"5E+3"``;
+    Recrypt would reject both. Trailing zeros are kept: they are the amount's precision.
+    """
+    if not value.is_finite():
+        raise BadRowError(f"amount {value} is not a number: write a finite decimal amount")
+    return format(value, "f")

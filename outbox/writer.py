@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from outbox.descriptors import Catalog, build_request
 from outbox.errors import BadRowError
-from outbox.payload import check_key
+from outbox.payload import check_key, plain_decimal
 from outbox.schema import utcnow
 from outbox.store import NewRow, enqueue_row, new_key
 
@@ -64,7 +64,7 @@ def enqueue(
 
 def _decimals_to_strings(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return str(value)
+        return plain_decimal(value)
     if isinstance(value, dict):
         return {k: _decimals_to_strings(v) for k, v in value.items()}
     if isinstance(value, list):

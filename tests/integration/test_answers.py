@@ -87,3 +87,55 @@ def test_no_connection_sends_nothing_and_says_why(engine, store, catalog, clock)
     assert (view.state, view.attempts, view.maybe_executed) == ("pending", 0, False)
     assert view.last_code == "UNAVAILABLE" and "nothing was sent" in (view.last_message or "")
     assert dispatcher.gates.view(clock()).gate == "unreachable"
+
+
+@pytest.mark.parametrize(("amount", "plain"), [("0.00000050", "0.00000050"), ("5E+3", "5000")])
+def test_a_decimal_amount_is_written_plain_and_commits(
+    engine, store, sim, make_dispatcher, amount, plain
+) -> None:
+    import json
+    from decimal import Decimal
+
+    payload = {"fromAccount": "a", "toAccount": "b", "amount": Decimal(amount), "currency": "AUD"}
+    with engine.begin() as conn:
+        key = outbox.enqueue(conn, TRANSFER, payload)
+    assert json.loads(store.get(key).payload)["amount"] == plain
+    make_dispatcher().run_once()
+    assert store.get(key).state == "committed"
+
+
+def test_a_method_the_key_may_not_call_is_held_not_looped(
+    engine, store, sim, make_dispatcher, clock
+) -> None:
+    """PERMISSION_DENIED for one method while MaintenanceCheck says there is no maintenance
+    (a read-only key used for PlaceOrder): that method is held; the others go on."""
+    from outbox.simulator import PLACE_ORDER
+
+    transfers = enqueue(engine, 3)
+    order = {
+        "account": "A",
+        "market": "BTC-AUD",
+        "type": "ORDER_TYPE_LIMIT",
+        "quantity": "1",
+        "limit_price": "10.00",
+    }
+    with engine.begin() as conn:
+        orders = [outbox.enqueue(conn, PLACE_ORDER, order) for _ in range(3)]
+    sim.inject(Fault(C.PERMISSION_DENIED, "permission denied", methods=frozenset({PLACE_ORDER})))
+    dispatcher = make_dispatcher()
+    for _ in range(20):  # six minutes of cycles and probes
+        dispatcher.run_once()
+        dispatcher.probe()
+        clock.advance(18)
+    assert {store.get(k).state for k in transfers} == {"committed"}
+    # the first batch, then one re-probe after [maintenance] unauthenticated_probe_interval
+    # (300 s): held, not looped (before: a full batch refused after every probe)
+    assert sim.call_count(PLACE_ORDER) == 6
+    assert {(store.get(k).state, store.get(k).attempts) for k in orders} == {("pending", 0)}
+    view = dispatcher.gates.view(clock())
+    assert (view.gate, view.refused_methods) == ("open", (PLACE_ORDER,))
+
+    dispatcher.gates.reset(clock())  # SIGHUP: try again at once
+    sim.clear_faults()
+    dispatcher.run_once()
+    assert {store.get(k).state for k in orders} == {"committed"}

@@ -99,3 +99,22 @@ def test_a_reload_does_not_touch_retention(db_url, tmp_path, caplog) -> None:
     assert Store(engine).get(key).state == "committed"  # a day old: kept for 30 days
     engine.dispose()
     assert "event=reload_needs_restart sections=retention" in caplog.text
+
+
+def test_a_reload_cannot_raise_the_deadline_past_the_running_lease(
+    db_url, tmp_path, caplog
+) -> None:
+    with Simulator(api_keys=[KEY]) as sim:
+        config = write_config(tmp_path / "outbox.toml", db_url, sim.target, 30)
+        daemon = daemon_from(config)  # lease 60 s (default), deadline 10 s
+        text = config.read_text()
+        config.write_text(
+            text.replace("tls = false", "tls = false\ndeadline = 90.0").replace(
+                "poll_interval = 3600.0", "poll_interval = 3600.0\nlease = 120.0"
+            )
+        )
+        with caplog.at_level(logging.ERROR, logger="outbox.daemon"):
+            daemon.reload()
+        assert daemon.config.recrypt.deadline == 10.0  # kept: the running lease is still 60 s
+        assert "event=reload_failed" in caplog.text and "deadline" in caplog.text
+        daemon.engine.dispose()

@@ -138,3 +138,31 @@ def test_deadlocks_are_transient_other_errors_are_not() -> None:
     assert _transient(deadlock)
     assert not _transient(gone)
     assert not _transient(ValueError("x"))
+
+
+@pytest.mark.parametrize(
+    ("amount", "plain"),
+    [
+        ("0.00000050", "0.00000050"),
+        ("5E+3", "5000"),
+        ("1.5E-10", "0.00000000015"),
+        ("100.00", "100.00"),
+        ("-0.10", "-0.10"),
+    ],
+)
+def test_decimals_are_written_as_plain_strings(amount, plain) -> None:
+    from decimal import Decimal
+
+    from outbox.payload import plain_decimal
+
+    assert plain_decimal(Decimal(amount)) == plain
+
+
+@pytest.mark.parametrize("amount", ["NaN", "sNaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused(amount) -> None:
+    from decimal import Decimal
+
+    from outbox.payload import plain_decimal
+
+    with pytest.raises(BadRowError, match="not a number"):
+        plain_decimal(Decimal(amount))
