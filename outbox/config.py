@@ -36,6 +36,9 @@ DEFAULT_HOLD_METHODS = (
 )
 
 MAX_SECONDS = 1e9  # about 31 years: anything larger is a typo, and overflows datetime math
+#: The guide: back off "upto 3 minutes; check the website for any system notifications if
+#: still occurring after this".
+DEFAULT_ROLLOVER_WARNING = 180.0
 Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 _DAYS = ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN")
 _WINDOW = re.compile(r"^(MON|TUE|WED|THU|FRI|SAT|SUN) (\d\d):(\d\d)-(\d\d):(\d\d)$")
@@ -166,6 +169,25 @@ class CheckConfig(_Section):
     oldest_due_critical: Seconds = Field(1800.0, description="as above, for critical")
     heartbeat_stale: Seconds = Field(
         60.0, description="seconds after which a worker counts as dead"
+    )
+    # What the guide says a human must look at (warnings only; issue 10).
+    rollover_warning: Seconds = Field(
+        DEFAULT_ROLLOVER_WARNING,
+        description="seconds a rollover gate may stay closed (the guide: 3 minutes, then "
+        "check recrypt.net)",
+    )
+    maintenance_warning: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="seconds a maintenance pause lasts before a warning (0: at once)",
+    )
+    retrying_warning: Seconds = Field(
+        1800.0, description="seconds since a retried pending row first became due"
+    )
+    attempts_warning: int = Field(
+        10, gt=0, le=1_000_000, description="attempts of a pending row (a whole number, 1 or more)"
     )
 
 

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from outbox import __version__, policy
+from outbox import __version__
 from outbox.client import Answer, GrpcClient
 from outbox.config import Config, load
 from outbox.database import make_engine
@@ -60,6 +60,7 @@ from outbox.services import (
 from outbox.store import Claim, Committed, HandedBack, Outcome, Parked, Retry, Store, WorkerBeat
 from outbox.store.listener import Listener
 from outbox.systemd import Notifier
+from outbox.vocabulary import HistoryDecision
 
 log = logging.getLogger("outbox.daemon")
 
@@ -417,6 +418,8 @@ class Daemon:
             view.gate,
             _gate_reason(view),
             view.until,
+            gate_since=view.since,
+            refused_methods=view.refused_methods,
         )
 
     def _db_result(self, error: Exception | None) -> None:
@@ -449,7 +452,7 @@ class Daemon:
         if answer is not None:
             self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0)
         self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
-        if outcome.call is not None and outcome.call.decision == policy.KEY_USED_BEFORE:
+        if outcome.call is not None and outcome.call.decision == HistoryDecision.KEY_USED_BEFORE:
             self.metrics.key_used_before.inc()
 
     def _count_lost(self, _outcome: Outcome) -> None:

@@ -26,6 +26,7 @@ from outbox.gates import Gates, gate_rank
 from outbox.payload import check_key, parse_payload
 from outbox.policy import Action, Backoff, Decision, Gate
 from outbox.store import Call, Claim, Committed, HandedBack, Outcome, Parked, Retry, Store
+from outbox.vocabulary import HistoryDecision, HistoryKind
 
 log = logging.getLogger("outbox.dispatcher")
 
@@ -378,7 +379,7 @@ class Dispatcher:
     def _bad_row(self, claim: Claim, exc: BadRowError) -> Outcome:
         outcome = Parked(
             claim,
-            Call("system", "parked", None, str(exc)),
+            Call(HistoryKind.SYSTEM, HistoryDecision.PARK, None, str(exc)),
             reason=exc.reason,
             counts_attempt=False,
         )
@@ -402,7 +403,13 @@ class Dispatcher:
     def _outcome(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
         said = "Recrypt said" if answer.started else "gRPC said (nothing was sent)"
         text = decision.explanation + (f"; {said}: {answer.message}" if answer.message else "")
-        call = Call("call", decision.action.value, answer.code.name, text, answer.duration_ms)
+        call = Call(
+            HistoryKind.CALL,
+            HistoryDecision(decision.action.value),
+            answer.code.name,
+            text,
+            answer.duration_ms,
+        )
         attempts = claim.attempts + int(decision.counts_attempt)
         unknown = claim.unknown_attempts + int(decision.bounded)  # only unknown outcomes count
         match decision.action:
@@ -410,8 +417,8 @@ class Dispatcher:
                 response = response_to_json(answer.response) if answer.response else None
                 if _key_used_before(claim, answer):
                     call = Call(
-                        "call",
-                        policy.KEY_USED_BEFORE,
+                        HistoryKind.CALL,
+                        HistoryDecision.KEY_USED_BEFORE,
                         answer.code.name,
                         f"{policy.KEY_USED_BEFORE_TEXT}; {text}",
                         answer.duration_ms,
@@ -420,8 +427,8 @@ class Dispatcher:
             case Action.RETRY if decision.bounded and unknown >= self.settings.max_unknown_attempts:
                 parked = policy.unknown_outcome_exhausted(unknown)
                 call = Call(
-                    "call",
-                    "park",
+                    HistoryKind.CALL,
+                    HistoryDecision.PARK,
                     answer.code.name,
                     f"{parked.explanation}; {text}",
                     answer.duration_ms,

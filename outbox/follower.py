@@ -38,6 +38,7 @@ from outbox.logs import describe_error, kv
 from outbox.policy import Backoff, Gate, decide
 from outbox.schema import utcnow
 from outbox.store import Call, Store
+from outbox.vocabulary import HistoryKind
 
 log = logging.getLogger("outbox.follower")
 
@@ -193,7 +194,7 @@ class StreamFollower:
         key = field_text(update, KEY_FIELD)
         status = field_text(update, "status")
         event = Call(
-            kind="stream",
+            kind=HistoryKind.STREAM,
             decision=_snake(update.DESCRIPTOR.name),
             code=status,
             message=describe(update),

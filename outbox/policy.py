@@ -255,9 +255,8 @@ class Backoff:
         return base * (1.0 - spread)
 
 
-#: History decision for ALREADY_EXISTS on a row's very first attempt (a metric counts them):
-#: the key was used at Recrypt before this row was ever sent.
-KEY_USED_BEFORE = "commit_key_used_before"
+#: Why ALREADY_EXISTS on a row's very first attempt is recorded apart
+#: (``HistoryDecision.KEY_USED_BEFORE``; a metric counts them).
 KEY_USED_BEFORE_TEXT = (
     "ALREADY_EXISTS on the very first attempt: this key was used at Recrypt before this row "
     "was sent (by another system, a copy of this row, or a row purged from this outbox); "

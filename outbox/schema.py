@@ -243,6 +243,11 @@ workers = sa.Table(
     sa.Column("gate_reason", sa.Text(), nullable=True),
     sa.Column("gate_until", UTCDateTime(), nullable=True),
     sa.Column("stopped_at", UTCDateTime(), nullable=True),
+    # When this worker's current gate closed; NULL while open (migration 0006).
+    sa.Column("gate_since", UTCDateTime(), nullable=True),
+    # gRPC paths held because Recrypt answered PERMISSION_DENIED outside maintenance (the API
+    # key may not call them), comma-separated; NULL for none (migration 0006).
+    sa.Column("refused_methods", sa.Text(), nullable=True),
 )
 
 # A key whose row retention purged (migration 0004). Recrypt may still hold a request under the

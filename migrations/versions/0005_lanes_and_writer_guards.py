@@ -13,12 +13,13 @@ Lanes, on every database:
 - ``outbox_lanes``: one row per lane, locked by serialising writers until they commit.
 
 SQLite only: its columns take any value and compare timestamps as text, so the writer columns
-get the checks the servers' types give. Triggers refuse a ``payload`` that is not JSON text
-and a ``not_before``/``expires_at`` that is not an ISO-8601 time (numbers and epochs too),
-and rewrite every accepted form (``T`` or space, optional fraction, ``Z`` or ``±HH:MM``) to
-the text the app writes, in UTC (``YYYY-MM-DD HH:MM:SS.ffffff``), so text order is time
-order. Existing rows are rewritten the same way; a row whose timestamp cannot be understood
-has it cleared, and is parked ``bad_row`` if it is open, with a message naming the column.
+get the checks the servers' types give. Triggers refuse a ``payload`` that is not JSON
+(``json_valid``; bytes too) and a ``not_before``/``expires_at`` that is not an ISO-8601 time
+(numbers and epochs too), and rewrite every accepted form (``T`` or space, optional fraction,
+``Z`` or ``±HH:MM``) to the text the app writes, in UTC (``YYYY-MM-DD HH:MM:SS.ffffff``), so
+text order is time order. Existing rows are rewritten the same way; a row whose timestamp
+cannot be understood has it cleared, and is parked ``bad_row`` if it is open, with a message
+naming the column.
 
 A later migration that rebuilds ``outbox_messages`` on SQLite (batch "recreate") loses these
 triggers and must create them again (``sqlite_triggers()`` below).
@@ -47,7 +48,7 @@ ACCEPTED = (
     "and 'Z' or a '+HH:MM'/'-HH:MM' offset, converted to UTC); numbers and epochs are refused"
 )
 NOT_A_TIME = "{column}: not a time SQLite can compare; " + ACCEPTED
-NOT_JSON = "payload: not JSON text; write the request as a JSON object in text"
+NOT_JSON = "payload: not JSON (or bytes); write the request as a JSON object in text"
 STAMP = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's SQLite DATETIME text: what the app writes
 
 
@@ -146,7 +147,9 @@ def _refuse(condition: str, message: str) -> str:
 
 def _guards(changed: str) -> str:
     """The trigger body refusing bad writer columns; ``changed`` formats 'is NEW.x new?'."""
-    not_json = "typeof(NEW.payload) != 'text' OR NOT json_valid(NEW.payload)"
+    # Bytes are refused as the servers refuse them; a number SQLite's column affinity made of
+    # the text '0' is valid JSON (parked by the daemon, as a jsonb 0 would be).
+    not_json = "typeof(NEW.payload) = 'blob' OR NOT json_valid(NEW.payload)"
     checks = [_refuse(f"{changed.format('payload')} AND ({not_json})", NOT_JSON)]
     for column in TIMESTAMPS:
         bad = f"{changed.format(column)} AND {canonical(f'NEW.{column}')} IS NULL"

@@ -48,11 +48,13 @@ from outbox.store.rows import (
     Outcome,
     Parked,
     Retry,
+    RetryingView,
     RowView,
     StatusView,
     WorkerBeat,
     WorkerView,
 )
+from outbox.vocabulary import HistoryDecision, HistoryKind
 
 __all__ = [
     "Call",
@@ -64,6 +66,7 @@ __all__ = [
     "Outcome",
     "Parked",
     "Retry",
+    "RetryingView",
     "RowView",
     "StatusView",
     "Store",
@@ -452,8 +455,8 @@ class Store:
                 )
                 if done.rowcount == 1:
                     counts[1 if unknown else 0] += 1
-                    decision = "parked" if unknown else "expired"
-                    _add_history(conn, row.id, now, "expirer", Call("system", decision))
+                    decision = HistoryDecision.PARK if unknown else HistoryDecision.EXPIRED
+                    _add_history(conn, row.id, now, "expirer", Call(HistoryKind.SYSTEM, decision))
         return counts[0], counts[1]
 
     @retry_transient
@@ -491,11 +494,13 @@ class Store:
         """
         with self._tx() as conn:
             for outcome in late:
-                call = outcome.call or Call("system", "unknown")
+                call = outcome.call or Call(HistoryKind.SYSTEM, HistoryDecision.LATE_ANSWER)
                 text = bounded(
                     f"answer arrived after this worker had lost the row: {call.message or ''}"
                 )
-                line = Call("call", "late_answer", call.code, text, call.duration_ms)
+                line = Call(
+                    HistoryKind.CALL, HistoryDecision.LATE_ANSWER, call.code, text, call.duration_ms
+                )
                 _add_history(conn, outcome.claim.id, now, outcome.claim.worker, line)
                 if isinstance(outcome, Committed):
                     _commit_late(conn, outcome, now)
@@ -536,7 +541,13 @@ class Store:
             conn.execute(
                 m.update().where(m.c.id == row.id, m.c.state == State.PARKED).values(**values)
             )
-            _add_history(conn, row.id, now, actor, Call("operator", "requeue", None, reason))
+            _add_history(
+                conn,
+                row.id,
+                now,
+                actor,
+                Call(HistoryKind.OPERATOR, HistoryDecision.REQUEUE, None, reason),
+            )
             if self.dialect == "postgresql":  # wake a listening daemon (as an insert does)
                 conn.execute(sa.text("SELECT pg_notify('outbox_messages', '')"))
         return self.get(key)
@@ -572,8 +583,14 @@ class Store:
                     updated_at=now,
                 )
             )
-            decision = "cancel_forced" if force and row.maybe_executed else "cancel"
-            _add_history(conn, row.id, now, actor, Call("operator", decision, None, reason))
+            decision = (
+                HistoryDecision.CANCEL_FORCED
+                if force and row.maybe_executed
+                else HistoryDecision.CANCEL
+            )
+            _add_history(
+                conn, row.id, now, actor, Call(HistoryKind.OPERATOR, decision, None, reason)
+            )
         return self.get(key)
 
     def _locked_row(self, conn: Connection, key: str) -> Any:
@@ -636,11 +653,8 @@ class Store:
             counts: dict[str, int] = dict(
                 conn.execute(sa.select(m.c.state, sa.func.count()).group_by(m.c.state)).all()
             )
-            # Due since: the retry time, else the later of insertion and not_before.
-            released = sa.case(
-                (m.c.not_before > m.c.created_at, m.c.not_before), else_=m.c.created_at
-            )
-            due_since = sa.func.coalesce(m.c.next_attempt_at, released)
+            # Due since: the retry time, else when it first became due.
+            due_since = sa.func.coalesce(m.c.next_attempt_at, _first_due())
             oldest = conn.execute(
                 sa.select(sa.func.min(due_since)).where(
                     m.c.state == State.PENDING,
@@ -702,6 +716,8 @@ class Store:
             "gate": beat.gate,
             "gate_reason": beat.gate_reason,
             "gate_until": beat.gate_until,
+            "gate_since": beat.gate_since,
+            "refused_methods": ",".join(beat.refused_methods) or None,
             "stopped_at": None,
         }
         with self._tx() as conn:
@@ -723,12 +739,24 @@ class Store:
     def list_workers(self) -> list[WorkerView]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(workers).order_by(workers.c.started_at)).all()
-        return [
-            WorkerView(
-                **{k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
-            )
-            for row in rows
-        ]
+        return [_worker(row) for row in rows]
+
+    def retrying(self, due_before: datetime, attempts: int) -> RetryingView:
+        """Pending rows Recrypt has answered that first became due before ``due_before``, and
+        pending rows with at least ``attempts`` attempts: counts, the oldest, the commonest
+        last answer. One query, over the pending rows' index only (``outbox check``)."""
+        with self.engine.connect() as conn:
+            groups = conn.execute(_retrying_query(due_before, attempts)).all()
+        return _retrying_view(groups)
+
+    def explain_retrying(self, due_before: datetime, attempts: int) -> str:
+        """The database's plan for ``retrying`` (all three databases), for tests and ops."""
+        query = _retrying_query(due_before, attempts)
+        compiled = query.compile(self.engine, compile_kwargs={"literal_binds": True})
+        explain = "EXPLAIN QUERY PLAN" if self.dialect == "sqlite" else "EXPLAIN"
+        with self.engine.connect() as conn:
+            plan = conn.exec_driver_sql(f"{explain} {compiled}").all()
+        return "\n".join(" ".join(str(part) for part in row) for row in plan)
 
     @retry_transient
     def purge_finished(
@@ -924,11 +952,13 @@ def _release(conn: Connection, row: Any, now: datetime, *, parks: bool) -> bool:
             "then requeue (same key, safe) or cancel --force"
         )
         values: dict[str, Any] = {"state": State.PARKED, "park_reason": "unknown_outcome"}
-        line = Call("system", "park", "LEASE_EXPIRED", text)
+        line = Call(HistoryKind.SYSTEM, HistoryDecision.PARK, "LEASE_EXPIRED", text)
     else:
         text = f"lease of worker {owner} expired mid-call: resending with the same key (safe)"
         values = {"state": State.PENDING}
-        line = Call("system", "lease_expired", "LEASE_EXPIRED", f"worker {owner}")
+        line = Call(
+            HistoryKind.SYSTEM, HistoryDecision.LEASE_EXPIRED, "LEASE_EXPIRED", f"worker {owner}"
+        )
     done = conn.execute(
         m.update()
         .where(m.c.id == row.id, m.c.state == State.INFLIGHT, m.c.lease_owner == owner)
@@ -990,7 +1020,7 @@ def _refused(outcome: Outcome, error: str) -> Parked:
     )
     return Parked(
         outcome.claim,
-        Call("system", "parked", None, text),
+        Call(HistoryKind.SYSTEM, HistoryDecision.PARK, None, text),
         reason="bad_row",  # policy.ParkReason.BAD_ROW (the store does not import the policy)
         maybe_executed=isinstance(outcome, Committed) or maybe,
         counts_attempt=isinstance(outcome, Committed)
@@ -1190,6 +1220,63 @@ def _aware(value: Any) -> Any:
     if isinstance(value, datetime):
         return UTCDateTime().process_result_value(value, None)  # type: ignore[arg-type]
     return value if value is None else str(value)
+
+
+def _first_due() -> sa.ColumnElement[Any]:
+    """When a row first became due: the later of its insertion and ``not_before``."""
+    return sa.case((m.c.not_before > m.c.created_at, m.c.not_before), else_=m.c.created_at)
+
+
+def _worker(row: sa.Row[Any]) -> WorkerView:
+    data = {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
+    data["refused_methods"] = tuple(p for p in (data["refused_methods"] or "").split(",") if p)
+    return WorkerView(**data)
+
+
+RETRYING_MESSAGE_CUT = 200  # characters of a last message ``retrying`` reads, at most
+#: Written out, not bound: PostgreSQL's generic plan for a bound state cannot use the
+#: partial index on pending rows (``ix_outbox_messages_due``).
+_PENDING = sa.literal_column(f"'{State.PENDING.value}'")
+
+
+def _retrying_query(due_before: datetime, attempts: int) -> sa.Select[Any]:
+    """Per last_code: pending rows answered and first due before ``due_before`` (long), or
+    with at least ``attempts`` attempts (many). A rate-limit answer hands a row back without
+    counting an attempt, so "answered" is an attempt counted or a last code."""
+    answered = sa.or_(m.c.attempts > 0, m.c.last_code.is_not(None))
+    cutoff = sa.bindparam("due_before", due_before, type_=UTCDateTime())
+    long = sa.and_(answered, _first_due() <= cutoff)
+    many = m.c.attempts >= sa.bindparam("attempts", attempts, type_=sa.Integer())
+    return (
+        sa.select(
+            m.c.last_code,
+            sa.func.count().label("rows"),
+            sa.func.sum(sa.case((long, 1), else_=0)).label("long"),
+            sa.func.min(sa.case((long, _first_due()))).label("first_due"),
+            sa.func.sum(sa.case((many, 1), else_=0)).label("many"),
+            sa.func.max(sa.case((many, m.c.attempts))).label("most"),
+            sa.func.min(sa.func.substr(m.c.last_message, 1, RETRYING_MESSAGE_CUT)).label("message"),
+        )
+        .where(m.c.state == _PENDING, sa.or_(long, many))
+        .group_by(m.c.last_code)
+    )
+
+
+def _retrying_view(groups: Sequence[sa.Row[Any]]) -> RetryingView:
+    if not groups:
+        return RetryingView()
+    top = min(groups, key=lambda g: (-int(g.rows), g.last_code is None, g.last_code or ""))
+    firsts = [t for g in groups if isinstance(t := _aware(g.first_due), datetime)]
+    return RetryingView(
+        rows=sum(int(g.rows) for g in groups),
+        long=sum(int(g.long or 0) for g in groups),
+        first_due_at=min(firsts, default=None),
+        many=sum(int(g.many or 0) for g in groups),
+        most_attempts=max(int(g.most or 0) for g in groups),
+        code=top.last_code,
+        code_rows=int(top.rows),
+        message=top.message,
+    )
 
 
 def new_key() -> str:

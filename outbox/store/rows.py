@@ -52,8 +52,8 @@ class Claim:
 class Call:
     """The attempt-history line for one outcome."""
 
-    kind: str  # "call" or "system"
-    decision: str
+    kind: str  # a vocabulary.HistoryKind
+    decision: str  # a vocabulary.HistoryDecision (a stream update: the update's name)
     code: str | None = None
     message: str | None = None
     duration_ms: float | None = None
@@ -146,6 +146,8 @@ class WorkerView:
     gate_reason: str | None
     gate_until: datetime | None
     stopped_at: datetime | None
+    gate_since: datetime | None = None  # when the current gate closed (None: open, or unknown)
+    refused_methods: tuple[str, ...] = ()  # held: PERMISSION_DENIED outside maintenance
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ class WorkerBeat:
     gate: str = "open"
     gate_reason: str | None = None
     gate_until: datetime | None = None
+    gate_since: datetime | None = None  # gates.GateView.since
+    refused_methods: tuple[str, ...] = ()  # gates.GateView.refused_methods (full gRPC paths)
 
 
 @dataclass(frozen=True)
@@ -168,3 +172,18 @@ class StatusView:
     blocked_lanes: list[str]
     maybe_executed_open: int
     workers: list[WorkerView] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RetryingView:
+    """Pending rows a human should look at (``outbox check``): rows Recrypt has answered that
+    first became due before a time (``long``), and rows with many attempts (``many``)."""
+
+    rows: int = 0  # in either group, each row once
+    long: int = 0
+    first_due_at: datetime | None = None  # the earliest first-due time among ``long``
+    many: int = 0
+    most_attempts: int = 0
+    code: str | None = None  # the commonest last_code among ``rows``
+    code_rows: int = 0  # how many of them have it
+    message: str | None = None  # the start of one of their last messages (bounded)

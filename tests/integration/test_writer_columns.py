@@ -158,7 +158,7 @@ def test_sqlite_refuses_what_it_cannot_compare(
     assert stored_text(sqlite_engine, key, column) is None
 
 
-@pytest.mark.parametrize("payload", ["{not json", "", b'{"a": 1}', 42])
+@pytest.mark.parametrize("payload", ["{not json", "", b'{"a": 1}', "[" * 5000 + "]" * 5000])
 def test_sqlite_refuses_a_payload_that_is_not_json_text(
     payload: Any, sqlite_engine: Engine
 ) -> None:

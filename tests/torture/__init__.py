@@ -1,7 +1,11 @@
 """The torture run: a seeded, randomised run of the whole system under crashes and faults.
 
-``harness.run_torture`` drives daemons (as processes), the simulator and the database at once
-and checks the promise at the end (nothing lost, nothing doubled, lanes in order, parked rows
-exactly those the faults called for). ``test_torture.py`` is the CI-sized run on every
+``harness.run_torture`` drives daemons (``daemons``, as processes), the simulator and the
+database (``database``) at once, with a writer (``writer``), the guide's faults and the seams
+of ``seams`` (database outages mid-call, out-of-order lane commits, poison rows, method edits,
+key reuse after retention, reloads mid-call, operator cancels), and checks the promise at the
+end (``checks``: nothing lost, nothing doubled, nothing executed then dropped, lanes in order
+and one row of a lane in flight, one method and one request per key, responses kept, parked
+rows exactly those the faults called for). ``test_torture.py`` is the CI-sized run on every
 database; ``python -m tests.torture --minutes 10 --db postgresql --seed N`` is the long one.
 """

@@ -3,6 +3,9 @@
 Creates its own database (``outbox_torture_<seed>`` on the server, or a file in a temporary
 directory for SQLite), migrates it, runs ``harness.run_torture``, prints the figures line and
 exits 1 on any violation. The database and logs are kept after a failure.
+
+``--without poison`` (any chaos action names, comma-separated) leaves actions out: a poison
+row that stops every claim hides what else is broken, so a run without it shows the rest.
 """
 
 from __future__ import annotations

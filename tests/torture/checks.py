@@ -193,6 +193,8 @@ def condense(lines: list[str], keep: int = MAX_ALIKE) -> list[str]:
 
 def _shape(line: str) -> str:
     line = re.sub(r"row \d+ '[^']*' \([^)]*\)", "row N (...)", line)
+    line = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<uuid>", line)
+    line = re.sub(r"vm:\d+:[0-9a-f]+|[\w.-]+:\d+:[0-9a-f]{8}", "<worker>", line)
     return re.sub(r"\d+", "#", line)
 
 
@@ -384,23 +386,33 @@ def _lane_order(lane: str, members: list[RowSpec], observed: Observed) -> list[s
 def _lane_overlap(lane: str, members: list[RowSpec], observed: Observed) -> list[str]:
     """No two rows of a lane in flight at the simulator at once.
 
-    A call counts until its answer, or until its caller's deadline: a call the daemon gave up
-    on may sit on in the simulator, but the daemon rightly treats it as over.
+    A call counts until its answer, its caller's deadline (a call the daemon gave up on may
+    sit on in the simulator, but the daemon rightly treats it as over), or its key's effect
+    (once a key has executed, any call still carrying it can only answer ALREADY_EXISTS).
     """
     index = {s.key: s.index for s in members}
     spans = sorted((sp for s in members for sp in observed.by_key.get(s.key, [])), key=_start)
     bad = []
     for i, a in enumerate(spans):
+        a_until = _live_until(a, observed)
         for b in spans[i + 1 :]:
-            if b.start >= a.until:
+            if b.start >= a_until:
                 break
             if b.key != a.key:
                 bad.append(
                     f"lane {lane}: rows {index[a.key]} and {index[b.key]} in flight at once at "
                     f"the simulator ({a.method.rsplit('/', 1)[-1]} {_clock(a.start)}-"
-                    f"{_clock(a.until)} and {_clock(b.start)}-{_clock(b.until)})"
+                    f"{_clock(a_until)} and {_clock(b.start)}-{_clock(_live_until(b, observed))})"
                 )
     return bad
+
+
+def _live_until(span: Span, observed: Observed) -> datetime:
+    """Until when ``span`` could still take effect: see ``_lane_overlap``."""
+    entry = observed.entries.get(span.key)
+    if entry is None:
+        return span.until
+    return max(span.start, min(span.until, entry.at))
 
 
 def _start(span: Span) -> datetime:

@@ -179,7 +179,7 @@ class TortureSimulator(Simulator):
             self._clock(),
             outcome.code.name,
             bool(outcome.executed),
-            context.is_active(),
+            context.is_active() and not self._stopped.is_set(),  # a stop drops the answer
             caller,
             request,
         )

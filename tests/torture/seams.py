@@ -436,8 +436,8 @@ class Seams:
     def operator_cancel(self) -> None:
         """``outbox cancel`` (no ``--force``) of a pending row; refused if it may have run.
 
-        The row is one waiting for a retry or its ``not_before`` if there is one, else a new
-        row due in a few seconds.
+        Half the time a row already waiting (for a retry or its ``not_before``) is tried first;
+        then, or if that is refused, a new row due in a few seconds.
         """
         rows = self.db.try_rows() or {}
         pending = [
@@ -447,23 +447,27 @@ class Seams:
             and not s.cancelled
             and rows.get(s.key, {}).get("state") == "pending"
         ]
-        spec = self.rng.choice(pending) if pending and self.rng.random() < 0.5 else None
-        if spec is None:
-            spec = self.writer.spec(
-                new_key(self.rng), TRANSFER, transfer_payload(self.rng), "not_before", "api"
-            )
-            spec.not_before = utcnow() + timedelta(seconds=self.rng.uniform(3.0, 6.0))
-            self.db.insert(spec)
-            self.writer.register(spec)
+        if pending and self.rng.random() < 0.5 and self._cancel(self.rng.choice(pending)):
+            return
+        spec = self.writer.spec(
+            new_key(self.rng), TRANSFER, transfer_payload(self.rng), "not_before", "api"
+        )
+        spec.not_before = utcnow() + timedelta(seconds=self.rng.uniform(3.0, 6.0))
+        self.db.insert(spec)
+        self.writer.register(spec)
+        self._cancel(spec)
+
+    def _cancel(self, spec: RowSpec) -> bool:
         try:
             self.db.store.cancel(spec.key, "torture@chaos", "torture: cancel", utcnow(), False)
         except OperatorActionError as exc:
             self.report.extra["cancel_refused"] += 1
             self.note(f"cancel {spec.key} refused: {exc}")
-            return
+            return False
         except sa.exc.DBAPIError as exc:
             self.note(f"cancel {spec.key} failed: {type(exc).__name__}")
-            return
+            return False
         spec.cancelled = True
         self.report.faults["operator_cancel"] += 1
         self.note(f"cancelled {spec.key}")
+        return True

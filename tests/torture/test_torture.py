@@ -53,9 +53,11 @@ NOW = datetime.now(UTC)
 BODY = {"fromAccount": "a", "toAccount": "b", "amount": "1.00"}
 
 
-def _entry(catalog: Catalog, key: str, payload: dict[str, str], **response: str) -> LedgerEntry:
+def _entry(
+    catalog: Catalog, key: str, payload: dict[str, str], at: float = 0.0, **response: str
+) -> LedgerEntry:
     request = expected_request(RowSpec(0, key, TRANSFER, payload, "plain", "sql"), catalog)
-    return LedgerEntry(key, TRANSFER, request, NOW, response)
+    return LedgerEntry(key, TRANSFER, request, NOW + timedelta(seconds=at), response)
 
 
 def _row(row_id: int, state: str, reason: str | None = None, **more: object) -> dict[str, object]:
@@ -145,8 +147,8 @@ def test_the_checks_catch_each_broken_seam() -> None:
     purged = {k[3]: [_row(4, "committed")]}
     observed = Observed(
         [
-            _entry(catalog, k[0], BODY),
-            _entry(catalog, k[1], BODY),
+            _entry(catalog, k[0], BODY, at=0.3),
+            _entry(catalog, k[1], BODY, at=0.6),
             _entry(catalog, k[3], BODY),
             _entry(catalog, k[5], BODY),
             _entry(catalog, k[7], BODY, transfer_id="t-7"),
@@ -173,3 +175,24 @@ def test_the_checks_catch_each_broken_seam() -> None:
     assert f"row 6 {k[6]!r} (poison_surrogate" in found
     assert "the answer's response was lost" in found
     assert f"row 8 {k[8]!r} (plain, api, lane=None): executed at Recrypt but cancelled" in found
+
+
+def test_a_call_left_over_after_its_key_executed_holds_no_lane() -> None:
+    """A cancelled call may sit on in the simulator; once its key executed it is harmless."""
+    catalog = Catalog.load()
+    x, y = str(uuid.uuid4()), str(uuid.uuid4())
+    specs = [
+        RowSpec(0, x, TRANSFER, BODY, "lane", "sql", lane="Q", visible_at=NOW),
+        RowSpec(1, y, TRANSFER, BODY, "lane", "sql", lane="Q", visible_at=NOW),
+    ]
+    rows = {x: _row(1, "committed"), y: _row(2, "committed")}
+    observed = Observed(
+        [_entry(catalog, x, BODY, at=0.4), _entry(catalog, y, BODY, at=0.6)],
+        [
+            _span(x, 0.0, 1.5, code="ALREADY_EXISTS"),  # abandoned by its caller, answered late
+            _span(x, 0.35, 0.4, executed=True),  # the resend that executed
+            _span(y, 0.5, 0.6, executed=True),
+        ],
+    )
+    found = check(specs, Table(rows), observed, catalog)
+    assert not [line for line in found if "in flight at once" in line], found
