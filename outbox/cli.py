@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import json
+import math
 import os
 import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,12 +32,12 @@ from rich.text import Text
 from sqlalchemy.engine import Engine, make_url
 
 from outbox import migrate
-from outbox.config import Config, load
+from outbox.config import CheckConfig, Config, load
 from outbox.database import make_engine
 from outbox.errors import OutboxError
 from outbox.logs import describe_error
 from outbox.schema import State
-from outbox.store import HistoryLine, RowView, StatusView, Store, WorkerView
+from outbox.store import HistoryLine, RetryingView, RowView, StatusView, Store, WorkerView
 
 OK, WARNING, CRITICAL = 0, 1, 2
 LIST_MESSAGE_WIDTH = 60
@@ -591,6 +592,8 @@ def status(obj: Outbox, as_json: bool) -> None:
     for line in attention_lines(view):
         out.print(text(line))
     out.print(workers_table(view.workers, now, stale_after) if view.workers else "no workers")
+    for line in refused_lines(view.workers):
+        out.print(text(line))
 
 
 def attention_lines(view: StatusView) -> list[str]:
@@ -611,17 +614,36 @@ def _reasons(by_reason: dict[str, int]) -> str:
 
 def workers_table(workers: Sequence[WorkerView], now: datetime, stale_after: float) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("worker", "version", "beat", "liveness", "gate", "until"):
+    for name in ("worker", "version", "beat", "liveness", "gate", "since", "until"):
         table.add_column(name, overflow="fold")
     table.add_column("why", overflow="fold", ratio=1)
     for w in workers:
         alive = liveness(w, now, stale_after)
         shown = {"stale": "stale (dead?)"}.get(alive, alive)
         beat = age((now - w.last_beat_at).total_seconds()) + " ago"
+        closed = w.gate_since if alive != "stopped" else None
+        since = age((now - closed).total_seconds()) if closed else None
         until = w.gate_until.astimezone(UTC).strftime("%H:%M:%S") if w.gate_until else None
-        cells = (w.worker_id, w.version, beat, shown, w.gate, until, w.gate_reason)
+        cells = (w.worker_id, w.version, beat, shown, w.gate, since, until, w.gate_reason)
         table.add_row(*map(text, cells))
     return table
+
+
+def refused_lines(workers: Sequence[WorkerView]) -> list[str]:
+    """One line per running worker holding methods Recrypt refused outside maintenance."""
+    return [
+        f"{w.worker_id} holds methods Recrypt refused (the API key's permissions?): "
+        f"{method_names(w.refused_methods)}; {REFUSED_ADVICE}"
+        for w in workers
+        if w.refused_methods and w.stopped_at is None
+    ]
+
+
+def method_names(methods: Iterable[str], most: int = 5) -> str:
+    """``Market/PlaceOrder, Wallet/Transfer`` (sorted; ``and N more`` past ``most``)."""
+    names = sorted(set(methods))
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(short_method(name) for name in names[:most]) + more
 
 
 # --------------------------------------------------------------------------- check
@@ -636,14 +658,21 @@ class Verdict:
         return f"{('OK', 'WARNING', 'CRITICAL')[self.level]}: {self.summary}"
 
 
-def judge(view: StatusView, config: Config, now: datetime) -> Verdict:
-    """The monitoring verdict from the status and ``[check]`` thresholds."""
+def judge(
+    view: StatusView, config: Config, now: datetime, retrying: RetryingView | None = None
+) -> Verdict:
+    """The monitoring verdict from the status and ``[check]`` thresholds.
+
+    Besides the counts, it warns on what the guide says a human must look at (``attention``),
+    each with what to do; those are warnings, never critical.
+    """
     c = config.check
     parked = view.counts.get(State.PARKED, 0)
     oldest = oldest_due_age(view, now) or 0.0  # thresholds are > 0: no due row never alarms
     live = [w for w in view.workers if liveness(w, now, c.heartbeat_stale) == "live"]
     waiting = view.counts.get(State.PENDING, 0) + view.counts.get(State.INFLIGHT, 0)
     gates = [w.gate for w in live]
+    notes = attention(live, retrying or RetryingView(), c, now)
     critical = (
         parked >= max(c.parked_critical, 1)
         or oldest >= c.oldest_due_critical
@@ -653,10 +682,117 @@ def judge(view: StatusView, config: Config, now: datetime) -> Verdict:
     warning = (
         parked >= max(c.parked_warning, 1)
         or oldest >= c.oldest_due_warning
-        or any(gate != "open" for gate in gates)
+        or any(gate not in ("open", *TIMED_GATES) for gate in gates)
+        or bool(notes)
     )
     level = CRITICAL if critical else WARNING if warning else OK
-    return Verdict(level, check_summary(view, now, live, waiting))
+    return Verdict(level, "; ".join([check_summary(view, now, live, waiting), *notes]))
+
+
+#: Gates ``judge`` times against a ``[check]`` threshold (``policy.Gate`` values; a test holds
+#: them to it). Any other closed gate warns at once, as before.
+ROLLOVER, MAINTENANCE = "rollover", "maintenance"
+TIMED_GATES = (ROLLOVER, MAINTENANCE)
+CHECK_MESSAGE_WIDTH = 100  # characters of a row's last message in the check line
+REFUSED_ADVICE = (
+    "check the API key's permissions (key_access in the protos, recrypt.net/api), "
+    "then systemctl reload outbox"
+)
+
+
+def attention(
+    live: Sequence[WorkerView], retrying: RetryingView, c: CheckConfig, now: datetime
+) -> list[str]:
+    """What a human must look at, one sentence each, with what to do (issue 10)."""
+    notes = [_rollover_note(live, c, now), _maintenance_note(live, c, now), _refused_note(live)]
+    return [note for note in notes if note] + _retrying_notes(retrying, c, now)
+
+
+def gate_age(live: Sequence[WorkerView], gate: str, now: datetime) -> float | None:
+    """Seconds the longest-closed live worker in ``gate`` has had it closed; None if none is
+    in it; ``math.inf`` if one does not say since when (a daemon older than migration 0006)."""
+    ages = [
+        math.inf if w.gate_since is None else (now - w.gate_since).total_seconds()
+        for w in live
+        if w.gate == gate
+    ]
+    return max(ages, default=None)
+
+
+def _rollover_note(live: Sequence[WorkerView], c: CheckConfig, now: datetime) -> str | None:
+    closed = gate_age(live, ROLLOVER, now)
+    if closed is None or closed < c.rollover_warning:
+        return None
+    how_long = (
+        "since an unknown time"
+        if closed == math.inf
+        else f"for {lasted(closed)}, over {threshold(c.rollover_warning)}"
+    )
+    return f"rollover (UNAVAILABLE vgw-db) {how_long}: check recrypt.net for a notice"
+
+
+def _maintenance_note(live: Sequence[WorkerView], c: CheckConfig, now: datetime) -> str | None:
+    closed = gate_age(live, MAINTENANCE, now)
+    if closed is None or closed < c.maintenance_warning:
+        return None
+    paused = "for an unknown time" if closed == math.inf else lasted(closed)
+    return f"Recrypt maintenance (PERMISSION_DENIED): paused {paused}; see https://x.com/RecryptCS"
+
+
+def _refused_note(live: Sequence[WorkerView]) -> str | None:
+    held = [method for w in live for method in w.refused_methods]
+    if not held:
+        return None
+    return (
+        f"Recrypt refused {method_names(held)} outside maintenance (PERMISSION_DENIED), "
+        f"held: {REFUSED_ADVICE}"
+    )
+
+
+def _retrying_notes(r: RetryingView, c: CheckConfig, now: datetime) -> list[str]:
+    notes = []
+    if r.long:
+        first = r.first_due_at
+        oldest = f" (oldest {lasted((now - first).total_seconds())})" if first else ""
+        since = f"retrying over {threshold(c.retrying_warning)} since first due"
+        notes.append(f"{_rows(r.long)} {since}{oldest}")
+    if r.many:
+        notes.append(
+            f"{_rows(r.many)} with {c.attempts_warning} or more attempts (most {r.most_attempts})"
+        )
+    if r.rows:
+        notes += [_answer(r), "see outbox list --state pending"]
+    return notes
+
+
+def _answer(r: RetryingView) -> str:
+    """The commonest last answer among the rows, with the start of one's message."""
+    said = r.code or "no code"
+    if r.message:
+        said += f' "{clip(r.message, CHECK_MESSAGE_WIDTH)}"'
+    if r.rows == 1:
+        return f"its last answer: {said}"
+    if r.code_rows == r.rows:
+        return f"rows keep getting the same answer: {said}"
+    return f"commonest last answer ({r.code_rows} of {r.rows} rows): {said}"
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def lasted(seconds: float) -> str:
+    """How long something has lasted, at least: ``45 s``, ``12 min`` (under 3 h), ``3.5 h``."""
+    if seconds < 60:
+        return f"{max(seconds, 0.0):.0f} s"
+    if seconds < 3 * 3600:
+        return f"{seconds // 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def threshold(seconds: float) -> str:
+    """A configured duration as written: ``3 min`` when whole minutes, else ``90.5 s``."""
+    return f"{seconds / 60:g} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g} s"
 
 
 def check_summary(view: StatusView, now: datetime, live: Sequence[WorkerView], waiting: int) -> str:
@@ -679,8 +815,10 @@ def check_summary(view: StatusView, now: datetime, live: Sequence[WorkerView], w
 def check(obj: Outbox) -> None:
     """Monitoring: one line; exit 0 ok, 1 warning, 2 critical."""
     try:
-        now = utcnow()
-        verdict = judge(obj.store().status(now), obj.config, now)
+        now, c = utcnow(), obj.config.check
+        store = obj.store()
+        retrying = store.retrying(now - timedelta(seconds=c.retrying_warning), c.attempts_warning)
+        verdict = judge(store.status(now), obj.config, now, retrying)
     except Exception as exc:  # a probe answers CRITICAL, never a traceback
         summary = " ".join(describe_failure(exc, obj).split())  # one line, always
         verdict = Verdict(CRITICAL, f"cannot read the outbox: {summary}")

@@ -472,9 +472,14 @@ class Dispatcher:
         if answer is None:  # no such method in the protos: probe with real rows instead
             self.gates.on_probe(True, self.clock())
             return True
-        ok = answer.code == grpc.StatusCode.OK and not _field(answer.response, "maintenance_mode")
+        mode = bool(_field(answer.response, "maintenance_mode"))
+        ok = answer.code == grpc.StatusCode.OK and not mode
         gate = policy.decide(answer.code, answer.message).gate
-        self.gates.on_probe(ok, self.clock(), gate if gate != Gate.NONE else None, answer.message)
+        maintenance = mode or answer.code == grpc.StatusCode.PERMISSION_DENIED
+        says = True if maintenance else (False if ok else None)
+        self.gates.on_probe(
+            ok, self.clock(), gate if gate != Gate.NONE else None, answer.message, maintenance=says
+        )
         return ok
 
     def check_maintenance(self) -> Answer | None:
@@ -485,6 +490,8 @@ class Dispatcher:
         now = self.clock()
         if answer.code != grpc.StatusCode.OK:
             gate = policy.decide(answer.code, answer.message).gate
+            if gate == Gate.MAINTENANCE:
+                self.gates.confirm_maintenance()  # even MaintenanceCheck is refused
             if gate in (Gate.MAINTENANCE, Gate.UNAUTHENTICATED):
                 self.gates.on_answer(gate, now, answer.message)
             return answer
@@ -492,6 +499,7 @@ class Dispatcher:
         window = _window(_field(response, "rollover_start"), _field(response, "rollover_end"))
         self.gates.on_schedule(bool(_field(response, "rollover_scheduled")), window)
         if _field(response, "maintenance_mode"):
+            self.gates.confirm_maintenance()
             self.gates.on_answer(Gate.MAINTENANCE, now, str(_field(response, "notice") or ""))
         return answer
 

@@ -164,19 +164,34 @@ class Gates:
         with self._lock:
             self._removed.add(path)
 
+    def confirm_maintenance(self) -> None:
+        """Recrypt is in maintenance: the methods refused meanwhile are not the key's fault."""
+        with self._lock:
+            self._denied.clear()
+
     def method_denied(self, path: str) -> None:
         """A method answered PERMISSION_DENIED: maintenance, unless the probe says otherwise."""
         with self._lock:
             self._denied.add(path)
 
     def on_probe(
-        self, ok: bool, now: datetime, gate: Gate | None = None, message: str = ""
+        self,
+        ok: bool,
+        now: datetime,
+        gate: Gate | None = None,
+        message: str = "",
+        *,
+        maintenance: bool | None = None,
     ) -> None:
         """A MaintenanceCheck answered: ``ok`` reopens, otherwise wait for the next probe.
 
         A failed probe keeps the current gate (re-armed with backoff) unless it revealed a
-        stronger one (a maintenance probe answered UNAUTHENTICATED, say).
+        stronger one (a maintenance probe answered UNAUTHENTICATED, say). ``maintenance`` is
+        what the check said of maintenance mode (None: it could not tell): True means the
+        refusals were maintenance; False, on the first probe, means they were not.
         """
+        if maintenance is not False:
+            self.confirm_maintenance()  # (or unknown: never hold a method on a guess)
         if ok:
             self._refuse_denied(now)
             self.on_answer(Gate.NONE, now)

@@ -1236,7 +1236,7 @@ def _worker(row: sa.Row[Any]) -> WorkerView:
 RETRYING_MESSAGE_CUT = 200  # characters of a last message ``retrying`` reads, at most
 #: Written out, not bound: PostgreSQL's generic plan for a bound state cannot use the
 #: partial index on pending rows (``ix_outbox_messages_due``).
-_PENDING = sa.literal_column(f"'{State.PENDING.value}'")
+_PENDING: sa.ColumnElement[str] = sa.literal_column(f"'{State.PENDING.value}'", sa.String())
 
 
 def _retrying_query(due_before: datetime, attempts: int) -> sa.Select[Any]:

@@ -137,9 +137,7 @@ def test_rollover_past_three_minutes_warns_to_check_recrypt_net(cli: Cli, store:
     )
 
 
-def test_rollover_threshold_comes_from_the_config(
-    cli: Cli, store: Store, tmp_path: Path
-) -> None:
+def test_rollover_threshold_comes_from_the_config(cli: Cli, store: Store, tmp_path: Path) -> None:
     config = config_file(tmp_path, "[check]\nrollover_warning = 600\n")
     beat(store, gate="rollover", closed_ago=8 * MINUTE)
     assert check(cli, 0, "--config", config).startswith("OK: ")
@@ -210,9 +208,7 @@ def test_refused_methods_are_named_with_what_to_do(cli: Cli, store: Store) -> No
     )
 
 
-def test_no_refused_methods_is_ok_and_dead_workers_do_not_count(
-    cli: Cli, store: Store
-) -> None:
+def test_no_refused_methods_is_ok_and_dead_workers_do_not_count(cli: Cli, store: Store) -> None:
     beat(store, "w1")
     assert check(cli, 0).startswith("OK: ")
 
@@ -302,9 +298,7 @@ def test_a_row_both_long_and_many_is_counted_once_for_the_answer(
     assert f'its last answer: RESOURCE_EXHAUSTED "{RATE_LIMITED}"' in line
 
 
-def test_parked_and_finished_rows_are_not_retrying(
-    cli: Cli, engine: Engine, store: Store
-) -> None:
+def test_parked_and_finished_rows_are_not_retrying(cli: Cli, engine: Engine, store: Store) -> None:
     beat(store)
     for state in ("committed", "cancelled"):
         key = retried_row(cli, engine, due_ago=HOUR, attempts=20)
@@ -461,7 +455,6 @@ def _fill(engine: Engine, *, finished: int, pending: int) -> None:
             conn.execute(sa.text("ANALYZE TABLE outbox_messages"))
 
 
-
 # --------------------------------------------------------------------------- the daemon's beat
 
 
@@ -485,11 +478,11 @@ def daemon(sqlite_url: str) -> Iterator[Daemon]:
 def test_the_daemons_heartbeat_carries_gate_since_and_refused_methods(daemon: Daemon) -> None:
     closed = daemon.clock()
     daemon.gates.on_answer(Gate.ROLLOVER, closed, "vgw-db")
-    assert daemon._beat().gate_since == closed  # noqa: SLF001 (the heartbeat's source)
+    assert daemon._beat().gate_since == closed  # the heartbeat's source
 
     daemon.gates.on_answer(Gate.NONE, closed)
     daemon.gates.method_denied(TRANSFER)
     daemon.gates.on_answer(Gate.MAINTENANCE, closed)
     daemon.gates.on_probe(True, closed)  # no maintenance after all: the key may not call it
-    made = daemon._beat()  # noqa: SLF001
+    made = daemon._beat()
     assert (made.gate, made.gate_since, made.refused_methods) == ("open", None, (TRANSFER,))

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from outbox import migrate
 from outbox.database import make_engine
 from outbox.errors import SchemaNotReadyError
-from outbox.schema import messages, metadata
+from outbox.schema import messages, metadata, workers
 
 REPO = Path(__file__).resolve().parents[2]
 OUTBOX_TABLES = {"outbox_messages", "outbox_attempts", "outbox_workers"}
@@ -52,7 +52,7 @@ def test_upgrade_matches_metadata_and_downgrade_drops_everything(empty_engine: E
     migrate.upgrade(empty_engine)
     assert table_names(empty_engine) >= OUTBOX_TABLES
     assert schema_diff(empty_engine) == []
-    assert migrate.current(empty_engine) == migrate.head() == "0005"
+    assert migrate.current(empty_engine) == migrate.head() == "0006"
 
     migrate.downgrade(empty_engine, "base")
     assert table_names(empty_engine) & OUTBOX_TABLES == set()
@@ -61,6 +61,38 @@ def test_upgrade_matches_metadata_and_downgrade_drops_everything(empty_engine: E
     migrate.upgrade(empty_engine)
     migrate.ensure_at_head(empty_engine)
     assert schema_diff(empty_engine) == []
+
+
+def test_migration_0006_keeps_the_workers_and_reads_them_as_since_unknown(
+    empty_engine: Engine,
+) -> None:
+    """0006 only adds nullable columns: a worker that beat before it stays, its new columns
+    NULL; a downgrade drops them and keeps the worker."""
+    migrate.upgrade(empty_engine, "0005")
+    with empty_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO outbox_workers (worker_id, host, pid, version, started_at, "
+                "last_beat_at, gate) VALUES ('w-old', 'h', 1, '0.0.9', :at, :at, 'rollover')"
+            ),
+            {"at": "2026-11-24 18:01:00"},
+        )
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        row = connection.execute(sa.select(workers)).one()
+    assert (row.worker_id, row.gate, row.gate_since, row.refused_methods) == (
+        "w-old",
+        "rollover",
+        None,
+        None,
+    )
+
+    migrate.downgrade(empty_engine, "0005")
+    columns = {c["name"] for c in sa.inspect(empty_engine).get_columns("outbox_workers")}
+    assert {"gate_since", "refused_methods"} & columns == set()
+    with empty_engine.connect() as connection:
+        kept = connection.execute(sa.text("SELECT worker_id FROM outbox_workers")).scalars()
+        assert list(kept) == ["w-old"]
 
 
 def test_the_comparison_notices_a_missing_index(engine: Engine) -> None:
@@ -94,7 +126,7 @@ def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) ->
 
 
 def test_ensure_at_head_refuses_an_empty_database(empty_engine: Engine) -> None:
-    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0005: run `outbox db upgrade`"):
+    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0006: run `outbox db upgrade`"):
         migrate.ensure_at_head(empty_engine)
 
 
