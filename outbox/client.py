@@ -148,6 +148,7 @@ class GrpcClient:
 
     def close(self) -> None:
         self._channel.unsubscribe(self._on_connectivity)
+        _wait_for_poller(self._channel)
         self._channel.close()
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
@@ -166,6 +167,16 @@ class GrpcClient:
                 )
                 self._callables[method.path] = found
             return found
+
+
+def _wait_for_poller(channel: grpc.Channel, bound: float = 0.5) -> None:
+    """gRPC polls connectivity in a thread that notices an unsubscribe within 0.2 s; closing
+    the channel under it makes that thread die with a traceback ("Cannot monitor channel
+    state: Channel closed!"). Wait for it to stop (grpc/_channel.py, _poll_connectivity)."""
+    state = getattr(channel, "_connectivity_state", None)
+    give_up = time.monotonic() + bound
+    while getattr(state, "polling", False) and time.monotonic() < give_up:
+        time.sleep(0.01)
 
 
 class ClientSlot:

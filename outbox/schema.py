@@ -114,7 +114,10 @@ def _utc_now_mysql(_element: utc_now, _compiler: SQLCompiler, **_kw: Any) -> str
 
 
 def _json() -> sa.types.TypeEngine[Any]:
-    return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+    # None is SQL NULL ("no response"), not the JSON text 'null'
+    return sa.JSON(none_as_null=True).with_variant(
+        postgresql.JSONB(none_as_null=True), "postgresql"
+    )
 
 
 INFLIGHT_LANE_SQL = "CASE WHEN state = 'inflight' THEN lane END"

@@ -670,15 +670,14 @@ class Store:
                     .group_by(m.c.park_reason)
                 ).all()
             }
-            lanes = (
-                conn.execute(
-                    sa.select(m.c.lane)
+            lanes = [
+                read_text(lane, "lane")[0]
+                for lane in conn.execute(
+                    sa.select(_as_written(m.c.lane))
                     .where(m.c.state == State.PARKED, m.c.lane.is_not(None))
                     .distinct()
-                )
-                .scalars()
-                .all()
-            )
+                ).scalars()
+            ]
             maybe = conn.execute(
                 sa.select(sa.func.count()).where(
                     m.c.maybe_executed.is_(True), m.c.state.in_([s.value for s in OPEN_STATES])
@@ -906,9 +905,10 @@ def _commit_late(conn: Connection, outcome: Committed, now: datetime) -> None:
         {"b_response": outcome.response},
     )
     if outcome.response is not None:
-        conn.execute(
+        no_response = sa.or_(m.c.response.is_(None), sa.cast(m.c.response, sa.Text) == "null")
+        conn.execute(  # in flight with another worker (it will get ALREADY_EXISTS), or done
             m.update()
-            .where(row, m.c.state == State.COMMITTED, m.c.response.is_(None))
+            .where(row, m.c.state.in_([State.INFLIGHT, State.COMMITTED]), no_response)
             .values(response=response),
             {"b_response": outcome.response},
         )
@@ -1091,7 +1091,10 @@ _TRANSITIONS: dict[type, sa.Update] = {
     Committed: _guarded(
         state=State.COMMITTED,
         committed_at=sa.bindparam("b_now", type_=UTCDateTime()),
-        response=sa.bindparam("b_response", type_=m.c.response.type),
+        # an ALREADY_EXISTS has no response: keep one a late OK may have left (its evidence)
+        response=sa.func.coalesce(
+            sa.bindparam("b_response", type_=m.c.response.type), m.c.response
+        ),
         attempts=m.c.attempts + 1,
         next_attempt_at=None,
     ),
@@ -1184,11 +1187,18 @@ _VIEW_COLUMNS = [
 ]
 
 
+#: The writers' text columns an operator view reads as written (SQLite may hold any bytes).
+_VIEW_WRITER_TEXT = frozenset({"idempotency_key", "method", "lane", "reference", "payload"})
+
+
 def _view_query(*, with_payload: bool) -> sa.Select[Any]:
-    columns: list[Any] = [m.c[name] for name in _VIEW_COLUMNS]
+    columns: list[Any] = [
+        _as_written(m.c[name]).label(name) if name in _VIEW_WRITER_TEXT else m.c[name]
+        for name in _VIEW_COLUMNS
+    ]
     if with_payload:
         columns += [
-            sa.cast(m.c.payload, sa.Text).label("payload"),
+            _as_written(sa.cast(m.c.payload, sa.Text)).label("payload"),
             sa.cast(m.c.response, sa.Text).label("response"),
         ]
     return sa.select(*columns)
@@ -1201,6 +1211,8 @@ _VIEW_TIMES = frozenset(c.name for c in m.c if isinstance(c.type, UTCDateTime))
 def _view(row: sa.Row[Any]) -> RowView:
     """A row for operators; never fails on what a column holds (``outbox show`` must work)."""
     data = {k: _aware(v) if k in _VIEW_TIMES else v for k, v in row._mapping.items()}
+    for name in _VIEW_WRITER_TEXT & data.keys():
+        data[name] = read_text(data[name], name)[0]  # bytes that are not UTF-8: a placeholder
     data["maybe_executed"] = bool(data["maybe_executed"])
     return RowView(**data)
 

@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -152,6 +153,13 @@ def test_text_that_is_not_utf8_parks_its_row_and_the_others_are_sent(
     assert store.get(first_good).state == "committed"
     assert store.get(last_good).state == "committed"
     assert MARKER not in caplog.text
+    # and the operator's views read the row without failing or quoting its bytes
+    status = store.status(datetime.now(UTC))
+    assert status.counts["parked"] == 1
+    (shown,) = [r for r in store.list_rows(state="parked")]
+    assert MARKER not in repr(shown) and MARKER not in repr(status)
+    if column != "idempotency_key":
+        assert MARKER not in repr(store.get(shown.idempotency_key))
 
 
 SURROGATES = {

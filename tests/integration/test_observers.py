@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import grpc
@@ -56,3 +57,32 @@ def test_a_row_lost_to_another_worker_is_reported_lost_never_committed(
     assert told == [] and lost == [key]
     history = store.history(key)
     assert [h.decision for h in history if h.kind == "call"] == ["late_answer"]
+
+
+def test_a_late_ok_keeps_its_response_when_another_worker_commits_on_already_exists(
+    engine, store, sim, make_dispatcher, clock
+) -> None:
+    """w1's call executes but its answer comes after w1's lease ran out and w2 resent the row:
+    w2 gets ALREADY_EXISTS (no response); the row keeps the response w1 received."""
+    key = enqueue(engine)
+    first, second = make_dispatcher("w1", lease=30.0), make_dispatcher("w2", lease=30.0)
+    release_first, release_second = threading.Event(), threading.Event()
+    held_first = sim.inject(Fault(C.OK, hang=release_first, times=1))
+    held_second = sim.inject(Fault(C.OK, hang=release_second, times=1))
+    one = threading.Thread(target=first.run_once)
+    one.start()
+    assert sim.wait_for(lambda _s: held_first.hits == 1)
+    clock.advance(31)
+    assert store.release_expired_leases(clock(), max_unknown_attempts=5) == [key]
+    two = threading.Thread(target=second.run_once)
+    two.start()
+    assert sim.wait_for(lambda _s: held_second.hits == 1)
+    release_first.set()  # w1's call executes now; its OK reaches w1, who lost the row
+    one.join(10)
+    release_second.set()  # w2's resend: ALREADY_EXISTS
+    two.join(10)
+
+    view = store.get(key)
+    (entry,) = sim.ledger
+    assert (view.state, view.last_code) == ("committed", "ALREADY_EXISTS")
+    assert json.loads(view.response)["transferId"] == entry.response["transfer_id"]
