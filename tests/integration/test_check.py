@@ -483,6 +483,7 @@ def test_the_daemons_heartbeat_carries_gate_since_and_refused_methods(daemon: Da
     daemon.gates.on_answer(Gate.NONE, closed)
     daemon.gates.method_denied(TRANSFER)
     daemon.gates.on_answer(Gate.MAINTENANCE, closed)
-    daemon.gates.on_probe(True, closed)  # no maintenance after all: the key may not call it
+    # MaintenanceCheck says there is no maintenance: the key may not call the method.
+    daemon.gates.on_probe(True, closed, maintenance=False)
     made = daemon._beat()
     assert (made.gate, made.gate_since, made.refused_methods) == ("open", None, (TRANSFER,))
