@@ -632,7 +632,7 @@ def workers_table(workers: Sequence[WorkerView], now: datetime, stale_after: flo
 def refused_lines(workers: Sequence[WorkerView]) -> list[str]:
     """One line per running worker holding methods Recrypt refused outside maintenance."""
     return [
-        f"{w.worker_id} holds methods Recrypt refused (the API key's permissions?): "
+        f"{w.worker_id} holds methods Recrypt refused outside maintenance: "
         f"{method_names(w.refused_methods)}; {REFUSED_ADVICE}"
         for w in workers
         if w.refused_methods and w.stopped_at is None
@@ -693,7 +693,7 @@ def judge(
 #: them to it). Any other closed gate warns at once, as before.
 ROLLOVER, MAINTENANCE = "rollover", "maintenance"
 TIMED_GATES = (ROLLOVER, MAINTENANCE)
-CHECK_MESSAGE_WIDTH = 100  # characters of a row's last message in the check line
+CHECK_MESSAGE_WIDTH = 160  # characters of a row's last message in the check line
 REFUSED_ADVICE = (
     "check the API key's permissions (key_access in the protos, recrypt.net/api), "
     "then systemctl reload outbox"

@@ -96,6 +96,7 @@ class GrpcClient:
     """A thread-safe client over one channel; callables are cached per method path."""
 
     def __init__(self, config: RecryptConfig, api_key: str) -> None:
+        _check_metadata_value(api_key)
         self._deadline = config.deadline
         self._metadata = (("apikey", api_key),)
         self._channel = open_channel(config)
@@ -167,6 +168,16 @@ class GrpcClient:
                 )
                 self._callables[method.path] = found
             return found
+
+
+def _check_metadata_value(value: str) -> None:
+    """gRPC refuses a metadata value that is not printable ASCII locally, on every call
+    (INTERNAL "Invalid metadata"): nothing would ever leave this host. Refuse it here, once."""
+    if not value or not all(" " <= ch <= "~" for ch in value):
+        raise ConfigError(
+            "the API key must be printable ASCII (gRPC sends it as metadata and refuses "
+            "anything else before the call leaves this host); copy it again from recrypt.net/api"
+        )
 
 
 def _wait_for_poller(channel: grpc.Channel, bound: float = 0.5) -> None:

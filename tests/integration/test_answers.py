@@ -139,3 +139,14 @@ def test_a_method_the_key_may_not_call_is_held_not_looped(
     sim.clear_faults()
     dispatcher.run_once()
     assert {store.get(k).state for k in orders} == {"committed"}
+
+
+def test_a_key_grpc_would_refuse_locally_is_a_configuration_error_not_unknown_outcomes() -> None:
+    """Before: INTERNAL "Invalid metadata" on every call, and every row parked
+    ``unknown_outcome`` with ``maybe_executed`` though nothing left the host."""
+    from outbox.client import GrpcClient
+    from outbox.config import RecryptConfig
+    from outbox.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        GrpcClient(RecryptConfig(target="127.0.0.1:9", tls=False), "ké€y")

@@ -399,8 +399,8 @@ def test_status_shows_gate_since_and_refused_methods(cli: Cli, store: Store) -> 
 
     out = cli.invoke("status", COLUMNS="160").stdout
     assert re.search(r"w1 .* maintenance +12\.0 min ", out), out
-    assert "w2 holds methods Recrypt refused (the API key's permissions?): " in out
-    assert "Market/PlaceOrder, Wallet/Transfer" in out
+    assert "w2 holds methods Recrypt refused outside maintenance: " in out
+    assert "Market/PlaceOrder, Wallet/Transfer; check the API key's permissions" in out
 
 
 def test_heartbeat_records_and_clears_gate_since_and_refused_methods(store: Store) -> None:

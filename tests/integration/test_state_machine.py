@@ -350,7 +350,9 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
                 for r in self.model.values()
                 if r.state == State.INFLIGHT and r.lease_owner == worker
             ]
-            mine = data.draw(st.lists(st.sampled_from(held), unique_by=lambda r: r.id)) if held else []
+            mine = (
+                data.draw(st.lists(st.sampled_from(held), unique_by=lambda r: r.id)) if held else []
+            )
             assert store.hand_back(worker, [r.id for r in mine], self.now) == len(mine)
             for row in mine:
                 self._set(row, state=State.PENDING.value, lease_owner=None, lease_expires_at=None)

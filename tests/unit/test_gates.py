@@ -150,7 +150,6 @@ def test_a_halted_gate_learns_of_maintenance_from_its_probe() -> None:
     assert view.until is not None and view.until < T0 + timedelta(seconds=400)
 
 
-
 class _YieldingLock:
     """A lock that lets the other thread run each time it is released: any gap between two
     critical sections that should have been one becomes a race that happens every time."""
