@@ -7,7 +7,6 @@ depends on; ``GrpcClient`` is the one implementation, tested against the simulat
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import message as pb
 
-from outbox.config import RecryptConfig
+from outbox.config import RecryptConfig, is_loopback
 from outbox.descriptors import Method
 from outbox.errors import ConfigError
 
@@ -259,23 +258,13 @@ def open_channel(config: RecryptConfig) -> grpc.Channel:
 
 def _warn_plaintext(target: str) -> None:
     """``tls = false`` is for a simulator on this host; anywhere else the key travels in clear."""
-    if _is_loopback(target.rpartition(":")[0].strip("[]")):
+    if is_loopback(target.rpartition(":")[0].strip("[]")):
         return
     logging.getLogger("outbox.client").warning(
         "event=plaintext_target target=%s: [recrypt] tls = false sends the API key unencrypted "
         "to a host that is not this one; set tls = true",
         target,
     )
-
-
-def _is_loopback(host: str) -> bool:
-    """Judged from the address, never the spelling: ``127.evil.example`` is not loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _credentials(config: RecryptConfig) -> grpc.ChannelCredentials:

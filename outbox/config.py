@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -339,3 +340,13 @@ def _hint(loc: list[str]) -> str:
         return ""
     field = model.model_fields.get(loc[1])
     return field.description or "" if field else ""
+
+
+def is_loopback(host: str) -> bool:
+    """Judged from the address, never the spelling: ``127.evil.example`` is not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -11,7 +11,6 @@ a test, or two daemons in one process, can each build a ``Metrics`` without name
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -25,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics import Counter, Gauge, Histogram
 
 from outbox import __version__
+from outbox.config import is_loopback
 from outbox.errors import ConfigError
 from outbox.gates import GATE_STATES
 from outbox.logs import kv, redact
@@ -181,15 +181,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
             '("[::1]:9464" for IPv6, port 0 for any free port), or "" to disable metrics'
         )
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Server(ThreadingHTTPServer):

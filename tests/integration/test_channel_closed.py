@@ -6,24 +6,17 @@ from __future__ import annotations
 import threading
 
 import grpc
-import sqlalchemy as sa
 
-import outbox
 from outbox.simulator import TRANSFER, Fault
+from tests.integration.test_dispatch import enqueue_transfer
 
 C = grpc.StatusCode
-
-
-def enqueue(engine: sa.Engine) -> str:
-    payload = {"fromAccount": "a", "toAccount": "b", "amount": "1.00", "currency": "AUD"}
-    with engine.begin() as conn:
-        return outbox.enqueue(conn, TRANSFER, payload)
 
 
 def test_a_call_on_a_channel_already_closed_goes_back_untouched(
     engine, store, sim, make_dispatcher
 ) -> None:
-    key = enqueue(engine)
+    key = enqueue_transfer(engine)
     dispatcher = make_dispatcher()
     dispatcher.client.close()  # a stop closed the channel before this batch's calls started
 
@@ -35,7 +28,7 @@ def test_a_call_on_a_channel_already_closed_goes_back_untouched(
 
 
 def test_a_call_cancelled_in_flight_may_have_executed(engine, store, sim, make_dispatcher) -> None:
-    key = enqueue(engine)
+    key = enqueue_transfer(engine)
     dispatcher = make_dispatcher()
     release = threading.Event()
     held = sim.inject(Fault(C.OK, hang=release, times=1))

@@ -7,24 +7,17 @@ import json
 import threading
 
 import grpc
-import sqlalchemy as sa
 
-import outbox
-from outbox.simulator import TRANSFER, Fault
+from outbox.simulator import Fault
+from tests.integration.test_dispatch import enqueue_transfer
 
 C = grpc.StatusCode
-
-
-def enqueue(engine: sa.Engine) -> str:
-    payload = {"fromAccount": "a", "toAccount": "b", "amount": "2.00", "currency": "AUD"}
-    with engine.begin() as conn:
-        return outbox.enqueue(conn, TRANSFER, payload)
 
 
 def test_observers_hear_of_an_outcome_only_after_it_is_recorded(
     engine, store, sim, make_dispatcher
 ) -> None:
-    key = enqueue(engine)
+    key = enqueue_transfer(engine)
     dispatcher = make_dispatcher()
     seen: list[str] = []
     dispatcher.observe(lambda claim, _a, _o: seen.append(store.get(claim.idempotency_key).state))
@@ -36,7 +29,7 @@ def test_observers_hear_of_an_outcome_only_after_it_is_recorded(
 def test_a_row_lost_to_another_worker_is_reported_lost_never_committed(
     engine, store, sim, make_dispatcher, clock
 ) -> None:
-    key = enqueue(engine)
+    key = enqueue_transfer(engine)
     first = make_dispatcher("w1", lease=30.0)
     told: list[str] = []
     lost: list[str] = []
@@ -64,7 +57,7 @@ def test_a_late_ok_keeps_its_response_when_another_worker_commits_on_already_exi
 ) -> None:
     """w1's call executes but its answer comes after w1's lease ran out and w2 resent the row:
     w2 gets ALREADY_EXISTS (no response); the row keeps the response w1 received."""
-    key = enqueue(engine)
+    key = enqueue_transfer(engine)
     first, second = make_dispatcher("w1", lease=30.0), make_dispatcher("w2", lease=30.0)
     release_first, release_second = threading.Event(), threading.Event()
     held_first = sim.inject(Fault(C.OK, hang=release_first, times=1))

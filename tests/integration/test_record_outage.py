@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 import outbox
+from outbox.dispatcher import Dispatcher
 from outbox.simulator import PLACE_ORDER, Fault, Simulator
 from tests.conftest import _admin_engine
 from tests.integration.test_daemon import KEY, daemon_for
@@ -74,6 +75,26 @@ def hold_next_call(sim: Simulator) -> tuple[Fault, threading.Event]:
     return sim.inject(Fault(C.OK, hang=release, times=1)), release
 
 
+@contextmanager
+def down_after_answers(dispatcher: Dispatcher, sim: Simulator, url: str) -> Iterator[None]:
+    """One dispatch cycle whose calls Recrypt answers while PostgreSQL refuses the record;
+    the database stays away until the block ends."""
+    fault, release = hold_next_call(sim)
+    cycle = threading.Thread(target=dispatcher.run_once)
+    cycle.start()
+    assert sim.wait_for(lambda _s: fault.hits == 1)
+    with postgres_outage(url):
+        release.set()
+        cycle.join(30)
+        assert not cycle.is_alive()
+        yield
+
+
+def answered_during_outage(dispatcher: Dispatcher, sim: Simulator, url: str) -> None:
+    with down_after_answers(dispatcher, sim, url):
+        pass
+
+
 def order_id(sim: Simulator, key: str) -> str:
     """The order id Recrypt answered for ``key``'s one execution."""
     (entry,) = [e for e in sim.ledger if e.key == key]
@@ -90,15 +111,8 @@ def test_an_answer_that_could_not_be_recorded_is_recorded_when_the_database_retu
 ) -> None:
     key = enqueue_order(postgres_url)
     dispatcher = make_dispatcher()
-    fault, release = hold_next_call(sim)
-    cycle = threading.Thread(target=dispatcher.run_once)
-    cycle.start()
-    assert sim.wait_for(lambda _s: fault.hits == 1)
-    with postgres_outage(postgres_url):
-        release.set()
-        cycle.join(30)
-        assert not cycle.is_alive()
-        assert dispatcher.unrecorded() == 1  # kept in memory, not thrown away
+    answered_during_outage(dispatcher, sim, postgres_url)
+    assert dispatcher.unrecorded() == 1  # kept in memory, not thrown away
     assert store.get(key).state == "inflight"
 
     dispatcher.run_once()  # the database is back: the answer lands first
@@ -115,13 +129,7 @@ def test_no_claim_while_the_backlog_of_unrecorded_answers_is_full(
 ) -> None:
     keys = [enqueue_order(postgres_url) for _ in range(3)]
     dispatcher = make_dispatcher(batch_size=3)
-    fault, release = hold_next_call(sim)
-    cycle = threading.Thread(target=dispatcher.run_once)
-    cycle.start()
-    assert sim.wait_for(lambda _s: fault.hits == 1)
-    with postgres_outage(postgres_url):
-        release.set()
-        cycle.join(30)
+    with down_after_answers(dispatcher, sim, postgres_url):
         assert dispatcher.unrecorded() == 3
         report = dispatcher.run_once()  # still down: nothing recorded, nothing claimed
         assert (report.claimed, dispatcher.unrecorded()) == (0, 3)
@@ -135,13 +143,7 @@ def test_a_late_answer_for_a_lost_row_is_kept_as_evidence_and_commits_it(
     """Our lease ran out while the database was away; the reaper released the row."""
     key = enqueue_order(postgres_url)
     first = make_dispatcher("w1", lease=30.0)
-    fault, release = hold_next_call(sim)
-    cycle = threading.Thread(target=first.run_once)
-    cycle.start()
-    assert sim.wait_for(lambda _s: fault.hits == 1)
-    with postgres_outage(postgres_url):
-        release.set()
-        cycle.join(30)
+    answered_during_outage(first, sim, postgres_url)
     clock.advance(31)
     assert store.release_expired_leases(clock(), max_unknown_attempts=5) == [key]
 
