@@ -142,6 +142,9 @@ class GrpcClient:
         its text says (a server can answer "failed to connect" too).
         """
         settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+        if self._state == grpc.ChannelConnectivity.IDLE:  # idle after a quiet spell: reconnect
+            self._channel.subscribe(_poke, try_to_connect=True)
+            self._channel.unsubscribe(_poke)
         with self._state_changed:
             self._state_changed.wait_for(lambda: self._state in settled, timeout)
             return bool(self._state == grpc.ChannelConnectivity.READY)
@@ -167,6 +170,11 @@ class GrpcClient:
                 )
                 self._callables[method.path] = found
             return found
+
+
+def _poke(_state: grpc.ChannelConnectivity) -> None:
+    """Subscribing with ``try_to_connect`` is gRPC's public way to make an idle channel
+    connect; this callback only carries that request."""
 
 
 def _check_metadata_value(value: str) -> None:

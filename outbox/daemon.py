@@ -289,7 +289,7 @@ class Daemon:
         """
         give_up = time.monotonic() + seconds
         while not self.dispatcher.flush() and time.monotonic() < give_up:
-            self.stopping.wait(0.5)  # the stop is already set: a plain bounded pause
+            time.sleep(0.5)  # the database is away: try again shortly, within the bound
         if self.dispatcher.unrecorded():
             log.error(
                 kv(
