@@ -292,17 +292,13 @@ def test_config_and_client_reprs_never_carry_the_key(tmp_path) -> None:
         client.close()
 
 
-def test_a_malformed_key_fails_the_call_without_quoting_it(catalog) -> None:
-    """A key file with a second line: gRPC refuses the metadata; its error omits the value."""
+def test_a_malformed_key_is_refused_before_any_call_without_quoting_it(catalog) -> None:
+    """A key file with a second line: gRPC would refuse the metadata on every call, locally;
+    the client refuses the key once, when it is built, and the error omits the value."""
     with Simulator(catalog, api_keys=[KEY]) as sim:
-        client = GrpcClient(RecryptConfig(target=sim.target, tls=False), KEY + "\nsecond line")
-        try:
-            method = catalog.submittable(TRANSFER)
-            answer = client.call(method, build_request(method, transfer(), str(uuid.uuid4())))
-        finally:
-            client.close()
-        assert answer.code == C.INTERNAL
-        assert_clean(answer.message, KEY, where="the gRPC error")
+        with pytest.raises(ConfigError) as refused:
+            GrpcClient(RecryptConfig(target=sim.target, tls=False), KEY + "\nsecond line")
+        assert_clean(str(refused.value), KEY, where="the error")
         assert sim.calls == []
 
 

@@ -17,7 +17,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from tests.torture.parts import API_KEY, DEADLINE_S, LEASE_S, MAX_UNKNOWN, POLL_S, Report, utcnow
+from tests.torture.parts import (
+    API_KEY,
+    DEADLINE_S,
+    HOLD_S,
+    LEASE_S,
+    MAX_BACKOFF_S,
+    MAX_UNKNOWN,
+    POLL_S,
+    Reload,
+    Report,
+    utcnow,
+)
 
 
 @dataclass
@@ -51,6 +62,7 @@ class Daemons:
         self.env = os.environ | {"RECRYPT_API_KEY": API_KEY}
         self.env.pop("OUTBOX_DATABASE_URL", None)
         self.killed_at: dict[str, datetime] = {}
+        self.reloads: list[Reload] = []  # every SIGHUP sent, to whom
         self.lock = threading.Lock()
 
     def start(self, slot: Slot) -> None:
@@ -96,13 +108,20 @@ class Daemons:
 
     def reload(self) -> int:
         """SIGHUP every daemon whose handlers are installed (before that, SIGHUP kills)."""
-        sent = 0
+        callers = []
         for slot in self.running():
             if self.is_started(slot) and not slot.stopping:
                 assert slot.proc is not None
                 slot.proc.send_signal(signal.SIGHUP)
-                sent += 1
-        return sent
+                callers.append(slot.api_key)
+        if callers:
+            with self.lock:
+                self.reloads.append(Reload(utcnow(), frozenset(callers)))
+        return len(callers)
+
+    def pids(self) -> set[int]:
+        """Process ids of the daemons running now (``outbox_workers.pid``)."""
+        return {s.proc.pid for s in self.running() if s.proc is not None}
 
     def check(self) -> None:
         """A daemon that exited by itself: a violation once started; else a start failure.
@@ -187,12 +206,12 @@ poll_interval = {POLL_S}
 lease = {LEASE_S}
 [retry]
 initial_backoff = 0.1
-max_backoff = 2.0
+max_backoff = {MAX_BACKOFF_S}
 jitter = 0.3
 max_unknown_attempts = {MAX_UNKNOWN}
 [maintenance]
 probe_interval = 1.0
-unauthenticated_probe_interval = 1.0
+unauthenticated_probe_interval = {HOLD_S}
 rollover_window = ""
 [metrics]
 listen = ""

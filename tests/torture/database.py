@@ -17,7 +17,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from random import Random
@@ -31,8 +31,8 @@ from outbox.store import Store
 from tests.torture.parts import RowSpec, backend_of, utcnow
 
 ROW_COLUMNS = (
-    "id, idempotency_key, method, state, park_reason, maybe_executed, attempts, lane, "
-    "last_code, last_message, response"
+    "id, idempotency_key, method, state, park_reason, maybe_executed, attempts, "
+    "unknown_attempts, lane, last_code, last_message, response"
 )
 
 
@@ -241,6 +241,49 @@ class Database:
             sa.text("SELECT message_id FROM outbox_attempts WHERE decision = 'cancel_forced'")
         )
         return {int(row[0]) for row in result}
+
+    def rows_of(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Some rows by key (as ``rows``, without the response and the forced cancels)."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        query = sa.text(
+            f"SELECT {ROW_COLUMNS} FROM outbox_messages WHERE idempotency_key IN :keys"
+        ).bindparams(sa.bindparam("keys", expanding=True))
+        with self.engine.connect() as conn:
+            result = conn.execute(query, {"keys": wanted})
+            return {text_key(r._mapping["idempotency_key"]): dict(r._mapping) for r in result}
+
+    def history(self) -> dict[str, list[dict[str, Any]]]:
+        """Every history line a Recrypt answer left (kind ``call``), by key, in order."""
+        with self.engine.connect() as conn:
+            result = conn.execute(
+                sa.text(
+                    "SELECT m.idempotency_key AS k, a.code, a.decision, a.message "
+                    "FROM outbox_attempts a JOIN outbox_messages m ON m.id = a.message_id "
+                    "WHERE a.kind = 'call' ORDER BY a.id"
+                )
+            )
+            lines: dict[str, list[dict[str, Any]]] = {}
+            for row in result:
+                line = dict(row._mapping)
+                lines.setdefault(text_key(line.pop("k")), []).append(line)
+        return lines
+
+    def refused_methods(self, pids: Collection[int]) -> set[str]:
+        """Methods the running daemons (by process id) say they hold as refused."""
+        with self.engine.connect() as conn:
+            result = conn.execute(
+                sa.text(
+                    "SELECT pid, refused_methods FROM outbox_workers WHERE stopped_at IS NULL"
+                )
+            )
+            return {
+                method
+                for pid, refused in result
+                if pid in pids and refused
+                for method in str(refused).split(",")
+            }
 
     def try_rows(self) -> dict[str, dict[str, Any]] | None:
         try:

@@ -18,7 +18,7 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import json_format
 
-from outbox.simulator import PLACE_ORDER, TRANSFER, Fault, Simulator
+from outbox.simulator import MAINTENANCE_CHECK, PLACE_ORDER, TRANSFER, Fault, Simulator
 
 API_KEY = "torture-secret-api-key-5d2e"
 WRONG_KEY = "rotated-elsewhere-key-0000"
@@ -26,6 +26,11 @@ DEADLINE_S = 1.0  # [recrypt] deadline
 LEASE_S = 2.0  # [worker] lease: the reaper resends a dead worker's rows after this
 POLL_S = 0.2  # [worker] poll_interval
 MAX_UNKNOWN = 50  # [retry] max_unknown_attempts: random unknowns never exhaust it
+MAX_BACKOFF_S = 2.0  # [retry] max_backoff
+#: [maintenance] unauthenticated_probe_interval: how long a method refused outside maintenance
+#: is held. Longer than the maintenance probe's first wait (1 s), so a daemon that resends a
+#: refused method at every probe (looping) is told apart from one that holds it.
+HOLD_S = 2.0
 WRITES = frozenset({TRANSFER, PLACE_ORDER})
 UNKNOWN_METHOD = "/recrypt.wallet.v1.Wallet/TeleportFunds"
 FINAL = {"committed", "cancelled", "expired"}
@@ -42,12 +47,22 @@ DOOMS: tuple[tuple[str, grpc.StatusCode, str, str], ...] = (
 )
 BAD_KINDS = ("bad_method", "bad_payload", "bad_key")
 
+#: gRPC's words for a channel that could not connect, as a server sends them (a proxy or an
+#: upstream inside Recrypt) after the call executed: an unknown outcome, never "never sent".
+FAILED_TO_CONNECT = (
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:10.20.0.7:8443: "
+    "Failed to connect to remote host: Connection refused"
+)
+#: DEADLINE_EXCEEDED vgw-db: counts toward max_unknown_attempts (a storm parks the row).
+VGW_DB_DEADLINE = "vgw-db transaction timed out"
+
 #: General faults: (kind, code, message, execute first). None as execute: chosen at random.
 GENERAL: tuple[tuple[str, grpc.StatusCode, str, bool | None], ...] = (
     ("unavailable_vgw_db", C.UNAVAILABLE, "vgw-db: rollover in progress", False),
     ("executed_unavailable_vgw_db", C.UNAVAILABLE, "vgw-db: rollover in progress", True),
-    ("deadline_vgw_db", C.DEADLINE_EXCEEDED, "vgw-db transaction timed out", False),
-    ("executed_deadline_vgw_db", C.DEADLINE_EXCEEDED, "vgw-db transaction timed out", True),
+    ("deadline_vgw_db", C.DEADLINE_EXCEEDED, VGW_DB_DEADLINE, False),
+    ("executed_deadline_vgw_db", C.DEADLINE_EXCEEDED, VGW_DB_DEADLINE, True),
+    ("server_failed_to_connect", C.UNAVAILABLE, FAILED_TO_CONNECT, True),
     ("unavailable_transport", C.UNAVAILABLE, "connection reset by peer", None),
     ("deadline_transport", C.DEADLINE_EXCEEDED, "upstream timeout", None),
     ("unknown", C.UNKNOWN, "unexpected error", None),
@@ -56,6 +71,9 @@ GENERAL: tuple[tuple[str, grpc.StatusCode, str, bool | None], ...] = (
     ("cancelled", C.CANCELLED, "cancelled upstream", None),
     ("data_loss", C.DATA_LOSS, "data loss", None),
     ("rate_limited", C.RESOURCE_EXHAUSTED, "rate limit exceeded, slow down", False),
+    # Digits, but not a bare number: rate limiting all the same, never object_limit.
+    ("rate_limited_429", C.RESOURCE_EXHAUSTED, "429 Too Many Requests", False),
+    ("rate_limited_retry_in", C.RESOURCE_EXHAUSTED, "rate limit exceeded, retry in 1s", False),
     (
         "permission_denied",
         C.PERMISSION_DENIED,
@@ -108,11 +126,30 @@ class Span:
     answered: bool
     caller: str | None
     request: dict[str, Any]
+    message: str = ""  # the status message answered (empty for OK)
 
     @property
     def until(self) -> datetime:
         """When the caller stopped waiting at the latest: the answer, or its deadline."""
         return min(self.end, self.start + timedelta(seconds=DEADLINE_S))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One ``Core.MaintenanceCheck`` as the simulator answered it, and who asked.
+
+    ``maintenance``: the answer said maintenance mode (or refused the check for it).
+    """
+
+    caller: str | None
+    at: datetime
+    code: str
+    maintenance: bool
+
+    @property
+    def clear(self) -> bool:
+        """OK and no maintenance: a daemon told this holds the methods it saw refused."""
+        return self.code == "OK" and not self.maintenance
 
 
 class TortureSimulator(Simulator):
@@ -124,12 +161,14 @@ class TortureSimulator(Simulator):
       answer's time, not the arrival, nor whether the caller still waited, nor who called.
     - API keys: one per daemon process (``allow_key``), all refused during a wrong-key window
       (``refuse_keys``).
+    - Every ``Core.MaintenanceCheck`` leaves a ``Probe`` (``probes``), with who asked.
     """
 
     def __init__(self) -> None:
         super().__init__(api_keys=[API_KEY])
         self._local = threading.local()
         self._spans: list[Span] = []
+        self._probes: list[Probe] = []
         self._daemon_keys = {API_KEY}
         self._refusing = False
 
@@ -141,6 +180,11 @@ class TortureSimulator(Simulator):
     def spans(self) -> list[Span]:
         with self._cond:
             return list(self._spans)
+
+    @property
+    def probes(self) -> list[Probe]:
+        with self._cond:
+            return list(self._probes)
 
     def allow_key(self, key: str) -> None:
         with self._cond:
@@ -166,12 +210,18 @@ class TortureSimulator(Simulator):
     ) -> None:
         super()._record_call(path, key, outcome, context)
         start, self._local.start = getattr(self._local, "start", None), None
-        if key is None or start is None:
-            return
-        request = json_format.MessageToDict(self._local.request, preserving_proto_field_name=True)
         caller = next(
             (str(v) for k, v in context.invocation_metadata() or () if k == "apikey"), None
         )
+        if path == MAINTENANCE_CHECK:
+            said = bool(getattr(outcome.response, "maintenance_mode", False))
+            refused = outcome.code == C.PERMISSION_DENIED
+            probe = Probe(caller, self._clock(), outcome.code.name, said or refused)
+            with self._cond:
+                self._probes.append(probe)
+        if key is None or start is None:
+            return
+        request = json_format.MessageToDict(self._local.request, preserving_proto_field_name=True)
         span = Span(
             key,
             path,
@@ -182,9 +232,28 @@ class TortureSimulator(Simulator):
             context.is_active() and not self._stopped.is_set(),  # a stop drops the answer
             caller,
             request,
+            outcome.message if outcome.code != C.OK else "",
         )
         with self._cond:
             self._spans.append(span)
+
+
+@dataclass
+class RefusalWindow:
+    """A method refused (PERMISSION_DENIED with ``message``) while maintenance is off."""
+
+    method: str
+    message: str
+    start: datetime
+    end: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Reload:
+    """A SIGHUP the harness sent, and to which daemons (their API keys)."""
+
+    at: datetime
+    callers: frozenset[str]
 
 
 # --------------------------------------------------------------------------- rows and report
