@@ -150,3 +150,22 @@ def test_a_key_grpc_would_refuse_locally_is_a_configuration_error_not_unknown_ou
 
     with pytest.raises(ConfigError, match="printable ASCII"):
         GrpcClient(RecryptConfig(target="127.0.0.1:9", tls=False), "ké€y")
+
+
+def test_already_exists_at_the_first_attempt_is_recorded_apart(
+    engine, store, sim, make_dispatcher
+) -> None:
+    """Someone used the key before this row was ever sent: committed, but said so."""
+    first, second = enqueue(engine, 2)
+    sim.inject(Fault(C.ALREADY_EXISTS, "idempotency_key already used", keys=frozenset({first})))
+    sim.inject(Fault(C.UNAVAILABLE, "vgw-db", execute=True, keys=frozenset({second}), times=1))
+    dispatcher = make_dispatcher()
+    told: list[str] = []
+    dispatcher.observe(lambda _c, _a, o: told.append(o.call.decision))
+    dispatcher.run_once()  # first: ALREADY_EXISTS at once; second: executed, unknown answer
+    sim.clear_faults()
+    dispatcher.clock.advance(600)  # type: ignore[attr-defined]
+    dispatcher.run_once()  # second: ALREADY_EXISTS after its own unknown attempt
+    assert [h.decision for h in store.history(first)] == ["commit_key_used_before"]
+    assert [h.decision for h in store.history(second)] == ["retry", "commit"]
+    assert sorted(told) == ["commit", "commit_key_used_before", "retry"]

@@ -255,13 +255,14 @@ class Database:
             return {text_key(r._mapping["idempotency_key"]): dict(r._mapping) for r in result}
 
     def history(self) -> dict[str, list[dict[str, Any]]]:
-        """Every history line a Recrypt answer left (kind ``call``), by key, in order."""
+        """Every history line a Recrypt answer left (kind ``call``), and every lease expiry,
+        by key, in order."""
         with self.engine.connect() as conn:
             result = conn.execute(
                 sa.text(
                     "SELECT m.idempotency_key AS k, a.code, a.decision, a.message "
                     "FROM outbox_attempts a JOIN outbox_messages m ON m.id = a.message_id "
-                    "WHERE a.kind = 'call' ORDER BY a.id"
+                    "WHERE a.kind = 'call' OR a.code = 'LEASE_EXPIRED' ORDER BY a.id"
                 )
             )
             lines: dict[str, list[dict[str, Any]]] = {}
@@ -290,19 +291,6 @@ class Database:
             return self.rows()
         except sa.exc.DBAPIError:
             return None
-
-    def unknown_attempts(self, key: str) -> int:
-        """Attempts of the row whose outcome was unknown (not rollover retries), from history."""
-        with self.engine.connect() as conn:
-            found = conn.execute(
-                sa.text(
-                    "SELECT COUNT(*) FROM outbox_attempts a JOIN outbox_messages m "
-                    "ON m.id = a.message_id WHERE m.idempotency_key = :k AND "
-                    "(a.message LIKE 'outcome unknown%' OR a.code = 'LEASE_EXPIRED')"
-                ),
-                {"k": key},
-            ).scalar_one()
-        return int(found)
 
     def cancelled_by_client(self) -> int:
         """History lines of calls our own client cancelled (a closed channel: a reload)."""

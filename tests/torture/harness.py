@@ -29,12 +29,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
+from datetime import datetime
 from pathlib import Path
 from random import Random
 
 import sqlalchemy as sa
 
 from outbox.descriptors import Catalog
+from tests.torture.answers import Answers
 from tests.torture.checks import Observed, Table, check, condense, expected_request, settled
 from tests.torture.daemons import Daemons, write_config
 from tests.torture.database import Database
@@ -86,11 +88,25 @@ class Chaos:
         self.general: list[ChaosFault] = []
         self.undo: list[tuple[float, str, Callable[[], None]]] = []
         self.sim_down = False
+        self.sim_stops: list[tuple[datetime, datetime | None]] = []  # simulator down, from-to
         self.windows: Counter[str] = Counter()  # open windows per kind
         self.pause = threading.Event()
         self.log: list[str] = []
         self.seams = Seams(
             rng, sim, db, daemons, writer, self.doomed, report, self.later, self.note, self.quiet
+        )
+        self.answers = Answers(
+            rng,
+            sim,
+            db,
+            daemons,
+            writer,
+            self.doomed,
+            report,
+            self.later,
+            self.note,
+            self.quiet,
+            self.general,
         )
 
     def quiet(self) -> bool:
@@ -208,6 +224,7 @@ class Chaos:
         hold.active = False
         self.sim.stop(grace=0)
         self.sim_down = True
+        self.sim_stops.append((utcnow(), None))
         self.report.sim_restarts += 1
         self.note(f"simulator stopped with {hold.hits} held calls")
 
@@ -219,6 +236,9 @@ class Chaos:
         if not wait_until(lambda: _try_start(self.sim, listen), timeout=15, interval=0.2):
             self.report.violations.append(f"harness: the simulator cannot listen on {listen}")
         self.sim_down = False
+        if self.sim_stops and self.sim_stops[-1][1] is None:
+            self.sim_stops[-1] = (self.sim_stops[-1][0], utcnow())
+        self.sim_stops: list[tuple[datetime, datetime | None]] = []  # simulator down, from-to
 
     def reload(self) -> None:
         self.report.extra["reloads"] += self.daemons.reload()
@@ -255,6 +275,7 @@ class Chaos:
             wait_until(self.quiet, 30)
             self.run_due(everything=True)
         self.seams.calm()  # after the simulator is back: an edit waits for a send
+        self.answers.calm()
 
     def actions(self) -> dict[str, tuple[Callable[[], None], int]]:
         """Every chaos action with its weight (but those the run is ``without``)."""
@@ -268,6 +289,7 @@ class Chaos:
             "wrong_key": (self.wrong_key_window, 2),
             "reload": (self.reload, 3),
             **self.seams.actions(),
+            **self.answers.actions(),
         }
         return {name: a for name, a in actions.items() if name not in self.without}
 
@@ -275,6 +297,7 @@ class Chaos:
         rng = self.rng
         start = time.monotonic()
         span = max(until - start, 1.0)
+        self.answers.start(start + 0.4 * span)
         actions = self.actions()
         # Every action and every general fault at least once, at a random moment.
         must: list[tuple[float, Callable[[], None]]] = [
@@ -463,9 +486,6 @@ def finish(
 ) -> None:
     """The figures, then every check, into ``report``."""
     rows = db.rows()
-    for row in rows.values():
-        if row["park_reason"] == "unknown_outcome":
-            row["unknown_attempts"] = db.unknown_attempts(row["idempotency_key"])
     report.states = Counter(r["state"] for r in rows.values())
     report.extra["maybe_executed"] = sum(1 for r in rows.values() if r["maybe_executed"])
     report.extra["blocked"] = sum(1 for r in rows.values() if r["state"] == "pending" and r["lane"])
@@ -474,7 +494,11 @@ def finish(
     report.extra["executed_errored"] = sum(1 for c in sim.calls if c.executed and c.code != "OK")
     cancelled = db.cancelled_by_client()
     report.extra["reload_cancelled"] = cancelled
-    report.violations += chaos.seams.found
+    report.violations += chaos.seams.found + chaos.answers.found
+    doomed = {s.key for s in writer.specs if s.park == "unknown_outcome"}
+    report.extra["max_unknown_others"] = max(
+        (r["unknown_attempts"] for k, r in rows.items() if k not in doomed), default=0
+    )
     if cancelled:
         report.violations.append(
             f"{cancelled} calls in flight were cancelled by the daemon's own client ('Channel "
@@ -482,5 +506,8 @@ def finish(
             "outcomes"
         )
     observed = Observed.of(sim, pool.killed_at)
-    table = Table(rows, chaos.seams.purged)
+    observed.reloads = list(pool.reloads)
+    observed.sim_stops = [(a, b or utcnow()) for a, b in chaos.sim_stops]
+    observed.windows = list(chaos.answers.windows)
+    table = Table(rows, chaos.seams.purged, db.history())
     report.violations += condense(check(writer.specs, table, observed, catalog))
