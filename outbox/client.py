@@ -102,6 +102,7 @@ class GrpcClient:
         self._callables: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._state: grpc.ChannelConnectivity | None = None
+        self._closed = False
         self._state_changed = threading.Condition()
         self._channel.subscribe(self._on_connectivity, try_to_connect=True)
 
@@ -142,6 +143,8 @@ class GrpcClient:
         its text says (a server can answer "failed to connect" too).
         """
         settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+        if self._closed:
+            return False
         if self._state == grpc.ChannelConnectivity.IDLE:  # idle after a quiet spell: reconnect
             self._channel.subscribe(_poke, try_to_connect=True)
             self._channel.unsubscribe(_poke)
@@ -150,6 +153,7 @@ class GrpcClient:
             return bool(self._state == grpc.ChannelConnectivity.READY)
 
     def close(self) -> None:
+        self._closed = True
         self._channel.unsubscribe(self._on_connectivity)
         _wait_for_poller(self._channel)
         self._channel.close()

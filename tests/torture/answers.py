@@ -204,9 +204,8 @@ class Answers:
                         0.2, f"cancel {spec.index}", lambda: self._cancel_after(spec, tries - 1)
                     )
                 return
-            self.db.store.cancel(
-                spec.key, "torture@chaos", "torture: cancel after failed to connect", utcnow(), False
-            )
+            why = "torture: cancel after failed to connect"
+            self.db.store.cancel(spec.key, "torture@chaos", why, utcnow(), False)
         except OperatorActionError as exc:
             if "may already have executed" in str(exc):
                 self.report.extra["failed_to_connect_cancel_refused"] += 1
@@ -240,7 +239,6 @@ class Answers:
         window = RefusalWindow(method, message, utcnow())
         self.windows.append(window)
         self.sim.inject(fault)
-        began, length = time.monotonic(), self.rng.uniform(HOLD_S + 1.0, HOLD_S + 2.5)
         sighup = self.rng.random() < 0.5
         held = False
         try:
@@ -249,11 +247,13 @@ class Answers:
             keys = {s.key for s in rows}
             self.sim.wait_for(lambda _s: fault.hits >= 1, timeout=3.0)
             held = wait_until(lambda: method in self._held(), 4.0, 0.05)
+            # Then a while longer: sometimes past the hold, so the re-probe is refused too.
+            end = time.monotonic() + self.rng.uniform(0.5 * HOLD_S, HOLD_S + 1.5)
             if held and sighup:
                 self._sighup_releases(window, keys, judged)
             elif held:
                 self._others_go_on(window, judged)
-            time.sleep(max(0.0, began + length - time.monotonic()))
+            time.sleep(max(0.0, end - time.monotonic()))
             self._untouched(window, rows)
         finally:
             fault.active = False
@@ -262,6 +262,7 @@ class Answers:
         self.report.faults["refused_method_sighup"] += int(held and sighup)
         self.report.extra["refused_calls"] += fault.hits
         self.report.extra["refused_held_seen"] += int(held)
+        length = (window.end - window.start).total_seconds()
         self.note(
             f"refusal window {name} {length:.1f}s rows={len(rows)} refused={fault.hits} "
             f"held={held} sighup={held and sighup} judged={judged}"
@@ -303,9 +304,9 @@ class Answers:
         for span in self.sim.spans:
             if span.code == "NOT_FOUND" and (last_reload is None or span.start > last_reload):
                 return False  # a method removed until the next reload
-            if span.start > window.start and span.message != window.message:
-                if gating(span.code, span.message):
-                    return False
+            own = span.message == window.message
+            if span.start > window.start and not own and gating(span.code, span.message):
+                return False
         return True
 
     def _sighup_releases(self, window: RefusalWindow, keys: set[str], judged: bool) -> None:
@@ -348,7 +349,8 @@ class Answers:
         for span in self.sim.spans:
             if span.key in answers:
                 answers[span.key].add((span.code, span.message))
-        only_refused = [s for s in rows if answers[s.key] == {("PERMISSION_DENIED", window.message)}]
+        refusal = {("PERMISSION_DENIED", window.message)}
+        only_refused = [s for s in rows if answers[s.key] == refusal]
         try:
             found = self.db.rows_of(s.key for s in only_refused)
         except sa.exc.DBAPIError:

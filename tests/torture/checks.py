@@ -16,6 +16,7 @@ and its spans of calls, plus when the harness SIGKILLed each daemon) and the row
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter, defaultdict
@@ -34,8 +35,12 @@ from tests.torture.parts import (
     DEADLINE_S,
     EDITED_PARK_REASONS,
     FINAL,
+    HOLD_S,
     KEY_REUSED,
     MAX_UNKNOWN,
+    Probe,
+    RefusalWindow,
+    Reload,
     RowSpec,
     Span,
 )
@@ -53,18 +58,30 @@ class Simulated(Protocol):
     @property
     def spans(self) -> list[Span]: ...
 
+    @property
+    def probes(self) -> list[Probe]: ...
+
 
 @dataclass
 class Observed:
-    """What happened at Recrypt, and when the harness SIGKILLed which daemon (by API key)."""
+    """What happened at Recrypt, and what the harness did to it and to the daemons.
+
+    ``killed_at``: when the harness SIGKILLed which daemon (by API key); ``reloads``: the
+    SIGHUPs it sent; ``sim_stops``: when the simulator was down; ``windows``: the methods it
+    had Recrypt refuse (PERMISSION_DENIED outside maintenance), and when.
+    """
 
     ledger: list[LedgerEntry]
     spans: list[Span] = field(default_factory=list)
     killed_at: dict[str, datetime] = field(default_factory=dict)
+    probes: list[Probe] = field(default_factory=list)
+    reloads: list[Reload] = field(default_factory=list)
+    sim_stops: list[tuple[datetime, datetime]] = field(default_factory=list)
+    windows: list[RefusalWindow] = field(default_factory=list)
 
     @classmethod
     def of(cls, sim: Simulated, killed_at: dict[str, datetime]) -> Observed:
-        return cls(sim.ledger, sim.spans, dict(killed_at))
+        return cls(sim.ledger, sim.spans, dict(killed_at), sim.probes)
 
     @cached_property
     def counts(self) -> Counter[str]:
@@ -104,10 +121,13 @@ class Observed:
 
 @dataclass
 class Table:
-    """The rows at the end, by key, and the rows retention purged (by key, oldest first)."""
+    """The rows at the end, by key, the rows retention purged (by key, oldest first), and the
+    attempt history of the rows still there: each answer recorded, each lease expiry (by key,
+    in order; ``code``, ``decision``, ``message``)."""
 
     rows: dict[str, dict[str, Any]]
     purged: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def row(self, spec: RowSpec) -> dict[str, Any] | None:
         gone = self.purged.get(spec.key, [])
@@ -167,14 +187,23 @@ def settled(specs: list[RowSpec], table: Table) -> list[str]:
     return waiting
 
 
-def check(specs: list[RowSpec], table: Table, observed: Observed, catalog: Catalog) -> list[str]:
-    """Every promise; returns one line per violation."""
+def check(
+    specs: list[RowSpec],
+    table: Table,
+    observed: Observed,
+    catalog: Catalog,
+    max_unknown: int = MAX_UNKNOWN,
+) -> list[str]:
+    """Every promise; returns one line per violation. ``max_unknown``: the daemons'
+    ``[retry] max_unknown_attempts``."""
     ordered = in_id_order(specs, table)
     return (
-        check_rows(ordered, table, observed, catalog)
+        check_rows(ordered, table, observed, catalog, max_unknown)
         + check_lanes(ordered, observed)
         + check_calls(ordered, observed)
         + check_responses(ordered, table, observed, catalog)
+        + check_history(ordered, table)
+        + check_refusals(observed)
     )
 
 
@@ -202,7 +231,11 @@ def _shape(line: str) -> str:
 
 
 def check_rows(  # noqa: PLR0912 (one branch per kind of row)
-    specs: list[RowSpec], table: Table, observed: Observed, catalog: Catalog
+    specs: list[RowSpec],
+    table: Table,
+    observed: Observed,
+    catalog: Catalog,
+    max_unknown: int = MAX_UNKNOWN,
 ) -> list[str]:
     bad: list[str] = []
     blocked: set[str] = set()  # lanes with an (expected) parked row
@@ -227,6 +260,8 @@ def check_rows(  # noqa: PLR0912 (one branch per kind of row)
         if state == "purged":
             continue  # purged by retention before its final state was read
         bad += _dropped_execution(name, row, runs, seen)
+        if spec.reused_from is None:
+            bad += _executed_then_errored(name, row, observed.by_key.get(spec.key, []))
         if spec.lane in stuck and state == "pending" and not runs:
             behind[spec.lane] += 1  # a consequence, reported once per lane below
             continue
@@ -234,7 +269,8 @@ def check_rows(  # noqa: PLR0912 (one branch per kind of row)
             if state != "pending" or runs:
                 bad.append(f"{name}: behind a parked row, must stay pending unexecuted: {seen}")
             continue
-        problem = _end_state(spec, row, runs, seen)
+        spans, lines = observed.by_key.get(spec.key, []), table.history.get(spec.key, [])
+        problem = _end_state(spec, row, runs, seen, spans, lines, max_unknown)
         if spec.park is not None and spec.lane:
             blocked.add(spec.lane)
         elif problem and state == "parked" and spec.lane:
@@ -259,9 +295,18 @@ def check_rows(  # noqa: PLR0912 (one branch per kind of row)
 
 
 def _end_state(  # noqa: PLR0911 (one answer per kind of row)
-    spec: RowSpec, row: dict[str, Any], runs: int, seen: str
+    spec: RowSpec,
+    row: dict[str, Any],
+    runs: int,
+    seen: str,
+    spans: list[Span] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    max_unknown: int = MAX_UNKNOWN,
 ) -> str | None:
-    """What is wrong with where ``spec``'s row ended, or None."""
+    """What is wrong with where ``spec``'s row ended, or None.
+
+    ``spans``: the calls with its key at the simulator; ``history``: its recorded answers.
+    """
     state, reason, maybe = row["state"], row["park_reason"], bool(row["maybe_executed"])
     if spec.reused_from is not None:
         return _reuse_end(spec, state, reason, seen)
@@ -271,6 +316,10 @@ def _end_state(  # noqa: PLR0911 (one answer per kind of row)
         if state != "cancelled" or runs:
             return f"cancelled by an operator (no --force), must stay cancelled unexecuted: {seen}"
         return None
+    if spec.kind.startswith("storm_doomed"):
+        return _storm_end(spec, row, runs, seen, spans or [], history or [], max_unknown)
+    if spec.kind.startswith("failed_to_connect"):
+        return _failed_to_connect_end(spec, row, runs, seen)
     if spec.park is not None:
         if state != "parked" or reason != spec.park or runs:
             return f"must be parked {spec.park} unexecuted, is {seen}: {row['last_message']}"
@@ -282,15 +331,93 @@ def _end_state(  # noqa: PLR0911 (one answer per kind of row)
             or (state == "parked" and reason == "expired_unknown" and maybe)
         )
         return None if fine else f"expiring row ended {seen}"
-    if state == "parked" and reason == "unknown_outcome":
-        unknown = row.get("unknown_attempts", row["attempts"])
+    if state == "parked" and reason == "object_limit":
+        said = sorted({s.message for s in spans or [] if s.code == "RESOURCE_EXHAUSTED"})
         return (
-            f"parked unknown_outcome after {row['attempts']} attempts of which only {unknown} "
-            f"had an unknown outcome (limit {MAX_UNKNOWN}): rollover (vgw-db) retries count "
-            f"toward max_unknown_attempts; {seen}"
+            f"parked object_limit, but Recrypt's RESOURCE_EXHAUSTED answers to it were {said}, "
+            "none a bare number: any other text, digits or not, is rate limiting (handed back, "
+            f"throttled, no attempt counted); {seen}"
+        )
+    if state == "parked" and reason == "unknown_outcome":
+        unknown = row.get("unknown_attempts", "?")
+        return (
+            f"parked unknown_outcome after {row['attempts']} attempts ({unknown} counted as "
+            f"unknown outcomes; limit {max_unknown}) although no storm doomed it: only unknown "
+            f"outcomes (not rollover retries nor gate hand-backs) count; {seen}"
         )
     if state != "committed" or runs != 1:
         return f"must be committed once, is {seen}: {row['last_message']}"
+    return None
+
+
+def _storm_end(
+    spec: RowSpec,
+    row: dict[str, Any],
+    runs: int,
+    seen: str,
+    spans: list[Span],
+    history: list[dict[str, Any]],
+    max_unknown: int,
+) -> str | None:
+    """DEADLINE_EXCEEDED vgw-db on every call: parked ``unknown_outcome`` with maybe_executed
+    after exactly max_unknown_attempts unknown outcomes; executed once if the storm executes
+    its first call, else never."""
+    storms = [s for s in spans if s.code == "DEADLINE_EXCEEDED" and "vgw-db" in s.message]
+    counted = [line for line in history if _counted_unknown(line)]
+    what = f"DEADLINE_EXCEEDED vgw-db on every call ({len(storms)} calls so answered)"
+    if row["state"] != "parked" or row["park_reason"] != "unknown_outcome":
+        return (
+            f"{what}: must end parked unknown_outcome after max_unknown_attempts ({max_unknown}) "
+            f"unknown outcomes, is {seen}: {row['last_message']}"
+        )
+    if not row["maybe_executed"]:
+        return f"{what}: parked unknown_outcome without maybe_executed: {seen}"
+    if len(counted) != max_unknown:
+        return (
+            f"{what}: parked unknown_outcome after {len(counted)} unknown outcomes in its history "
+            f"(answers and lease expiries), not exactly max_unknown_attempts={max_unknown}: {seen}"
+        )
+    if len(storms) > max_unknown:
+        return f"{what}: more calls than max_unknown_attempts={max_unknown}, so some went uncounted"
+    executes = spec.kind == "storm_doomed_executed" and bool(storms)
+    if runs != int(executes):
+        return f"{what}: executed {runs} times, its storm executes {int(executes)}: {seen}"
+    return None
+
+
+def _counted_unknown(line: dict[str, Any]) -> bool:
+    """A history line that counts toward max_unknown_attempts: an unknown outcome answered
+    (kept for a retry, or the one that parked the row), or a lease expiry."""
+    if line["code"] == "LEASE_EXPIRED":
+        return True
+    if line["decision"] not in ("retry", "park"):
+        return False
+    unknown = ("DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL", "ABORTED", "CANCELLED", "DATA_LOSS")
+    if line["code"] == "UNAVAILABLE":  # but vgw-db: a rollover, retried without counting
+        return "vgw-db" not in (_said(line["message"]) or "")
+    return line["code"] in unknown
+
+
+def _failed_to_connect_end(spec: RowSpec, row: dict[str, Any], runs: int, seen: str) -> str | None:
+    """Executed, then "failed to connect" from the server: an unknown outcome. It commits on
+    ALREADY_EXISTS (maybe_executed), or, expiring meanwhile, parks ``expired_unknown``."""
+    state, reason, maybe = row["state"], row["park_reason"], bool(row["maybe_executed"])
+    if spec.kind == "failed_to_connect_expires":
+        fine = (state == "expired" and not runs) or (
+            state == "parked" and reason == "expired_unknown" and maybe and runs <= 1
+        )
+        if fine:
+            return None
+        return (
+            "executed, then answered UNAVAILABLE 'failed to connect …' by the server until it "
+            f"expired: must end parked expired_unknown (maybe_executed), is {seen}"
+        )
+    if state != "committed" or runs != 1 or not maybe:
+        return (
+            "executed, then answered UNAVAILABLE 'failed to connect …' by the server, then "
+            f"ALREADY_EXISTS: must be committed once with maybe_executed, is {seen}: "
+            f"{row['last_message']}"
+        )
     return None
 
 
@@ -330,6 +457,21 @@ def _dropped_execution(name: str, row: dict[str, Any], runs: int, seen: str) -> 
     if row["state"] == "cancelled" and not row.get("forced"):
         return [f"{name}: executed at Recrypt but cancelled without --force: {seen}"]
     return []
+
+
+def _executed_then_errored(name: str, row: dict[str, Any], spans: list[Span]) -> list[str]:
+    """A call that took effect and was answered an error leaves the row ``maybe_executed``."""
+    if row["maybe_executed"] or row["state"] == "purged":
+        return []
+    errored = [s for s in spans if s.executed and s.code != "OK"]
+    if not errored:
+        return []
+    first = errored[0]
+    return [
+        f"{name}: executed at Recrypt on a call answered {first.code} {first.message!r} at "
+        f"{_clock(first.end)}, yet maybe_executed is false ({row['state']}): an error after the "
+        "effect is an unknown outcome, never 'never sent'"
+    ]
 
 
 def _executed_as_written(
@@ -492,3 +634,126 @@ def _normal_response(catalog: Catalog, path: str, value: Any) -> Any:
     except json_format.ParseError:
         return value
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+# --------------------------------------------------------------------------- history
+
+
+def check_history(specs: list[RowSpec], table: Table) -> list[str]:
+    """Each answer the daemons recorded, read against the policy table (README), and no
+    "key used before" commit: every key here is new, so only a row's own call can have
+    used it, and then that call's outcome was recorded as never sent."""
+    bad = []
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.key in seen:
+            continue
+        seen.add(spec.key)
+        lines = table.history.get(spec.key, [])
+        for line in lines:
+            problem = _misread(line)
+            if problem:
+                bad.append(f"{label(spec)}: {problem}")
+        used = [line for line in lines if line["decision"] == "commit_key_used_before"]
+        if used and spec.reused_from is None:
+            bad.append(
+                f"{label(spec)}: committed as 'key used before' (ALREADY_EXISTS at its first "
+                "attempt, not maybe_executed), but its key is new: only its own earlier call "
+                "can have used it, and that call's outcome was recorded as never sent"
+            )
+    return bad
+
+
+def _said(message: str | None) -> str | None:
+    """What Recrypt said in a history line (None: no answer from Recrypt, e.g. never sent)."""
+    marker = "; Recrypt said: "
+    at = (message or "").find(marker)
+    return None if at < 0 else (message or "")[at + len(marker) :]
+
+
+#: The decisions the policy allows for an answer (code, what Recrypt said); None: unchecked.
+def _allowed(code: str, said: str) -> frozenset[str] | None:
+    unknown = frozenset({"retry", "park"})  # park: max_unknown_attempts reached
+    if code == "PERMISSION_DENIED":
+        return frozenset({"hand_back"})  # maintenance, or a method the key may not call
+    if code == "RESOURCE_EXHAUSTED":
+        number = re.fullmatch(r"\s*\d+\s*", said) is not None
+        return frozenset({"park"}) if number else frozenset({"hand_back"})
+    if code == "UNAVAILABLE":
+        return frozenset({"retry"}) if "vgw-db" in said else unknown
+    if code in ("DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL", "ABORTED", "CANCELLED", "DATA_LOSS"):
+        return unknown
+    return None
+
+
+def _misread(line: dict[str, Any]) -> str | None:
+    said = _said(line["message"])
+    if said is None or line["decision"] == "late_answer":
+        return None
+    allowed = _allowed(str(line["code"]), said)
+    if allowed is None or line["decision"] in allowed:
+        return None
+    return (
+        f"Recrypt answered {line['code']} {said[:120]!r} and the daemon recorded "
+        f"{line['decision']}; the policy says {' or '.join(sorted(allowed))}"
+    )
+
+
+# --------------------------------------------------------------------------- refused methods
+
+
+def check_refusals(observed: Observed) -> list[str]:
+    """A method refused outside maintenance is held: a daemon sends it again no sooner than
+    ``HOLD_S`` after a refusal, unless it could not know to hold it (the refusal never reached
+    it, its next MaintenanceCheck did not say "no maintenance", or its key was refused) or a
+    SIGHUP released it. A daemon that resends at every probe (loops) is caught here."""
+    bad = []
+    for window in observed.windows:
+        for caller, rounds in _refusal_rounds(window, observed.spans).items():
+            for first, then in itertools.pairwise(rounds):
+                gap = (then[0].start - first[-1].start).total_seconds()
+                if gap >= 0.9 * HOLD_S or _released(caller, first, then, observed):
+                    continue
+                bad.append(
+                    f"refused method {window.method} (PERMISSION_DENIED outside maintenance) "
+                    f"sent again by daemon {_who(caller)} {gap:.2f}s after it was refused "
+                    f"({_clock(first[-1].start)}, then {_clock(then[0].start)}), with no SIGHUP, "
+                    "failed probe or outage in between: it must be held for [maintenance] "
+                    f"unauthenticated_probe_interval ({HOLD_S:g}s)"
+                )
+    return bad
+
+
+def _refusal_rounds(window: RefusalWindow, spans: list[Span]) -> dict[str | None, list[list[Span]]]:
+    """The window's refusals by daemon, in batches (calls started within half a second)."""
+    rounds: dict[str | None, list[list[Span]]] = defaultdict(list)
+    refused = [s for s in spans if s.code == "PERMISSION_DENIED" and s.message == window.message]
+    for span in sorted(refused, key=_start):
+        batches = rounds[span.caller]
+        if batches and (span.start - batches[-1][-1].start).total_seconds() < 0.5:
+            batches[-1].append(span)
+        else:
+            batches.append([span])
+    return rounds
+
+
+def _released(caller: str | None, first: list[Span], then: list[Span], seen: Observed) -> bool:
+    """Between two refusals: could the daemon not hold the method, or was it released?"""
+    since, until = first[-1].start, then[0].start
+    if not any(s.answered for s in first):
+        return True  # the refusal never reached the daemon
+    if any(since < r.at < until and caller in r.callers for r in seen.reloads):
+        return True
+    if any(since < p.at < until and p.caller == caller and not p.clear for p in seen.probes):
+        return True  # maintenance, or it could not tell: a method is never held on a guess
+    if any(a < until and since < b for a, b in seen.sim_stops):
+        return True  # its probe cannot have been answered
+    return any(
+        since < s.start < until and s.caller == caller and s.code == "UNAUTHENTICATED"
+        for s in seen.spans
+    )
+
+
+def _who(caller: str | None) -> str:
+    """A daemon as slot-generation (its API key's suffix), never the key itself."""
+    return "-".join((caller or "?-?-?").rsplit("-", 2)[1:])

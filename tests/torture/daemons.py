@@ -189,7 +189,13 @@ def _tail(log: Path | None, lines: int = 8) -> str:
     return " | ".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_config(workdir: Path, url: str, target: str) -> Path:
+def write_config(
+    workdir: Path,
+    url: str,
+    target: str,
+    max_unknown: int = MAX_UNKNOWN,
+    max_backoff: float = MAX_BACKOFF_S,
+) -> Path:
     path = workdir / "outbox.toml"
     path.write_text(
         f"""
@@ -206,9 +212,9 @@ poll_interval = {POLL_S}
 lease = {LEASE_S}
 [retry]
 initial_backoff = 0.1
-max_backoff = {MAX_BACKOFF_S}
+max_backoff = {max_backoff}
 jitter = 0.3
-max_unknown_attempts = {MAX_UNKNOWN}
+max_unknown_attempts = {max_unknown}
 [maintenance]
 probe_interval = 1.0
 unauthenticated_probe_interval = {HOLD_S}

@@ -145,11 +145,12 @@ class Probe:
     at: datetime
     code: str
     maintenance: bool
+    answered: bool = True  # False: the caller had stopped waiting
 
     @property
     def clear(self) -> bool:
-        """OK and no maintenance: a daemon told this holds the methods it saw refused."""
-        return self.code == "OK" and not self.maintenance
+        """OK and no maintenance, heard: a daemon told this holds the methods it saw refused."""
+        return self.code == "OK" and not self.maintenance and self.answered
 
 
 class TortureSimulator(Simulator):
@@ -216,7 +217,8 @@ class TortureSimulator(Simulator):
         if path == MAINTENANCE_CHECK:
             said = bool(getattr(outcome.response, "maintenance_mode", False))
             refused = outcome.code == C.PERMISSION_DENIED
-            probe = Probe(caller, self._clock(), outcome.code.name, said or refused)
+            heard = context.is_active() and not self._stopped.is_set()
+            probe = Probe(caller, self._clock(), outcome.code.name, said or refused, heard)
             with self._cond:
                 self._probes.append(probe)
         if key is None or start is None:
