@@ -223,7 +223,7 @@ class Daemon:
             MaintenancePoll(d, c.maintenance.probe_interval),
             LeaseRenewer(store, self.worker_id, d.inflight_ids, w.lease),
             Reaper(store, w.lease, c.retry.max_unknown_attempts, allowed=clock_ok),
-            Expirer(store, max(w.lease / 2, 0.05)),
+            Expirer(store, max(w.lease / 2, 0.05), allowed=clock_ok),
             Heartbeat(store, self._beat, self._db_result, self.clock_check),
             _TableGauges(self, TABLE_SECONDS),
         ]
