@@ -11,6 +11,7 @@ from outbox.simulator import TRANSFER, Fault
 from tests.integration.test_dispatch import enqueue_transfer
 
 C = grpc.StatusCode
+WRITES = frozenset({TRANSFER})  # hold the Transfer, never a MaintenanceCheck probe
 
 
 def test_a_call_on_a_channel_already_closed_goes_back_untouched(
@@ -31,7 +32,7 @@ def test_a_call_cancelled_in_flight_may_have_executed(engine, store, sim, make_d
     key = enqueue_transfer(engine)
     dispatcher = make_dispatcher()
     release = threading.Event()
-    held = sim.inject(Fault(C.OK, hang=release, times=1))
+    held = sim.inject(Fault(C.OK, methods=WRITES, hang=release, times=1))
     cycle = threading.Thread(target=dispatcher.run_once)
     cycle.start()
     assert sim.wait_for(lambda _s: held.hits == 1)

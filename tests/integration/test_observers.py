@@ -8,10 +8,11 @@ import threading
 
 import grpc
 
-from outbox.simulator import Fault
+from outbox.simulator import TRANSFER, Fault
 from tests.integration.test_dispatch import enqueue_transfer
 
 C = grpc.StatusCode
+WRITES = frozenset({TRANSFER})  # hold the Transfer, never a MaintenanceCheck probe
 
 
 def test_observers_hear_of_an_outcome_only_after_it_is_recorded(
@@ -38,7 +39,7 @@ def test_a_row_lost_to_another_worker_is_reported_lost_never_committed(
         lost=lambda o: lost.append(o.claim.idempotency_key),
     )
     release = threading.Event()
-    held = sim.inject(Fault(C.OK, hang=release, times=1))
+    held = sim.inject(Fault(C.OK, methods=WRITES, hang=release, times=1))
     cycle = threading.Thread(target=first.run_once)
     cycle.start()
     assert sim.wait_for(lambda _s: held.hits == 1)
@@ -60,8 +61,8 @@ def test_a_late_ok_keeps_its_response_when_another_worker_commits_on_already_exi
     key = enqueue_transfer(engine)
     first, second = make_dispatcher("w1", lease=30.0), make_dispatcher("w2", lease=30.0)
     release_first, release_second = threading.Event(), threading.Event()
-    held_first = sim.inject(Fault(C.OK, hang=release_first, times=1))
-    held_second = sim.inject(Fault(C.OK, hang=release_second, times=1))
+    held_first = sim.inject(Fault(C.OK, methods=WRITES, hang=release_first, times=1))
+    held_second = sim.inject(Fault(C.OK, methods=WRITES, hang=release_second, times=1))
     one = threading.Thread(target=first.run_once)
     one.start()
     assert sim.wait_for(lambda _s: held_first.hits == 1)

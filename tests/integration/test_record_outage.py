@@ -72,7 +72,8 @@ def postgres_outage(url: str) -> Iterator[None]:
 
 def hold_next_call(sim: Simulator) -> tuple[Fault, threading.Event]:
     release = threading.Event()
-    return sim.inject(Fault(C.OK, hang=release, times=1)), release
+    held = Fault(C.OK, methods=frozenset({PLACE_ORDER}), hang=release, times=1)  # not a probe
+    return sim.inject(held), release
 
 
 @contextmanager
