@@ -12,6 +12,16 @@ and its spans of calls, plus when the harness SIGKILLed each daemon) and the row
   lane in flight at the simulator at once.
 - ``check_calls``: each key reaches one method with one request, however often it is sent.
 - ``check_responses``: a committed row whose OK answer reached its daemon keeps that response.
+- ``check_history``: every answer the daemons recorded is read as the policy table says
+  (PERMISSION_DENIED and rate limiting, digits or not, handed back uncounted; a bare number
+  parks ``object_limit``; a server's "failed to connect" and DEADLINE_EXCEEDED vgw-db are
+  unknown outcomes), and no row commits as "key used before" (every key here is new).
+- ``check_refusals``: a method refused outside maintenance is held for ``HOLD_S`` by the
+  daemon that saw it refused, unless a SIGHUP released it or the daemon could not know.
+
+``check_rows`` also holds: a call that executed and was answered an error leaves its row
+``maybe_executed``; rows a storm dooms end parked ``unknown_outcome`` after exactly
+``max_unknown_attempts`` unknown outcomes; a row parks ``object_limit`` only for a number.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from tests.torture.parts import (
 
 MAX_PER_LANE = 3  # violation lines per lane and kind: the first few tell the story
 MAX_ALIKE = 5  # violation lines of one shape (rows left open, say): then a count
+SIGNAL = timedelta(seconds=0.5)  # a daemon acts on a signal within this
 
 
 class Simulated(Protocol):
@@ -742,8 +753,8 @@ def _released(caller: str | None, first: list[Span], then: list[Span], seen: Obs
     since, until = first[-1].start, then[0].start
     if not any(s.answered for s in first):
         return True  # the refusal never reached the daemon
-    if any(since < r.at < until and caller in r.callers for r in seen.reloads):
-        return True
+    if any(since - SIGNAL < r.at < until and caller in r.callers for r in seen.reloads):
+        return True  # (a SIGHUP sent just before the refusal may be taken in after it)
     if any(since < p.at < until and p.caller == caller and not p.clear for p in seen.probes):
         return True  # maintenance, or it could not tell: a method is never held on a guess
     if any(a < until and since < b for a, b in seen.sim_stops):

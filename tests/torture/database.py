@@ -271,17 +271,19 @@ class Database:
                 lines.setdefault(text_key(line.pop("k")), []).append(line)
         return lines
 
-    def refused_methods(self, pids: Collection[int]) -> set[str]:
-        """Methods the running daemons (by process id) say they hold as refused."""
+    def workers(self, pids: Collection[int]) -> dict[int, tuple[str, set[str]]]:
+        """Each running daemon (by process id): its gate and the methods it holds as refused,
+        as its last heartbeat says (one is written at every gate change)."""
         with self.engine.connect() as conn:
             result = conn.execute(
-                sa.text("SELECT pid, refused_methods FROM outbox_workers WHERE stopped_at IS NULL")
+                sa.text(
+                    "SELECT pid, gate, refused_methods FROM outbox_workers WHERE stopped_at IS NULL"
+                )
             )
             return {
-                method
-                for pid, refused in result
-                if pid in pids and refused
-                for method in str(refused).split(",")
+                int(pid): (str(gate), set(str(refused).split(",")) if refused else set())
+                for pid, gate, refused in result
+                if pid in pids
             }
 
     def try_rows(self) -> dict[str, dict[str, Any]] | None:

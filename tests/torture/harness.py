@@ -11,13 +11,18 @@
   SIGKILLs and restarts daemons, cuts the database connections (or locks the SQLite file),
   restarts the simulator mid-call and, when asked, the PostgreSQL server; and the seams of
   ``seams``: database outages while answers are in flight, out-of-order lane commits, poison
-  rows, method edits, key reuse after retention, reloads mid-call, operator cancels.
+  rows, method edits, key reuse after retention, reloads mid-call, operator cancels; and the
+  answers of ``answers`` (issue 10): a method refused outside maintenance (held, released by
+  SIGHUP), a server's "failed to connect" after executing, DEADLINE_EXCEEDED vgw-db storms and
+  rows doomed by one; rate-limit texts with digits are general faults.
 
 Then it calms everything, waits until the table converges and checks the promise (the
 ``Report`` lists every violation; ``checks`` says which). Row-specific faults are kept ahead
 of the general ones by construction: general faults (``ChaosFault``) never match a doomed key,
 so a doomed row gets exactly its parking answer and never executes, and the set of parked
-rows is known exactly.
+rows is known exactly. General faults whose answers count as unknown outcomes draw on a
+per-key budget (``UnknownBudget``, half of ``[retry] max_unknown_attempts``), so only the rows
+a storm dooms ever run out of attempts.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ from tests.torture.parts import (
     Report,
     RowSpec,
     TortureSimulator,
+    UnknownBudget,
     backend_of,
+    counts_unknown,
     utcnow,
     wait_until,
 )
@@ -77,8 +84,10 @@ class Chaos:
         report: Report,
         pg_restart: list[str] | None,
         without: Collection[str] = (),
+        max_unknown: int = MAX_UNKNOWN,
     ) -> None:
         self.rng = rng
+        self.budget = UnknownBudget(max_unknown // 2)
         self.without = set(without)
         self.sim = sim
         self.port = port
@@ -109,6 +118,7 @@ class Chaos:
             self.note,
             self.quiet,
             self.general,
+            self.budget,
         )
 
     def quiet(self) -> bool:
@@ -144,6 +154,8 @@ class Chaos:
             code, message, execute=execute, methods=methods, times=times, delay=delay
         )
         fault.spared = self.doomed
+        if counts_unknown(code, message) or name == "client_deadline":
+            fault.budget = self.budget
         self.sim.inject(fault)
         self.general.append(fault)
         self.report.faults[name] += 1
@@ -276,7 +288,8 @@ class Chaos:
             wait_until(self.quiet, 30)
             self.run_due(everything=True)
         self.seams.calm()  # after the simulator is back: an edit waits for a send
-        self.answers.calm()
+        if "refusal" not in self.without:
+            self.answers.calm()
 
     def actions(self) -> dict[str, tuple[Callable[[], None], int]]:
         """Every chaos action with its weight (but those the run is ``without``)."""
@@ -434,7 +447,7 @@ def run_torture(
     pool = Daemons(config, workdir, count, report, sim.allow_key)
     writer = Writer(writer_rng, db, sim, set(), report, lanes)
     restart = postgres_restart_command() if restart_postgres and backend == "postgresql" else None
-    chaos = Chaos(chaos_rng, sim, port, db, pool, writer, report, restart, without)
+    chaos = Chaos(chaos_rng, sim, port, db, pool, writer, report, restart, without, max_unknown)
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:
@@ -464,7 +477,10 @@ def run_torture(
         report.extra["reloads"] += pool.reload()  # removed methods and halts are forgotten
 
         converging = Converging(writer, db, pool, chaos.seams)
+        settling = time.monotonic()
+        report.extra["calm_s"] = round(settling - until)
         why = converging.wait(settle_s, stall_s)
+        report.extra["settle_s"] = round(time.monotonic() - settling)
         report.extra["reloads"] += converging.reloads
         if why is not None:
             table = converging.table() or Table({})

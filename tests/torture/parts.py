@@ -93,19 +93,50 @@ KEY_REUSED = "key_reused"
 # --------------------------------------------------------------------------- simulator parts
 
 
+class UnknownBudget:
+    """How many unknown outcomes general faults may give one key: fewer than
+    ``[retry] max_unknown_attempts``, so only the rows a storm dooms ever run out of them
+    (faults pile up while a gate holds everything back, then land on the few rows sent next).
+    Used under the simulator's lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.given: Counter[str] = Counter()
+
+    def take(self, key: str | None) -> bool:
+        if key is None:
+            return True
+        if self.given[key] >= self.limit:
+            return False
+        self.given[key] += 1
+        return True
+
+
+def counts_unknown(code: grpc.StatusCode, message: str) -> bool:
+    """Whether the daemon counts this answer toward max_unknown_attempts (README's table)."""
+    if code == C.UNAVAILABLE:
+        return "vgw-db" not in message
+    unknown = (C.DEADLINE_EXCEEDED, C.UNKNOWN, C.INTERNAL, C.ABORTED, C.CANCELLED, C.DATA_LOSS)
+    return code in unknown
+
+
 @dataclass(eq=False)
 class ChaosFault(Fault):
     """A general fault: switchable (a window ends with ``active = False``), never on a doomed key.
 
     ``spared`` is the harness's live set of doomed keys, so a doomed row only ever gets its own
-    parking answer (plus gate answers, which never execute).
+    parking answer (plus gate answers, which never execute). ``budget``: for a fault whose
+    answers count as unknown outcomes, the per-key allowance it draws on.
     """
 
     spared: Collection[str] = field(default_factory=frozenset)
     active: bool = True
+    budget: UnknownBudget | None = None
 
     def matches(self, path: str, key: str | None) -> bool:
-        return self.active and key not in self.spared and super().matches(path, key)
+        if not (self.active and key not in self.spared and super().matches(path, key)):
+            return False
+        return self.budget is None or self.budget.take(key)  # taken: first match wins
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,23 @@ import pytest
 
 from outbox.descriptors import Catalog
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, LedgerEntry
-from tests.torture.checks import Observed, Table, check, expected_request
+from tests.torture.answers import refused_since_reload
+from tests.torture.checks import Observed, Table, check, check_refusals, expected_request
 from tests.torture.harness import run_torture
-from tests.torture.parts import API_KEY, RowSpec, Span
+from tests.torture.parts import (
+    API_KEY,
+    FAILED_TO_CONNECT,
+    VGW_DB_DEADLINE,
+    C,
+    ChaosFault,
+    Probe,
+    RefusalWindow,
+    Reload,
+    RowSpec,
+    Span,
+    UnknownBudget,
+    counts_unknown,
+)
 from tests.torture.seams import poison_kinds
 
 SEED = int(os.environ.get("OUTBOX_TORTURE_SEED") or random.SystemRandom().randrange(10**6))
@@ -29,6 +43,16 @@ MAX_UNKNOWN = 12
 MAX_BACKOFF_S = 1.0
 #: The seams of issue 9: each must have been injected in every CI-sized run.
 SEAMS = ("db_outage", "method_edit", "key_reuse", "reload_in_flight", "operator_cancel")
+#: The answers of issue 10 (``answers`` and ``parts.GENERAL``): each in every CI-sized run.
+ANSWERS = (
+    "refused_method_window",
+    "server_failed_to_connect",
+    "rate_limited_429",
+    "rate_limited_retry_in",
+    "vgw_db_storm",
+    "storm_doomed",
+    "storm_doomed_executed",
+)
 
 
 @pytest.mark.timeout(300)
@@ -53,6 +77,11 @@ def test_torture_keeps_the_promise(db_url, tmp_path) -> None:
     assert report.extra["executed_errored"] >= 1, report.line()  # executed, then errored
     for seam in SEAMS:
         assert report.faults[seam] >= 1, (seam, report.line())
+    for kind in ANSWERS:
+        assert report.faults[kind] >= 1, (kind, report.line())
+    failed_to_connect = ("failed_to_connect", "failed_to_connect_expires")
+    assert sum(report.faults[k] for k in failed_to_connect) >= 1, report.line()
+    assert report.extra["refused_held_seen"] >= 1, report.line()  # a window held its method
     for kind in poison_kinds(report.db):
         assert any(k.startswith(f"poison_{kind}") for k in report.faults), (kind, report.line())
     if report.db != "sqlite":  # SQLite serialises writers: no lane race is possible there
@@ -209,3 +238,166 @@ def test_a_call_left_over_after_its_key_executed_holds_no_lane() -> None:
     )
     found = check(specs, Table(rows), observed, catalog)
     assert not [line for line in found if "in flight at once" in line], found
+
+
+# --------------------------------------------------------------------------- issue 10's answers
+
+
+def _line(code: str, decision: str, said: str) -> dict[str, object]:
+    return {"code": code, "decision": decision, "message": f"explanation; Recrypt said: {said}"}
+
+
+def _storm_history(count: int) -> list[dict[str, object]]:
+    retries = [_line("DEADLINE_EXCEEDED", "retry", VGW_DB_DEADLINE)] * (count - 1)
+    return [*retries, _line("DEADLINE_EXCEEDED", "park", VGW_DB_DEADLINE)]
+
+
+def test_the_checks_catch_each_wrong_answer() -> None:
+    """What the daemon did before issue 10, row by row: each is caught, and the right
+    behaviour next to it is not."""
+    catalog = Catalog.load()
+    k = [str(uuid.uuid4()) for _ in range(9)]
+    storm = "storm_doomed_executed"
+    specs = [
+        RowSpec(0, k[0], TRANSFER, BODY, "plain", "sql"),  # got "429 Too Many Requests"
+        RowSpec(1, k[1], TRANSFER, BODY, "failed_to_connect", "api"),
+        RowSpec(2, k[2], TRANSFER, BODY, "failed_to_connect_expires", "api"),
+        RowSpec(3, k[3], TRANSFER, BODY, storm, "sql", park="unknown_outcome"),
+        RowSpec(4, k[4], TRANSFER, BODY, "storm_doomed", "sql", park="unknown_outcome"),
+        RowSpec(5, k[5], TRANSFER, BODY, storm, "api", park="unknown_outcome"),  # right
+        RowSpec(6, k[6], TRANSFER, BODY, "failed_to_connect", "sql"),  # right
+        RowSpec(7, k[7], PLACE_ORDER, {"account": "t"}, "refused_method", "api"),
+        RowSpec(8, k[8], TRANSFER, BODY, "plain", "api"),  # got "rate limit ..., retry in 1s"
+    ]
+    maybe = {"maybe_executed": True}
+    rows = {
+        k[0]: _row(1, "parked", "object_limit", last_code="RESOURCE_EXHAUSTED"),
+        k[1]: _row(2, "committed"),  # handed back as never sent, then "key used before"
+        k[2]: _row(3, "expired"),  # handed back as never sent, then expired
+        k[3]: _row(4, "pending", **maybe),  # vgw-db deadlines not counted: never parks
+        k[4]: _row(5, "parked", "unknown_outcome", **maybe),  # parked one too early
+        k[5]: _row(6, "parked", "unknown_outcome", **maybe),
+        k[6]: _row(7, "committed", **maybe),
+        k[7]: _row(8, "committed"),
+        k[8]: _row(9, "committed"),
+    }
+    history = {
+        k[0]: [_line("RESOURCE_EXHAUSTED", "park", "429 Too Many Requests")],
+        k[1]: [
+            _line("UNAVAILABLE", "hand_back", FAILED_TO_CONNECT),
+            _line("ALREADY_EXISTS", "commit_key_used_before", "already used"),
+        ],
+        k[3]: [
+            *[_line("DEADLINE_EXCEEDED", "retry", VGW_DB_DEADLINE)] * 20,
+            _line("DEADLINE_EXCEEDED", "hand_back", VGW_DB_DEADLINE),  # as if a rollover
+        ],
+        k[4]: _storm_history(11),
+        k[5]: _storm_history(12),
+        k[6]: [
+            _line("UNAVAILABLE", "retry", FAILED_TO_CONNECT),
+            _line("ALREADY_EXISTS", "commit", "already used"),
+        ],
+        k[7]: [_line("PERMISSION_DENIED", "retry", "may not call PlaceOrder")],
+        k[8]: [
+            _line("RESOURCE_EXHAUSTED", "hand_back", "rate limit exceeded, retry in 1s"),
+            _line("OK", "commit", ""),
+        ],
+    }
+    ftc = {"code": "UNAVAILABLE", "message": FAILED_TO_CONNECT, "executed": True}
+    observed = Observed(
+        [_entry(catalog, key, BODY) for key in (k[1], k[2], k[5], k[6], k[8])],
+        [
+            _span(k[0], 0.0, 0.1, code="RESOURCE_EXHAUSTED", message="429 Too Many Requests"),
+            _span(k[1], 0.0, 0.1, **ftc),
+            _span(k[2], 0.0, 0.1, **ftc),
+            _span(k[6], 0.0, 0.1, **ftc),
+            *(
+                _span(key, 0.0, 0.1, code="DEADLINE_EXCEEDED", message=VGW_DB_DEADLINE)
+                for key in (k[3], k[4], k[5])
+            ),
+        ],
+    )
+    found = check(specs, Table(rows, {}, history), observed, catalog, max_unknown=12)
+    text = "\n".join(found)
+    assert "parked object_limit, but Recrypt's RESOURCE_EXHAUSTED answers to it were" in text
+    assert "'429 Too Many Requests' and the daemon recorded park; the policy says hand_back" in (
+        text
+    )
+    assert f"row 1 {k[1]!r} (failed_to_connect, api, lane=None): executed at Recrypt on a " in (
+        text
+    )
+    assert "recorded hand_back; the policy says park or retry" in text
+    assert "committed as 'key used before'" in text
+    assert f"row 2 {k[2]!r} (failed_to_connect_expires, api, lane=None): executed at Recrypt " in (
+        text
+    )
+    assert f"{k[3]!r} ({storm}, sql, lane=None): DEADLINE_EXCEEDED vgw-db on every call" in text
+    assert f"{k[4]!r} (storm_doomed, sql, lane=None): DEADLINE_EXCEEDED vgw-db" in text
+    assert "after 11 unknown outcomes in its history" in text
+    assert "PERMISSION_DENIED 'may not call PlaceOrder' and the daemon recorded retry" in text
+    assert "'vgw-db transaction timed out' and the daemon recorded hand_back" in text
+    assert not [line for line in found if {k[5], k[6], k[8]} & set(line.split("'"))], found
+
+
+def test_a_refused_method_resent_at_every_probe_is_caught() -> None:
+    """Held for HOLD_S after a refusal unless something let it go: a daemon that resends the
+    method as soon as its MaintenanceCheck says "no maintenance" (it looped) is caught."""
+    window = RefusalWindow(PLACE_ORDER, "may not call PlaceOrder", NOW, NOW + timedelta(9))
+    looped, held, reloaded, unsure = (f"{API_KEY}-{i}-1" for i in range(4))
+
+    def refused(caller: str, at: float) -> Span:
+        return _span(
+            str(uuid.uuid4()), at, at + 0.01, PLACE_ORDER, code="PERMISSION_DENIED",
+            message=window.message, caller=caller,
+        )  # fmt: skip
+
+    def probe(caller: str, at: float, code: str = "OK") -> Probe:
+        return Probe(caller, NOW + timedelta(seconds=at), code, maintenance=False)
+
+    spans = [
+        *(refused(looped, at) for at in (0.0, 0.01, 1.1, 2.2)),  # one batch, then a loop
+        *(refused(held, at) for at in (0.0, 3.0, 6.1)),
+        *(refused(reloaded, at) for at in (0.0, 1.0)),
+        *(refused(unsure, at) for at in (0.0, 1.0)),
+    ]
+    probes = [
+        probe(looped, 0.9),
+        probe(looped, 2.0),
+        probe(held, 0.9),
+        probe(unsure, 0.9, "UNAVAILABLE"),
+    ]
+    reloads = [Reload(NOW + timedelta(seconds=0.5), frozenset({reloaded}))]
+    observed = Observed([], spans, probes=probes, reloads=reloads, windows=[window])
+    found = check_refusals(observed)
+    assert len(found) == 2, found
+    assert all("sent again by daemon 0-1" in line for line in found), found
+
+
+def test_a_reload_forgets_refusals_in_the_daemon_log() -> None:
+    """What a daemon may hold: methods refused to it since its last SIGHUP."""
+    log = "\n".join(
+        [
+            f"t0 info outbox.daemon event=handed_back key=k1 method={TRANSFER} "
+            "code=PERMISSION_DENIED attempt=1",
+            "t1 info outbox.daemon event=reloaded worker=w applied=recrypt",
+            f"t2 info outbox.daemon event=handed_back key=k2 method={CANCEL_ORDER} "
+            "code=PERMISSION_DENIED attempt=1",
+            f"t3 info outbox.daemon event=handed_back key=k3 method={PLACE_ORDER} "
+            "code=UNAUTHENTICATED attempt=1",
+        ]
+    )
+    assert refused_since_reload(log) == {CANCEL_ORDER}
+
+
+def test_general_unknowns_never_run_a_row_out_of_attempts() -> None:
+    """General faults that count as unknown outcomes draw on a per-key budget."""
+    budget = UnknownBudget(2)
+    first = ChaosFault(C.UNKNOWN, "unexpected error", budget=budget)
+    second = ChaosFault(C.DATA_LOSS, "data loss", budget=budget)
+    assert first.matches(TRANSFER, "k") and second.matches(TRANSFER, "k")
+    assert not first.matches(TRANSFER, "k") and not second.matches(TRANSFER, "k")
+    assert first.matches(TRANSFER, "other")
+    assert counts_unknown(C.UNAVAILABLE, FAILED_TO_CONNECT)
+    assert not counts_unknown(C.UNAVAILABLE, "vgw-db: rollover in progress")
+    assert counts_unknown(C.DEADLINE_EXCEEDED, VGW_DB_DEADLINE)
+    assert not counts_unknown(C.RESOURCE_EXHAUSTED, "429 Too Many Requests")
