@@ -274,9 +274,7 @@ class Database:
         """Methods the running daemons (by process id) say they hold as refused."""
         with self.engine.connect() as conn:
             result = conn.execute(
-                sa.text(
-                    "SELECT pid, refused_methods FROM outbox_workers WHERE stopped_at IS NULL"
-                )
+                sa.text("SELECT pid, refused_methods FROM outbox_workers WHERE stopped_at IS NULL")
             )
             return {
                 method
