@@ -212,7 +212,9 @@ class Store:
         *,
         exclude_methods: Collection[str] = (),
     ) -> list[Claim]:
-        """Claim up to ``batch`` due rows, oldest first, under a lease for ``worker``.
+        """Claim up to ``batch`` due rows under a lease for ``worker``: rows due from their
+        insertion in id order, then retried and scheduled rows in ``due_at`` order (the range
+        ``due_at <= now`` of ``ix_outbox_messages_due``: rows due later are never read).
 
         PostgreSQL and MariaDB lock with ``FOR UPDATE SKIP LOCKED`` so daemons share work;
         SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
@@ -269,10 +271,10 @@ class Store:
                 updated_at=now,
                 payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
             )
-            .returning(*_claim_columns(), current.label("current"))
+            .returning(*_claim_columns(), current.label("current"), m.c.due_at)
         )
-        with self._tx() as conn:
-            rows = sorted(conn.execute(claimed).all(), key=lambda row: row.id)
+        with self._tx() as conn:  # in the claim's order, as the other databases return them
+            rows = sorted(conn.execute(claimed).all(), key=lambda row: (row.due_at, row.id))
         return [self._claim_from(row, worker, current=row.current) for row in rows]
 
     def _due_query(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,47 @@ def test_postgres_insert_trigger_notifies_once_per_transaction(postgres_url) -> 
         received = list(listener.notifies(timeout=2.0))
     assert len(received) == 1
     assert received[0].channel == "outbox_messages"
+
+
+def test_migration_0007_fills_due_at_for_existing_rows(empty_engine: Engine) -> None:
+    """0007 adds ``due_at``, generated: rows written before it get theirs (the later of
+    ``not_before`` and ``next_attempt_at``, else "due now"), and it follows later updates."""
+    migrate.upgrade(empty_engine, "0006")
+    insert = sa.text(
+        "INSERT INTO outbox_messages (idempotency_key, method, payload, not_before, "
+        "next_attempt_at) VALUES (:key, '/x.v1.S/M', '{}', :nb, :nat)"
+    )
+    early, late = "2026-11-24 18:01:00.000000", "2026-11-25 07:30:00.500000"
+    with empty_engine.begin() as connection:
+        for key, nb, nat in (("a", None, None), ("b", late, early), ("c", early, late)):
+            connection.execute(insert, {"key": key, "nb": nb, "nat": nat})
+        connection.execute(insert, {"key": "d", "nb": early, "nat": None})
+    migrate.upgrade(empty_engine)
+    due = {
+        row.idempotency_key: row.due_at
+        for row in _read(empty_engine, sa.select(messages.c.idempotency_key, messages.c.due_at))
+    }
+    stamp = {t: datetime.fromisoformat(t).replace(tzinfo=UTC) for t in (early, late)}
+    assert due == {
+        "a": datetime(1970, 1, 1, tzinfo=UTC),
+        "b": stamp[late],
+        "c": stamp[late],
+        "d": stamp[early],
+    }
+    with empty_engine.begin() as connection:
+        connection.execute(
+            messages.update()
+            .where(messages.c.idempotency_key == "a")
+            .values(next_attempt_at=stamp[early])
+        )
+    assert _read(
+        empty_engine, sa.select(messages.c.due_at).where(messages.c.idempotency_key == "a")
+    ) == [(stamp[early],)]
+    migrate.downgrade(empty_engine, "0006")
+    columns = {c["name"] for c in sa.inspect(empty_engine).get_columns("outbox_messages")}
+    assert "due_at" not in columns
+
+
+def _read(engine: Engine, query: sa.Select[Any]) -> list[Any]:
+    with engine.connect() as connection:
+        return list(connection.execute(query).all())
