@@ -1,7 +1,8 @@
 """A claim reads O(batch) rows, whatever else waits (issue #11).
 
-Built once per module and backend: 200,000 lane-less rows scheduled for tomorrow
-(``not_before``), 200,000 rows of one lane behind its parked head, and a few due rows. The
+Built once per module and backend, each in its own database followed by 200 due rows:
+200,000 lane-less rows scheduled for tomorrow (``not_before``), or 200,000 rows of one lane
+behind its parked head (an expected failure until lane heads are built). The
 claim's row selection is then measured by the database itself: PostgreSQL's
 ``EXPLAIN (ANALYZE, BUFFERS)`` (shared buffers touched, rows removed by a filter), MariaDB's
 ``Handler_read%`` session counters (index and table rows read).
