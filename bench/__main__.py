@@ -7,7 +7,9 @@ One command measures, against the simulator on loopback with no faults:
 2. the daemon's drain rate: ``outbox run`` (its own process) draining a backlog;
 3. resident memory of the daemon while it drains (sampled from /proc);
 4. latency: single rows inserted into an idle outbox, until the simulator executed them;
-5. the cost of a claim with 10,000 and with 2,000,000 finished rows in the table.
+5. the cost of a claim with 10,000 and with 2,000,000 finished rows in the table;
+6. the cost of a claim with a backlog it cannot claim (``--only backlog``): 200,000 rows
+   scheduled for tomorrow, or 200,000 rows behind one parked lane head (issue #11).
 
 The simulator runs in this process, in its own threads, for both (1) and (2), so the two
 rates are measured against the same server in the same run.
@@ -61,6 +63,9 @@ def main() -> None:
     if "claim" in args.only:
         results["claim"] = claim_cost(args)
         report("claim cost", results["claim"])
+    if "backlog" in args.only:
+        results["backlog"] = backlog_claim_cost(args)
+        report("claim cost behind a backlog", results["backlog"])
     summarise(results, args)
 
 
@@ -83,9 +88,12 @@ def parse_args() -> argparse.Namespace:
         help="finished rows in the table for the claim-cost measurement",
     )
     parser.add_argument(
+        "--backlog-rows", type=int, default=200_000, help="rows the backlog claim cannot claim"
+    )
+    parser.add_argument(
         "--only",
         default="raw,drain,latency,claim",
-        help="comma-separated subset of raw,drain,latency,claim",
+        help="comma-separated subset of raw,drain,latency,claim,backlog (backlog: not default)",
     )
     args = parser.parse_args()
     args.only = set(args.only.split(","))
@@ -191,6 +199,59 @@ def claim_cost(args: argparse.Namespace) -> dict[str, object]:
     small, large = (out[f"{s}_finished_ms_median"] for s in (sizes[0], sizes[-1]))
     out["ratio"] = round(float(large) / float(small), 2)  # type: ignore[arg-type]
     return out
+
+
+def backlog_claim_cost(args: argparse.Namespace) -> dict[str, object]:
+    """Median ms of a claim of ``--batch`` due rows behind a backlog it cannot claim."""
+    out: dict[str, object] = {}
+    for kind in ("scheduled", "blocked"):
+        engine = fresh_database(args.url)
+        fill_backlog(engine, kind, args.backlog_rows)
+        insert_backlog(engine, 2000)
+        store, timings = Store(engine), []
+        for _ in range(20):
+            now = datetime.now(UTC)
+            started = time.perf_counter()
+            claims = store.claim_due("bench", args.batch, 60.0, now)
+            timings.append((time.perf_counter() - started) * 1000)
+            store.hand_back("bench", [c.id for c in claims], now)
+        out[f"{kind}_ms_median"] = round(statistics.median(timings), 2)
+        out[f"{kind}_ms_max"] = round(max(timings), 2)
+        engine.dispose()
+    return out
+
+
+def fill_backlog(engine: sa.Engine, kind: str, n: int) -> None:
+    """``n`` rows scheduled for tomorrow, or a parked lane head and ``n`` rows behind it."""
+    name = engine.dialect.name
+    key = {"postgresql": "gen_random_uuid()::text", "sqlite": "lower(hex(randomblob(16)))"}
+    rows = {
+        "postgresql": f"FROM generate_series(1, {n})",
+        "sqlite": f"FROM (WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s "
+        f"WHERE i < {n}) SELECT i FROM s)",
+    }
+    tomorrow = {
+        "postgresql": "now() + interval '1 day'",
+        "sqlite": "strftime('%Y-%m-%d %H:%M:%f000', 'now', '+1 day')",
+    }
+    uuid_sql, from_sql = key.get(name, "uuid()"), rows.get(name, f"FROM seq_1_to_{n}")
+    statements = [
+        "INSERT INTO outbox_messages (idempotency_key, method, payload, not_before) "
+        f"SELECT {uuid_sql}, '{TRANSFER}', '{{}}', "
+        f"{tomorrow.get(name, 'UTC_TIMESTAMP(6) + INTERVAL 1 DAY')} {from_sql}"
+    ]
+    if kind == "blocked":
+        statements = [
+            "INSERT INTO outbox_messages (idempotency_key, method, payload, lane, state, "
+            f"park_reason) VALUES ({uuid_sql}, '{TRANSFER}', '{{}}', 'stuck', 'parked', 'x')",
+            "INSERT INTO outbox_messages (idempotency_key, method, payload, lane) "
+            f"SELECT {uuid_sql}, '{TRANSFER}', '{{}}', 'stuck' {from_sql}",
+        ]
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+        if name == "postgresql":
+            conn.exec_driver_sql("ANALYZE outbox_messages")
 
 
 # --------------------------------------------------------------------------- helpers

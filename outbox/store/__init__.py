@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,6 +27,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from outbox.errors import DuplicateKeyError, OperatorActionError, RowNotFoundError
 from outbox.payload import bounded, fingerprint, read_text
 from outbox.schema import (
+    DUE_NOW,
     FINISHED_STATES,
     OPEN_STATES,
     State,
@@ -211,7 +212,9 @@ class Store:
         *,
         exclude_methods: Collection[str] = (),
     ) -> list[Claim]:
-        """Claim up to ``batch`` due rows, oldest first, under a lease for ``worker``.
+        """Claim up to ``batch`` due rows under a lease for ``worker``: rows due from their
+        insertion in id order, then retried and scheduled rows in ``due_at`` order (the range
+        ``due_at <= now`` of ``ix_outbox_messages_due``: rows due later are never read).
 
         PostgreSQL and MariaDB lock with ``FOR UPDATE SKIP LOCKED`` so daemons share work;
         SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
@@ -268,10 +271,10 @@ class Store:
                 updated_at=now,
                 payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
             )
-            .returning(*_claim_columns(), current.label("current"))
+            .returning(*_claim_columns(), current.label("current"), m.c.due_at)
         )
-        with self._tx() as conn:
-            rows = sorted(conn.execute(claimed).all(), key=lambda row: row.id)
+        with self._tx() as conn:  # in the claim's order, as the other databases return them
+            rows = sorted(conn.execute(claimed).all(), key=lambda row: (row.due_at, row.id))
         return [self._claim_from(row, worker, current=row.current) for row in rows]
 
     def _due_query(
@@ -280,13 +283,12 @@ class Store:
         query = (
             sa.select(*_claim_columns())
             .where(
-                m.c.state == State.PENDING,
-                sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
-                sa.or_(m.c.not_before.is_(None), m.c.not_before <= now),
+                m.c.state == _PENDING,
+                m.c.due_at <= now,
                 sa.or_(m.c.expires_at.is_(None), m.c.expires_at > now),
                 _lane_free(),
             )
-            .order_by(m.c.id)
+            .order_by(m.c.due_at, m.c.id)
             .limit(batch)
             .with_for_update(skip_locked=True, of=m)
         )
@@ -429,7 +431,7 @@ class Store:
         with self._tx() as conn:
             rows = conn.execute(
                 sa.select(m.c.id, m.c.maybe_executed)
-                .where(m.c.state == State.PENDING, m.c.expires_at <= now)
+                .where(m.c.state == _PENDING, m.c.expires_at <= now)
                 .order_by(m.c.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -653,15 +655,8 @@ class Store:
             counts: dict[str, int] = dict(
                 conn.execute(sa.select(m.c.state, sa.func.count()).group_by(m.c.state)).all()
             )
-            # Due since: the retry time, else when it first became due.
-            due_since = sa.func.coalesce(m.c.next_attempt_at, _first_due())
-            oldest = conn.execute(
-                sa.select(sa.func.min(due_since)).where(
-                    m.c.state == State.PENDING,
-                    sa.or_(m.c.next_attempt_at.is_(None), m.c.next_attempt_at <= now),
-                    sa.or_(m.c.not_before.is_(None), m.c.not_before <= now),
-                )
-            ).scalar()
+            firsts = conn.execute(_oldest_due_query(now)).one()
+            oldest = min((t for t in map(_aware, firsts) if isinstance(t, datetime)), default=None)
             parked = {
                 reason or "unknown": int(count)
                 for reason, count in conn.execute(
@@ -685,7 +680,7 @@ class Store:
             ).scalar_one()
         return StatusView(
             counts={s.value: int(counts.get(s.value, 0)) for s in State},
-            oldest_due_at=_aware(oldest),
+            oldest_due_at=oldest,
             parked_by_reason={str(k): int(v) for k, v in parked.items()},
             blocked_lanes=sorted(lanes),
             maybe_executed_open=int(maybe),
@@ -814,12 +809,38 @@ class Store:
                 conn.execute(t.delete().where(t.c.idempotency_key.in_(keys)))
         return len(keys)
 
-    def explain_claim(self, batch: int, now: datetime) -> str:
-        """The database's plan for the claim's row selection (PostgreSQL), for tests and ops."""
+    def claim_sql(self, batch: int, now: datetime) -> str:
+        """The claim's row selection as this database runs it, values written in."""
         query = self._due_query(batch, now, ()).with_only_columns(m.c.id)
-        compiled = query.compile(self.engine, compile_kwargs={"literal_binds": True})
+        return str(query.compile(self.engine, compile_kwargs={"literal_binds": True}))
+
+    def oldest_due_sql(self, now: datetime) -> str:
+        """The "oldest due" gauge's query (``status``), values written in."""
+        return str(
+            _oldest_due_query(now).compile(self.engine, compile_kwargs={"literal_binds": True})
+        )
+
+    def explain_claim(self, batch: int, now: datetime, *, analyze: bool = False) -> str:
+        """The database's plan for the claim's row selection, for tests and ops.
+
+        ``analyze`` runs it (in a transaction rolled back): PostgreSQL ``EXPLAIN (ANALYZE,
+        BUFFERS)``, MariaDB ``ANALYZE FORMAT=JSON``; SQLite gives ``EXPLAIN QUERY PLAN``.
+        """
+        return self._explain(self.claim_sql(batch, now), analyze=analyze)
+
+    def explain_oldest_due(self, now: datetime, *, analyze: bool = False) -> str:
+        """The database's plan for the "oldest due" gauge (as ``explain_claim``)."""
+        return self._explain(self.oldest_due_sql(now), analyze=analyze)
+
+    def _explain(self, sql: str, *, analyze: bool) -> str:
+        explain = {
+            "sqlite": "EXPLAIN QUERY PLAN",
+            "postgresql": "EXPLAIN (ANALYZE, BUFFERS)" if analyze else "EXPLAIN",
+        }.get(self.dialect, "ANALYZE FORMAT=JSON" if analyze else "EXPLAIN")
         with self.engine.connect() as conn:
-            return "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
+            rows = conn.exec_driver_sql(f"{explain} {sql}").all()
+            conn.rollback()
+        return "\n".join(" ".join(str(part) for part in row) for row in rows)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1234,6 +1255,33 @@ def _aware(value: Any) -> Any:
     return value if value is None else str(value)
 
 
+def _oldest_due_query(now: datetime) -> sa.Select[Any]:
+    """When the oldest due row became due, as two index reads on ``ix_outbox_messages_due``
+    (the gauge runs every 15 s: it never scans). Rows due from insertion (``DUE_NOW``): the
+    insertion of the first in id order. Rows with a time: the first in ``due_at`` order, as
+    its retry time, else the later of ``not_before`` and its insertion."""
+    first_due_now = (
+        sa.select(m.c.created_at)
+        .where(m.c.state == _PENDING, m.c.due_at == _DUE_NOW)
+        .order_by(m.c.due_at, m.c.id)
+        .limit(1)
+    )
+    first_timed = (
+        sa.select(sa.func.coalesce(m.c.next_attempt_at, _first_due()))
+        .where(
+            m.c.state == _PENDING,
+            m.c.due_at > _DUE_NOW,
+            m.c.due_at <= now,
+        )
+        .order_by(m.c.due_at, m.c.id)
+        .limit(1)
+    )
+    return sa.select(
+        first_due_now.scalar_subquery().label("due_now"),
+        first_timed.scalar_subquery().label("timed"),
+    )
+
+
 def _first_due() -> sa.ColumnElement[Any]:
     """When a row first became due: the later of its insertion and ``not_before``."""
     return sa.case((m.c.not_before > m.c.created_at, m.c.not_before), else_=m.c.created_at)
@@ -1245,6 +1293,7 @@ def _worker(row: sa.Row[Any]) -> WorkerView:
     return WorkerView(**data)
 
 
+_DUE_NOW = datetime.fromisoformat(DUE_NOW).replace(tzinfo=UTC)
 RETRYING_MESSAGE_CUT = 200  # characters of a last message ``retrying`` reads, at most
 #: Written out, not bound: PostgreSQL's generic plan for a bound state cannot use the
 #: partial index on pending rows (``ix_outbox_messages_due``).

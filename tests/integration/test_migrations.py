@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def test_upgrade_matches_metadata_and_downgrade_drops_everything(empty_engine: E
     migrate.upgrade(empty_engine)
     assert table_names(empty_engine) >= OUTBOX_TABLES
     assert schema_diff(empty_engine) == []
-    assert migrate.current(empty_engine) == migrate.head() == "0006"
+    assert migrate.current(empty_engine) == migrate.head() == "0007"
 
     migrate.downgrade(empty_engine, "base")
     assert table_names(empty_engine) & OUTBOX_TABLES == set()
@@ -126,7 +127,7 @@ def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) ->
 
 
 def test_ensure_at_head_refuses_an_empty_database(empty_engine: Engine) -> None:
-    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0006: run `outbox db upgrade`"):
+    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0007: run `outbox db upgrade`"):
         migrate.ensure_at_head(empty_engine)
 
 
@@ -202,3 +203,47 @@ def test_postgres_insert_trigger_notifies_once_per_transaction(postgres_url) -> 
         received = list(listener.notifies(timeout=2.0))
     assert len(received) == 1
     assert received[0].channel == "outbox_messages"
+
+
+def test_migration_0007_fills_due_at_for_existing_rows(empty_engine: Engine) -> None:
+    """0007 adds ``due_at``, generated: rows written before it get theirs (the later of
+    ``not_before`` and ``next_attempt_at``, else "due now"), and it follows later updates."""
+    migrate.upgrade(empty_engine, "0006")
+    insert = sa.text(
+        "INSERT INTO outbox_messages (idempotency_key, method, payload, not_before, "
+        "next_attempt_at) VALUES (:key, '/x.v1.S/M', '{}', :nb, :nat)"
+    )
+    early, late = "2026-11-24 18:01:00.000000", "2026-11-25 07:30:00.500000"
+    with empty_engine.begin() as connection:
+        for key, nb, nat in (("a", None, None), ("b", late, early), ("c", early, late)):
+            connection.execute(insert, {"key": key, "nb": nb, "nat": nat})
+        connection.execute(insert, {"key": "d", "nb": early, "nat": None})
+    migrate.upgrade(empty_engine)
+    due = {
+        row.idempotency_key: row.due_at
+        for row in _read(empty_engine, sa.select(messages.c.idempotency_key, messages.c.due_at))
+    }
+    stamp = {t: datetime.fromisoformat(t).replace(tzinfo=UTC) for t in (early, late)}
+    assert due == {
+        "a": datetime(1970, 1, 1, tzinfo=UTC),
+        "b": stamp[late],
+        "c": stamp[late],
+        "d": stamp[early],
+    }
+    with empty_engine.begin() as connection:
+        connection.execute(
+            messages.update()
+            .where(messages.c.idempotency_key == "a")
+            .values(next_attempt_at=stamp[early])
+        )
+    assert _read(
+        empty_engine, sa.select(messages.c.due_at).where(messages.c.idempotency_key == "a")
+    ) == [(stamp[early],)]
+    migrate.downgrade(empty_engine, "0006")
+    columns = {c["name"] for c in sa.inspect(empty_engine).get_columns("outbox_messages")}
+    assert "due_at" not in columns
+
+
+def _read(engine: Engine, query: sa.Select[Any]) -> list[Any]:
+    with engine.connect() as connection:
+        return list(connection.execute(query).all())

@@ -33,6 +33,7 @@ from hypothesis.stateful import (
 from sqlalchemy.engine import Engine
 
 from outbox.errors import OperatorActionError, RowNotFoundError
+from outbox.schema import DUE_NOW as SCHEMA_DUE_NOW
 from outbox.schema import FINISHED_STATES, OPEN_STATES, State, attempts, messages
 from outbox.simulator import TRANSFER
 from outbox.store import (
@@ -52,6 +53,8 @@ WORKERS = ("w1", "w2", "w3")
 LANES = (None, None, "lane-a", "lane-b")
 LEASE = 30.0
 START = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+#: ``due_at`` of a row with no retry time (``outbox.schema.DUE_NOW``): claimed first.
+DUE_NOW = datetime.fromisoformat(SCHEMA_DUE_NOW).replace(tzinfo=UTC)
 FINISHED = {s.value for s in FINISHED_STATES}
 OPEN = {s.value for s in OPEN_STATES}
 
@@ -139,8 +142,9 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             self.model[row.key] = replace(row, **changes)
 
         def _due(self, batch: int) -> list[Expected]:
-            """The rows ``claim_due`` must return: the model's reading of the due query."""
-            rows = sorted(self.model.values(), key=lambda r: r.id)
+            """The rows ``claim_due`` must return: the model's reading of the due query, in
+            ``due_at`` order (the retry time; rows never retried first), then id order."""
+            rows = sorted(self.model.values(), key=lambda r: (r.next_attempt_at or DUE_NOW, r.id))
             due = []
             for row in rows:
                 if row.state != State.PENDING:
@@ -206,7 +210,7 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             self._claim(worker, batch)
 
         def _claim(self, worker: str, batch: int) -> list[Held]:
-            """``claim_due`` returns exactly the rows the model finds due, in id order."""
+            """``claim_due`` returns exactly the rows the model finds due, in its order."""
             expected = self._due(batch)
             claims = store.claim_due(worker, batch, LEASE, self.now)
             assert [c.id for c in claims] == [r.id for r in expected]

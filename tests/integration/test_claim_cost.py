@@ -1,0 +1,191 @@
+"""A claim reads O(batch) rows, whatever else waits (issue #11).
+
+Built once per module and backend, each in its own database followed by 200 due rows:
+200,000 lane-less rows scheduled for tomorrow (``not_before``), or 200,000 rows of one lane
+behind its parked head (an expected failure until lane heads are built). The
+claim's row selection is then measured by the database itself: PostgreSQL's
+``EXPLAIN (ANALYZE, BUFFERS)`` (shared buffers touched, rows removed by a filter), MariaDB's
+``Handler_read%`` session counters (index and table rows read).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from outbox.database import make_engine
+from outbox.store import Store
+from tests.conftest import _create_database, _drop_database, _migrate, require_server
+
+SCHEDULED = 200_000
+BLOCKED = 200_000
+DUE = 200
+BATCH = 64
+#: What a claim of 64 may read: its rows, their index entries, the lane and tombstone probes.
+#: The claim before issue #11 read every pending row (400,000+; tens of thousands of buffers).
+MAX_BUFFERS = 2_000
+MAX_HANDLER_READS = 3_000
+#: Part of issue #11 not built yet: explicit lane heads. Rows behind a parked lane head are
+#: pending and due, so the claim still walks past them (and the gauge counts them as due).
+LANES_TODO = pytest.mark.xfail(
+    reason="issue #11: no explicit lane heads yet; the claim walks rows behind a parked head",
+    strict=True,
+)
+
+DUE_ROWS = {
+    "postgresql": "INSERT INTO outbox_messages (idempotency_key, method, payload) "
+    f"SELECT gen_random_uuid()::text, '/x.v1.S/M', '{{}}'::jsonb FROM generate_series(1, {DUE})",
+    "mariadb": "INSERT INTO outbox_messages (idempotency_key, method, payload) "
+    f"SELECT uuid(), '/x.v1.S/M', '{{}}' FROM seq_1_to_{DUE}",
+}
+SCHEDULED_ROWS = {  # lane-less, not before tomorrow
+    "postgresql": "INSERT INTO outbox_messages (idempotency_key, method, payload, not_before) "
+    "SELECT gen_random_uuid()::text, '/x.v1.S/M', '{}'::jsonb, now() + interval '1 day' "
+    f"FROM generate_series(1, {SCHEDULED})",
+    "mariadb": "INSERT INTO outbox_messages (idempotency_key, method, payload, not_before) "
+    "SELECT uuid(), '/x.v1.S/M', '{}', UTC_TIMESTAMP(6) + INTERVAL 1 DAY "
+    f"FROM seq_1_to_{SCHEDULED}",
+}
+PARKED_HEAD = (  # the head of lane 'stuck', parked
+    "INSERT INTO outbox_messages (idempotency_key, method, payload, lane, state, park_reason) "
+    "VALUES ({key}, '/x.v1.S/M', '{{}}', 'stuck', 'parked', 'rejected')"
+)
+BLOCKED_ROWS = {  # behind it
+    "postgresql": "INSERT INTO outbox_messages (idempotency_key, method, payload, lane) "
+    "SELECT gen_random_uuid()::text, '/x.v1.S/M', '{}'::jsonb, 'stuck' "
+    f"FROM generate_series(1, {BLOCKED})",
+    "mariadb": "INSERT INTO outbox_messages (idempotency_key, method, payload, lane) "
+    f"SELECT uuid(), '/x.v1.S/M', '{{}}', 'stuck' FROM seq_1_to_{BLOCKED}",
+}
+KEY = {"postgresql": "gen_random_uuid()::text", "mariadb": "uuid()"}
+ANALYZE = {"postgresql": "ANALYZE outbox_messages", "mariadb": "ANALYZE TABLE outbox_messages"}
+
+
+def _fill(backend: str, kind: str) -> list[str]:
+    """Scheduled rows, or a parked lane head and the rows behind it; then the due rows."""
+    if kind == "scheduled":
+        backlog = [SCHEDULED_ROWS[backend]]
+    else:
+        backlog = [PARKED_HEAD.format(key=KEY[backend]), BLOCKED_ROWS[backend]]
+    return [*backlog, DUE_ROWS[backend], ANALYZE[backend]]
+
+
+@dataclass
+class Backlog:
+    kind: str  # "scheduled" or "blocked"
+    engine: Engine
+
+
+def _lanes_todo(request: pytest.FixtureRequest, backlog: Backlog) -> None:
+    if backlog.kind == "blocked":
+        request.applymarker(LANES_TODO)
+
+
+def _backlog(backend: str, kind: str) -> Iterator[Engine]:
+    require_server(backend)
+    name = f"outbox_test_{uuid.uuid4().hex[:8]}"
+    url = _create_database(backend, name)
+    try:
+        _migrate(url)
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            for statement in _fill(backend, kind):
+                conn.exec_driver_sql(statement)
+        yield engine
+        engine.dispose()
+    finally:
+        _drop_database(backend, name)
+
+
+@pytest.fixture(scope="module", params=["scheduled", "blocked"])
+def postgres_backlog(request: pytest.FixtureRequest) -> Iterator[Backlog]:
+    for engine in _backlog("postgresql", request.param):
+        yield Backlog(request.param, engine)
+
+
+@pytest.fixture(scope="module", params=["scheduled", "blocked"])
+def mariadb_backlog(request: pytest.FixtureRequest) -> Iterator[Backlog]:
+    for engine in _backlog("mariadb", request.param):
+        yield Backlog(request.param, engine)
+
+
+def _buffers(plan: str) -> int:
+    """Shared buffers touched by the whole statement (the top node's line counts them all)."""
+    found = re.search(r"Buffers: shared ((?:\w+=\d+ ?)+)", plan)
+    assert found, plan
+    return sum(int(n) for n in re.findall(r"=(\d+)", found.group(1)))
+
+
+def test_postgres_claim_touches_o_batch_rows(
+    postgres_backlog: Backlog, request: pytest.FixtureRequest
+) -> None:
+    _lanes_todo(request, postgres_backlog)
+    store = Store(postgres_backlog.engine)
+    plan = store.explain_claim(BATCH, datetime.now(UTC), analyze=True)
+    removed = sum(int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan))
+    assert f"rows={BATCH} " in plan.splitlines()[0] or f"rows={BATCH})" in plan, plan
+    assert removed < BATCH * 4, plan
+    assert _buffers(plan) < MAX_BUFFERS, plan
+    assert len(store.claim_due("w", BATCH, 60.0, datetime.now(UTC))) == BATCH
+
+
+def test_postgres_oldest_due_gauge_reads_an_index(postgres_backlog: Backlog) -> None:
+    plan = Store(postgres_backlog.engine).explain_oldest_due(datetime.now(UTC), analyze=True)
+    assert "Seq Scan" not in plan, plan
+    assert _buffers(plan) < MAX_BUFFERS, plan
+
+
+def _handler_reads(engine: Engine, sql: str) -> int:
+    """Index and table rows the statement read, from MariaDB's session counters."""
+    counters = "SHOW SESSION STATUS LIKE 'Handler_read%%'"
+    with engine.connect() as conn:
+        before = dict(conn.exec_driver_sql(counters).all())
+        conn.exec_driver_sql(sql).all()
+        after = dict(conn.exec_driver_sql(counters).all())
+        conn.rollback()
+    return sum(int(after[k]) - int(before[k]) for k in after)
+
+
+def test_mariadb_claim_reads_o_batch_rows(
+    mariadb_backlog: Backlog, request: pytest.FixtureRequest
+) -> None:
+    _lanes_todo(request, mariadb_backlog)
+    store = Store(mariadb_backlog.engine)
+    now = datetime.now(UTC)
+    reads = _handler_reads(mariadb_backlog.engine, store.claim_sql(BATCH, now))
+    analyzed = json.loads(store.explain_claim(BATCH, now, analyze=True))
+    assert reads < MAX_HANDLER_READS, (reads, json.dumps(analyzed, indent=1))
+    assert len(store.claim_due("w", BATCH, 60.0, now)) == BATCH
+
+
+def test_mariadb_oldest_due_gauge_reads_an_index(mariadb_backlog: Backlog) -> None:
+    store = Store(mariadb_backlog.engine)
+    reads = _handler_reads(mariadb_backlog.engine, store.oldest_due_sql(datetime.now(UTC)))
+    assert reads < MAX_HANDLER_READS, reads
+
+
+def test_sqlite_claim_searches_the_due_index(sqlite_url: str) -> None:
+    """SQLite: no rows needed to see the plan: a range on the due index, no sort, no scan."""
+    engine = make_engine(sqlite_url)
+    try:
+        plan = Store(engine).explain_claim(BATCH, datetime.now(UTC))
+    finally:
+        engine.dispose()
+    main = [line for line in plan.splitlines() if "outbox_messages" in line and "AS" not in line]
+    assert any("ix_outbox_messages_due" in line and "due_at<" in line for line in main), plan
+    assert "SCAN outbox_messages" not in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
+def test_mariadb_uses_the_sequence_engine(mariadb_backlog: Backlog) -> None:
+    """The fill above relies on MariaDB's built-in ``seq_1_to_N`` tables."""
+    with mariadb_backlog.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM seq_1_to_10")).scalar_one() == 10
