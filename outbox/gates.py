@@ -272,6 +272,7 @@ class Gates:
     def _open(self, keep_limit: bool = False) -> None:
         self._gate, self._reason, self._until, self._since = OPEN, None, None, None
         self._level = 0
+        self._denied.clear()  # refusals of an earlier pause never hold a method later
         if not keep_limit:
             self._limit = self._max
 

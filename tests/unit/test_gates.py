@@ -183,3 +183,16 @@ def test_two_loops_never_both_take_the_single_rollover_probe() -> None:
     for t in loops:
         t.join(5)
     assert sorted(grants) == [0, 1]  # exactly one probe between the two loops
+
+
+def test_a_refusal_from_an_earlier_pause_never_holds_a_method_later() -> None:
+    """Found by the torture suite: a Transfer refused before a reload was held, with a
+    PlaceOrder refusal, after the reload, though no Transfer had been refused since."""
+    g = gates()
+    g.method_denied("/w/Transfer")
+    g.on_answer(Gate.MAINTENANCE, T0, "maintenance")
+    g.reset(T0)  # SIGHUP
+    g.method_denied("/m/PlaceOrder")
+    g.on_answer(Gate.MAINTENANCE, T0, "denied")
+    g.on_probe(True, T0 + timedelta(seconds=5), maintenance=False)
+    assert g.view(T0 + timedelta(seconds=5)).refused_methods == ("/m/PlaceOrder",)
