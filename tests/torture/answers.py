@@ -406,13 +406,13 @@ class Answers:
         return stale
 
     def _removed(self, method: str | None = None) -> bool:
-        """A NOT_FOUND (for ``method``, or any) since the last SIGHUP: the daemons do not send
-        that method now."""
+        """A NOT_FOUND (for ``method``, or any) answered since the last SIGHUP: the daemons do
+        not send that method now (a call sent before a reload may be answered after it)."""
         last_reload = max((r.at for r in self.daemons.reloads), default=None)
         return any(
             s.code == "NOT_FOUND"
             and (method is None or s.method == method)
-            and (last_reload is None or s.start > last_reload)
+            and (last_reload is None or s.end > last_reload)
             for s in self.sim.spans
         )
 
@@ -425,7 +425,7 @@ class Answers:
         if self._removed(method):
             return f"{method} removed (NOT_FOUND)"
         for s in self.sim.spans:
-            if s.start <= window.start or s.message == window.message or s.code == "NOT_FOUND":
+            if s.end <= window.start or s.message == window.message or s.code == "NOT_FOUND":
                 continue
             if gating(s.code, s.message):
                 return f"{s.code} {s.message!r} at {s.start:%H:%M:%S.%f}"
