@@ -504,18 +504,15 @@ class Dispatcher:
         return answer
 
     def _maintenance_check(self) -> Answer | None:
+        with self.clients.use() as client:
+            return self._maintenance_check_on(client)
+
+    def _maintenance_check_on(self, client: RecryptClient) -> Answer | None:
+        """Core.MaintenanceCheck on ``client``; None when the protos have no such method."""
         try:
             method = self.catalog.method(self.settings.maintenance_check)
         except BadRowError:
             log.error("event=maintenance_check_missing method=%s", self.settings.maintenance_check)
-            return None
-        with self.clients.use() as client:
-            return client.start(method, method.request_class()).wait()
-
-    def _maintenance_check_on(self, client: RecryptClient) -> Answer | None:
-        try:
-            method = self.catalog.method(self.settings.maintenance_check)
-        except BadRowError:
             return None
         return client.start(method, method.request_class()).wait()
 
