@@ -192,9 +192,14 @@ def test_wrong_key_halts_then_sighup_with_the_right_key_commits(db_url, sim, tmp
         assert all(c.code == "UNAUTHENTICATED" for c in sim.calls)
         assert refused <= 8 + 2  # one batch and the start-up MaintenanceCheck, then silence
         engine = make_engine(db_url)
+        # the gate can close (start-up MaintenanceCheck, or the batch's fold) before the batch
+        # is recorded: wait for the record, then nothing may be parked or committed
+        settled = wait_until(
+            lambda: "inflight" not in {Store(engine).get(k).state for k in keys}, 10
+        )
         states = {Store(engine).get(k).state for k in keys}
         engine.dispose()
-        assert states == {"pending"}  # nothing parked, nothing committed
+        assert settled and states == {"pending"}, states  # nothing parked, nothing committed
         key_file.write_text(API_KEY + "\n")
         proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: all_committed(db_url, keys), 30), log.read_text()
