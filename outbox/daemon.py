@@ -49,6 +49,7 @@ from outbox.services import (
     Dispatch,
     Expirer,
     Heartbeat,
+    LaneKeeper,
     LeaseRenewer,
     MaintenancePoll,
     Probe,
@@ -224,6 +225,7 @@ class Daemon:
             LeaseRenewer(store, self.worker_id, d.inflight_ids, w.lease),
             Reaper(store, w.lease, c.retry.max_unknown_attempts, allowed=clock_ok),
             Expirer(store, max(w.lease / 2, 0.05), allowed=clock_ok),
+            LaneKeeper(store),
             Heartbeat(store, self._beat, self._db_result, self.clock_check),
             _TableGauges(self, TABLE_SECONDS),
         ]

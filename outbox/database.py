@@ -3,7 +3,11 @@
 - SQLite: WAL, a busy timeout, and ``BEGIN IMMEDIATE`` so a claim takes the write lock up
   front instead of failing halfway with "database is locked" (one daemon per file).
 - MariaDB/MySQL: session time zone UTC, READ COMMITTED (SKIP LOCKED claims).
-- PostgreSQL: READ COMMITTED (the default), psycopg 3.
+- PostgreSQL: READ COMMITTED (the default), psycopg 3, and ``enable_seqscan`` off: every
+  query of the outbox is written for an index, and a planner misled by one huge lane or
+  fresh statistics must not choose to read the table instead (issue #11: a correlated lane
+  probe that scanned the table ran for minutes beside another scan). Sequential scans stay
+  possible where no index can serve; they are only priced out.
 """
 
 from __future__ import annotations
@@ -55,7 +59,15 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         )
         sa.event.listen(engine, "connect", _mysql_utc)
         return engine
-    return sa.create_engine(parsed, pool_pre_ping=True, **kwargs)
+    engine = sa.create_engine(parsed, pool_pre_ping=True, **kwargs)
+    sa.event.listen(engine, "connect", _postgres_indexes_only)
+    return engine
+
+
+def _postgres_indexes_only(dbapi_connection: Any, _record: Any) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")
+    dbapi_connection.commit()
 
 
 def _mysql_utc(dbapi_connection: Any, _record: Any) -> None:

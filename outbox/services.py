@@ -35,6 +35,7 @@ log = logging.getLogger("outbox.daemon")
 HEARTBEAT_SECONDS = 5.0
 TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
 REAPER_BATCH = 500  # rows released or expired per transaction
+LANE_KEEPER_INTERVAL = 60.0  # how often lanes with waiting rows are settled (safety net)
 
 
 class Service(Protocol):
@@ -151,6 +152,29 @@ class Reaper:
         )
         for key in released:
             log.warning(kv("lease_expired", key=key, action="resend with the same key"))
+
+
+@dataclass
+class LaneKeeper:
+    """The safety net of lane heads: a lane whose earlier rows were finished by hand (outside
+    the daemon, which settles a lane whenever it finishes a row) moves on within a minute."""
+
+    store: Store
+    interval: float = LANE_KEEPER_INTERVAL
+    name: str = "lane-keeper"
+    at_start: bool = True
+
+    def run_once(self, now: datetime) -> None:
+        released = self.store.settle_lanes()
+        if released:
+            log.warning(
+                kv(
+                    "lanes_released",
+                    rows=released,
+                    why="the rows they waited behind were finished outside the daemon",
+                    action="finish rows with outbox cancel/requeue, not by hand",
+                )
+            )
 
 
 @dataclass

@@ -39,6 +39,7 @@ from outbox.schema import (
     utcnow,
     workers,
 )
+from outbox.store import heads as lane_heads
 from outbox.store.rows import (
     Call,
     Claim,
@@ -216,6 +217,10 @@ class Store:
         insertion in id order, then retried and scheduled rows in ``due_at`` order (the range
         ``due_at <= now`` of ``ix_outbox_messages_due``: rows due later are never read).
 
+        Rows of a lane behind an earlier open row are outside that range (``lane_behind``):
+        the claim first sorts, in the same transaction, the laned rows no daemon has sorted
+        yet (a bounded number: ``outbox.store.heads``).
+
         PostgreSQL and MariaDB lock with ``FOR UPDATE SKIP LOCKED`` so daemons share work;
         SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
         The fingerprint of method and payload is stored at the first claim, before any send.
@@ -224,6 +229,7 @@ class Store:
         if self.dialect == "postgresql":
             return self._claim_returning(worker, batch, lease, now, exclude_methods)
         with self._tx() as conn:
+            lane_heads.sort_new_rows(conn)
             rows = conn.execute(self._due_query(batch, now, exclude_methods)).all()
             if not rows:
                 return []
@@ -236,6 +242,7 @@ class Store:
                     lease_owner=worker,
                     lease_expires_at=now + timedelta(seconds=lease),
                     updated_at=now,
+                    lane_behind=False,
                     payload_fingerprint=sa.func.coalesce(
                         m.c.payload_fingerprint, sa.bindparam("b_fp")
                     ),
@@ -243,6 +250,19 @@ class Store:
                 [{"b_id": c.id, "b_fp": c.fingerprint} for c in claims],
             )
         return claims
+
+    @retry_transient
+    def sort_lanes(self, limit: int = lane_heads.SORT_LIMIT) -> int:
+        """Sort up to ``limit`` laned rows no daemon has sorted yet (each claim does it too)."""
+        with self._tx() as conn:
+            return lane_heads.sort_new_rows(conn, limit)
+
+    @retry_transient
+    def settle_lanes(self) -> int:
+        """Release the first waiting row of every lane whose earlier rows were all finished
+        outside the daemon (``outbox.store.heads.settle_waiting_lanes``); how many."""
+        with self._tx() as conn:
+            return lane_heads.settle_waiting_lanes(conn)
 
     def _claim_returning(
         self,
@@ -269,11 +289,13 @@ class Store:
                 lease_owner=worker,
                 lease_expires_at=now + timedelta(seconds=lease),
                 updated_at=now,
+                lane_behind=False,
                 payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
             )
             .returning(*_claim_columns(), current.label("current"), m.c.due_at)
         )
         with self._tx() as conn:  # in the claim's order, as the other databases return them
+            lane_heads.sort_new_rows(conn)
             rows = sorted(conn.execute(claimed).all(), key=lambda row: (row.due_at, row.id))
         return [self._claim_from(row, worker, current=row.current) for row in rows]
 
@@ -364,6 +386,7 @@ class Store:
             ]
             if lines:
                 conn.execute(attempts.insert(), lines)
+            lane_heads.settle(conn, [o.claim.id for o in kept if _finishes_a_lane_row(o)])
         return [o for o in outcomes if _claim_token(o.claim) not in held]
 
     @staticmethod
@@ -450,6 +473,7 @@ class Store:
                 else:
                     values |= {
                         "state": State.EXPIRED,
+                        "lane_behind": False,
                         "last_message": "expired: not sent before expires_at (never executed)",
                     }
                 done = conn.execute(
@@ -459,6 +483,7 @@ class Store:
                     counts[1 if unknown else 0] += 1
                     decision = HistoryDecision.PARK if unknown else HistoryDecision.EXPIRED
                     _add_history(conn, row.id, now, "expirer", Call(HistoryKind.SYSTEM, decision))
+            lane_heads.settle(conn, [row.id for row in rows if not row.maybe_executed])
         return counts[0], counts[1]
 
     @retry_transient
@@ -580,6 +605,7 @@ class Store:
                 .where(m.c.id == row.id, m.c.state == row.state)
                 .values(
                     state=State.CANCELLED,
+                    lane_behind=False,
                     next_attempt_at=None,
                     last_message=bounded(f"cancelled by {actor}: {reason}"),
                     updated_at=now,
@@ -593,6 +619,7 @@ class Store:
             _add_history(
                 conn, row.id, now, actor, Call(HistoryKind.OPERATOR, decision, None, reason)
             )
+            lane_heads.settle(conn, [row.id])
         return self.get(key)
 
     def _locked_row(self, conn: Connection, key: str) -> Any:
@@ -925,6 +952,7 @@ def _commit_late(conn: Connection, outcome: Committed, now: datetime) -> None:
         ),
         {"b_response": outcome.response},
     )
+    lane_heads.settle(conn, [outcome.claim.id])
     if outcome.response is not None:
         no_response = sa.or_(m.c.response.is_(None), sa.cast(m.c.response, sa.Text) == "null")
         conn.execute(  # in flight with another worker (it will get ALREADY_EXISTS), or done
@@ -1071,6 +1099,11 @@ def _lane_free() -> sa.ColumnElement[bool]:
             ),
         ),
     )
+
+
+def _finishes_a_lane_row(outcome: Outcome) -> bool:
+    """A committed row of a lane: its lane's next row may become a candidate."""
+    return isinstance(outcome, Committed) and outcome.claim.lane is not None
 
 
 def _claim_token(claim: Claim) -> tuple[int, str, int]:

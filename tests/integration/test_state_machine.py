@@ -7,7 +7,8 @@ are lost, what the reaper and expirer touch, which operator actions are refused)
 whole table is compared with it after every step, next to the invariants that must hold
 whatever the model says: no row lost, committed rows frozen, ``lease_owner`` set iff
 inflight, ``maybe_executed`` sticky, parked rows leave only by an operator, one inflight row
-per lane and lanes claimed in id order.
+per lane and lanes claimed in id order, a row waiting behind its lane only while an earlier
+row of its lane is open.
 """
 
 from __future__ import annotations
@@ -518,6 +519,7 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
                 assert got == want, (row_id, got, want)
             # never two inflight rows in one lane
             assert len(inflight_lanes) == len(set(inflight_lanes)), inflight_lanes
+            _lane_heads_hold(rows)
             # at most one current claim per row
             current = [h.claim.id for h in self.held if self._is_current(h)]
             assert len(current) == len(set(current))
@@ -525,6 +527,16 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             self.operator_touched = set()
 
     return RowStateMachine
+
+
+def _lane_heads_hold(rows: dict[int, dict[str, Any]]) -> None:
+    """A row marked waiting has an earlier open row in its lane: a lane's first open row is
+    never left out of the claim (``outbox.store.heads``), and a waiting row is never due."""
+    for row_id, row in rows.items():
+        if row["lane_behind"]:
+            assert row["state"] == State.PENDING and row["due_at"] is None, row
+            earlier = [r for i, r in rows.items() if r["lane"] == row["lane"] and i < row_id]
+            assert any(r["state"] in OPEN for r in earlier), (row_id, row["lane"], earlier)
 
 
 def test_row_state_machine(engine: Engine, backend: str) -> None:
