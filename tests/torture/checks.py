@@ -7,7 +7,9 @@ and its spans of calls, plus when the harness SIGKILLed each daemon) and the row
 - ``check_rows``: every row ends where its kind says (committed once, parked for the right
   reason, behind a parked row in its lane, expired unexecuted, refused at INSERT where that
   is allowed, cancelled unexecuted); nothing executed twice or with another payload; nothing
-  that executed ends ``expired``, or ``cancelled`` without ``--force``.
+  that executed ends ``expired``, or ``cancelled`` without ``--force``; a lane whose parked
+  head an operator finished (``lanes``: cancelled, requeued, or cancelled by hand) moves on:
+  no row of it is left pending with no open row before it ("waits behind a finished row").
 - ``check_lanes``: in a lane, calls in id order among rows both visible; never two rows of a
   lane in flight at the simulator at once.
 - ``check_calls``: each key reaches one method with one request, however often it is sent.
@@ -48,6 +50,7 @@ from tests.torture.parts import (
     HOLD_S,
     KEY_REUSED,
     MAX_UNKNOWN,
+    OPEN,
     Probe,
     RefusalWindow,
     Reload,
@@ -252,6 +255,7 @@ def check_rows(  # noqa: PLR0912 (one branch per kind of row)
     blocked: set[str] = set()  # lanes with an (expected) parked row
     behind: Counter[str] = Counter()  # lane rows held behind an unexpectedly parked row
     stuck: set[str] = set()  # lanes with an unexpectedly parked row
+    waiting = _waiting_behind_finished(specs, table)
     for spec in specs:
         row = table.row(spec)
         # A reused key executed for the row it first belonged to, never for this one.
@@ -273,6 +277,9 @@ def check_rows(  # noqa: PLR0912 (one branch per kind of row)
         bad += _dropped_execution(name, row, runs, seen)
         if spec.reused_from is None:
             bad += _executed_then_errored(name, row, observed.by_key.get(spec.key, []))
+        if spec.key in waiting:
+            bad.append(f"{name}: {waiting[spec.key]}: {seen}")
+            continue
         if spec.lane in stuck and state == "pending" and not runs:
             behind[spec.lane] += 1  # a consequence, reported once per lane below
             continue
@@ -282,7 +289,7 @@ def check_rows(  # noqa: PLR0912 (one branch per kind of row)
             continue
         spans, lines = observed.by_key.get(spec.key, []), table.history.get(spec.key, [])
         problem = _end_state(spec, row, runs, seen, spans, lines, max_unknown)
-        if spec.park is not None and spec.lane:
+        if spec.park is not None and spec.lane and spec.unblocked is None:
             blocked.add(spec.lane)
         elif problem and state == "parked" and spec.lane:
             stuck.add(spec.lane)
@@ -323,6 +330,8 @@ def _end_state(  # noqa: PLR0911 (one answer per kind of row)
         return _reuse_end(spec, state, reason, seen)
     if spec.kind == "method_edit":
         return _edit_end(spec, state, reason, runs, seen)
+    if spec.unblocked is not None:
+        return _unblocked_end(spec, state, runs, seen)
     if spec.cancelled:
         if state != "cancelled" or runs:
             return f"cancelled by an operator (no --force), must stay cancelled unexecuted: {seen}"
@@ -358,6 +367,46 @@ def _end_state(  # noqa: PLR0911 (one answer per kind of row)
         )
     if state != "committed" or runs != 1:
         return f"must be committed once, is {seen}: {row['last_message']}"
+    return None
+
+
+def _waiting_behind_finished(specs: list[RowSpec], table: Table) -> dict[str, str]:
+    """Rows (by key) of a lane whose parked head an operator finished that are still pending
+    with no open row before them in their lane: nothing holds them back any more.
+
+    ``specs`` in id order. The head itself is judged by ``_unblocked_end``.
+    """
+    heads = {s.lane: s for s in specs if s.lane and s.unblocked}
+    open_lanes: set[str] = set()  # lanes with an open row so far
+    found = {}
+    for spec in specs:
+        row = table.row(spec) if spec.refused is None else None
+        if row is None or not spec.lane:
+            continue
+        head = heads.get(spec.lane)
+        free = spec.lane not in open_lanes
+        if head is not None and head is not spec and row["state"] == "pending" and free:
+            found[spec.key] = (
+                f"waits behind a finished row (its lane's parked head was finished: row "
+                f"{head.index}, {head.unblocked}; no earlier row of the lane is open)"
+            )
+        if row["state"] in OPEN:
+            open_lanes.add(spec.lane)
+    return found
+
+
+def _unblocked_end(spec: RowSpec, state: str, runs: int, seen: str) -> str | None:
+    """A parked lane head an operator finished: requeued with its fault cleared, it commits
+    once; cancelled (through the store or by hand), it stays cancelled unexecuted."""
+    if spec.unblocked == "requeue":
+        if state != "committed" or runs != 1:
+            return f"parked lane head requeued (fault cleared): must be committed once, is {seen}"
+        return None
+    if state != "cancelled" or runs:
+        return (
+            f"parked lane head cancelled ({spec.unblocked}): must stay cancelled unexecuted, "
+            f"is {seen}"
+        )
     return None
 
 

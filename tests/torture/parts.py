@@ -18,6 +18,7 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import json_format
 
+from outbox.schema import OPEN_STATES
 from outbox.simulator import MAINTENANCE_CHECK, PLACE_ORDER, TRANSFER, Fault, Simulator
 
 API_KEY = "torture-secret-api-key-5d2e"
@@ -34,6 +35,7 @@ HOLD_S = 2.0
 WRITES = frozenset({TRANSFER, PLACE_ORDER})
 UNKNOWN_METHOD = "/recrypt.wallet.v1.Wallet/TeleportFunds"
 FINAL = {"committed", "cancelled", "expired"}
+OPEN = frozenset(state.value for state in OPEN_STATES)  # pending, inflight, parked
 C = grpc.StatusCode
 
 #: Row-specific parking faults: (kind, code, message, the park_reason it must produce).
@@ -317,6 +319,9 @@ class RowSpec:
     edited_to: str | None = None  # method edits: the method the row was changed to
     edited_after_send: bool = False
     reused_from: int | None = None  # key reuse: the index of the purged row whose key this is
+    #: A parked lane head finished by an operator (``lanes``): "cancel" or "requeue" (through
+    #: the store) or "sql" (an UPDATE by hand). Its lane must then move on.
+    unblocked: str | None = None
 
 
 @dataclass

@@ -247,6 +247,39 @@ def test_a_call_left_over_after_its_key_executed_holds_no_lane() -> None:
     assert not [line for line in found if "in flight at once" in line], found
 
 
+def test_the_checks_catch_a_lane_left_behind_its_finished_head() -> None:
+    """A parked lane head an operator finished (``lanes``): its lane must move on. A row of
+    it still pending at the end waits behind a finished row; a lane whose head is still
+    parked holds its rows, as before."""
+    catalog = Catalog.load()
+    k = [str(uuid.uuid4()) for _ in range(9)]
+    lanes = ["U", "U", "U", "V", "V", "H", "H", "P", "P"]
+    specs = [
+        RowSpec(i, k[i], TRANSFER, BODY, "behind_head", "sql", lane=lane, visible_at=NOW)
+        for i, lane in enumerate(lanes)
+    ]
+    for i, how in ((0, "cancel"), (3, "requeue"), (5, "sql"), (7, None)):
+        specs[i].kind, specs[i].park, specs[i].unblocked = "lane_head", "precondition", how
+    rows = {
+        k[0]: _row(1, "cancelled"),
+        k[1]: _row(2, "committed"),
+        k[2]: _row(3, "pending"),  # waits behind the cancelled head
+        k[3]: _row(4, "committed"),  # requeued with the fault cleared: committed
+        k[4]: _row(5, "committed"),
+        k[5]: _row(6, "cancelled"),  # by hand
+        k[6]: _row(7, "pending"),  # no LaneKeeper released it
+        k[7]: _row(8, "parked", "precondition"),
+        k[8]: _row(9, "pending"),  # behind a parked head: fine
+    }
+    observed = Observed([_entry(catalog, k[i], BODY, at=i) for i in (1, 3, 4)])
+    found = check(specs, Table(rows), observed, catalog)
+    text = "\n".join(found)
+    assert f"row 2 {k[2]!r} (behind_head, sql, lane=U): waits behind a finished row" in text
+    assert "its lane's parked head was finished: row 0, cancel;" in text
+    assert f"row 6 {k[6]!r} (behind_head, sql, lane=H): waits behind a finished row" in text
+    assert len(found) == 2, found
+
+
 # --------------------------------------------------------------------------- issue 10's answers
 
 
