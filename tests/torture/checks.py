@@ -330,12 +330,8 @@ def _end_state(  # noqa: PLR0911 (one answer per kind of row)
         return _reuse_end(spec, state, reason, seen)
     if spec.kind == "method_edit":
         return _edit_end(spec, state, reason, runs, seen)
-    if spec.unblocked is not None:
-        return _unblocked_end(spec, state, runs, seen)
-    if spec.cancelled:
-        if state != "cancelled" or runs:
-            return f"cancelled by an operator (no --force), must stay cancelled unexecuted: {seen}"
-        return None
+    if spec.cancelled or spec.unblocked is not None:
+        return _operator_end(spec, state, runs, seen)
     if spec.kind.startswith("storm_doomed"):
         return _storm_end(spec, row, runs, seen, spans or [], history or [], max_unknown)
     if spec.kind.startswith("failed_to_connect"):
@@ -395,9 +391,14 @@ def _waiting_behind_finished(specs: list[RowSpec], table: Table) -> dict[str, st
     return found
 
 
-def _unblocked_end(spec: RowSpec, state: str, runs: int, seen: str) -> str | None:
-    """A parked lane head an operator finished: requeued with its fault cleared, it commits
-    once; cancelled (through the store or by hand), it stays cancelled unexecuted."""
+def _operator_end(spec: RowSpec, state: str, runs: int, seen: str) -> str | None:
+    """A row an operator finished. Cancelled (no ``--force``), it stays cancelled unexecuted;
+    a parked lane head requeued with its fault cleared commits once; one cancelled (through
+    the store or by hand) stays cancelled unexecuted."""
+    if spec.unblocked is None:
+        if state != "cancelled" or runs:
+            return f"cancelled by an operator (no --force), must stay cancelled unexecuted: {seen}"
+        return None
     if spec.unblocked == "requeue":
         if state != "committed" or runs != 1:
             return f"parked lane head requeued (fault cleared): must be committed once, is {seen}"

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 import outbox
 from outbox.database import make_engine, normalise_url
 from outbox.store import Store
-from tests.torture.parts import RowSpec, backend_of, utcnow
+from tests.torture.parts import OPEN, RowSpec, backend_of, utcnow
 
 ROW_COLUMNS = (
     "id, idempotency_key, method, state, park_reason, maybe_executed, attempts, "
@@ -202,6 +202,30 @@ class Database:
                 {"m": method, "k": key},
             )
         return int(done.rowcount)
+
+    def cancel_by_hand(self, key: str) -> int:
+        """A careless operator finishing a row with plain SQL: no settle, no history line."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                sa.text(
+                    "UPDATE outbox_messages SET state = 'cancelled' WHERE idempotency_key = :k"
+                ),
+                {"k": key},
+            )
+        return int(done.rowcount)
+
+    def waiting_behind_finished(self, lane: str) -> list[int]:
+        """Ids of ``lane``'s rows marked waiting (``lane_behind``) with no open row before them:
+        nothing would send them until a LaneKeeper ran (``outbox.store.heads``)."""
+        query = sa.text(
+            "SELECT w.id FROM outbox_messages w WHERE w.lane = :lane AND w.lane_behind = TRUE "
+            "AND w.state = 'pending' AND NOT EXISTS (SELECT 1 FROM outbox_messages e "
+            "WHERE e.lane = w.lane AND e.state IN :open AND e.id < w.id) ORDER BY w.id"
+        ).bindparams(sa.bindparam("open", expanding=True))
+        with self.engine.connect() as conn:
+            return [
+                int(i) for i in conn.execute(query, {"lane": lane, "open": sorted(OPEN)}).scalars()
+            ]
 
     def exists(self, key: str, until: float) -> bool:
         pause = threading.Event()

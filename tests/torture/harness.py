@@ -11,7 +11,9 @@
   SIGKILLs and restarts daemons, cuts the database connections (or locks the SQLite file),
   restarts the simulator mid-call and, when asked, the PostgreSQL server; and the seams of
   ``seams``: database outages while answers are in flight, out-of-order lane commits, poison
-  rows, method edits, key reuse after retention, reloads mid-call, operator cancels; and the
+  rows, method edits, key reuse after retention, reloads mid-call, operator cancels; the
+  lane-head seams of ``lanes`` (issue 11): a lane's parked head cancelled or requeued by an
+  operator, or cancelled by hand, while writers add rows to the lane; and the
   answers of ``answers`` (issue 10): a method refused outside maintenance (held, released by
   SIGHUP), a server's "failed to connect" after executing, DEADLINE_EXCEEDED vgw-db storms and
   rows doomed by one; rate-limit texts with digits are general faults.
@@ -45,6 +47,7 @@ from tests.torture.answers import Answers
 from tests.torture.checks import Observed, Table, check, condense, expected_request, settled
 from tests.torture.daemons import Daemons, write_config
 from tests.torture.database import Database
+from tests.torture.lanes import LaneHeads
 from tests.torture.parts import (
     DEADLINE_S,
     GENERAL,
@@ -106,6 +109,7 @@ class Chaos:
         self.seams = Seams(
             rng, sim, db, daemons, writer, self.doomed, report, self.later, self.note, self.quiet
         )
+        self.heads = LaneHeads(rng, sim, db, writer, report, self.later, self.note)
         self.answers = Answers(
             rng,
             sim,
@@ -287,6 +291,7 @@ class Chaos:
             self.daemons.check()
             wait_until(self.quiet, 30)
             self.run_due(everything=True)
+        self.heads.calm()  # every parked lane head finished, its lane checked
         self.seams.calm()  # after the simulator is back: an edit waits for a send
         if "refusal" not in self.without:
             self.answers.calm()
@@ -303,6 +308,7 @@ class Chaos:
             "wrong_key": (self.wrong_key_window, 2),
             "reload": (self.reload, 3),
             **self.seams.actions(),
+            **self.heads.actions(),
             **self.answers.actions(),
         }
         return {name: a for name, a in actions.items() if name not in self.without}
@@ -525,7 +531,7 @@ def finish(
     report.extra["executed_errored"] = sum(1 for c in sim.calls if c.executed and c.code != "OK")
     cancelled = db.cancelled_by_client()
     report.extra["reload_cancelled"] = cancelled
-    report.violations += chaos.seams.found + chaos.answers.found
+    report.violations += chaos.seams.found + chaos.heads.found + chaos.answers.found
     doomed = {s.key for s in writer.specs if s.park == "unknown_outcome"}
     report.extra["max_unknown_others"] = max(
         (r["unknown_attempts"] for k, r in rows.items() if k not in doomed), default=0

@@ -53,6 +53,24 @@ LONG_NAME = 70_000  # characters in the poison field name: over MariaDB's 64 kB 
 Later = Callable[[float, str, Callable[[], None]], None]
 
 
+def lane_row(rng: Random, writer: Writer, lane: str, kind: str = "lane") -> RowSpec:
+    """A new transfer of ``lane`` (not written yet), by plain SQL or ``enqueue`` at random."""
+    via = "api" if rng.random() < 0.5 else "sql"
+    payload = transfer_payload(rng, account=lane)
+    spec = writer.spec(new_key(rng), TRANSFER, payload, kind, via)
+    spec.lane = lane
+    return spec
+
+
+def insert_logged(db: Database, spec: RowSpec, note: Callable[[str], None]) -> None:
+    """Insert ``spec`` (from a thread of its own); a failure is noted, and reported at the end
+    as the row being lost."""
+    try:
+        db.insert(spec)
+    except Exception as exc:  # reported as the row being lost, with this note
+        note(f"insert of row {spec.index} failed: {type(exc).__name__}: {exc}")
+
+
 def poison_kinds(backend: str) -> list[str]:
     """The poison rows worth trying on ``backend`` (each at least once per run)."""
     kinds = ["surrogate", "long_field"]
@@ -202,7 +220,9 @@ class Seams:
         hold = self.sim.inject(
             Fault(C.OK, keys=frozenset({second.key}), times=1, delay=rng.uniform(0.5, 0.8))
         )
-        writer = threading.Thread(target=self._insert_logged, args=(second,), daemon=True)
+        writer = threading.Thread(
+            target=insert_logged, args=(self.db, second, self.note), daemon=True
+        )
         try:
             with self.db.engine.connect() as t1:
                 late = t1.begin()
@@ -228,18 +248,8 @@ class Seams:
         self.report.extra["lane_race_serialised"] += int(serialised)
         self.note(f"lane race {lane}: B held={arrived} serialised={serialised}")
 
-    def _insert_logged(self, spec: RowSpec) -> None:
-        try:
-            self.db.insert(spec)
-        except Exception as exc:  # reported as the row being lost, with this note
-            self.note(f"insert of row {spec.index} failed: {type(exc).__name__}: {exc}")
-
     def _lane_row(self, lane: str) -> RowSpec:
-        via = "api" if self.rng.random() < 0.5 else "sql"
-        payload = transfer_payload(self.rng, account=lane)
-        spec = self.writer.spec(new_key(self.rng), TRANSFER, payload, "lane", via)
-        spec.lane = lane
-        return spec
+        return lane_row(self.rng, self.writer, lane)
 
     def _watch_lane(self, lane: str) -> None:
         """While B is held: never two rows of the lane in flight (in the table)."""
