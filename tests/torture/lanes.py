@@ -232,16 +232,18 @@ class LaneHeads:
         self.note(f"lane {lane.name}: LaneKeeper run, {len(held)} rows were held")
 
     def calm(self) -> None:
-        """After the chaos: every head finished (once parked), every lane checked."""
+        """After the chaos: every head finished (once parked), every lane checked (a requeued
+        head once it committed)."""
         for lane in self.lanes:
             if not (lane.head.unblocked or lane.refused):
-                if wait_until(lambda x=lane: self._head_state(x) == "parked", CALM_S):
+                if wait_until(self._head_is(lane, "parked"), CALM_S):
                     self._finish(lane)
                 else:
                     self.note(f"lane {lane.name}: its head never parked")
-            if lane.head.unblocked and not lane.checked and wait_until(self._ready(lane), CALM_S):
+            if not lane.head.unblocked or lane.checked:
+                continue
+            if lane.how != "requeue" or wait_until(self._head_is(lane, "committed"), CALM_S):
                 self._check(lane)
 
-    def _ready(self, lane: HeadedLane) -> Callable[[], bool]:
-        """Whether the lane can be checked: a requeued head must have committed first."""
-        return lambda: lane.how != "requeue" or self._head_state(lane) == "committed"
+    def _head_is(self, lane: HeadedLane, state: str) -> Callable[[], bool]:
+        return lambda: self._head_state(lane) == state
