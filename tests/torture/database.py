@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 import outbox
 from outbox.database import make_engine, normalise_url
+from outbox.schema import tombstones
 from outbox.store import Store
 from tests.torture.parts import OPEN, RowSpec, backend_of, utcnow
 
@@ -346,15 +347,23 @@ class Database:
         with ``state`` ``purged`` (deleted, its final state unseen).
         """
         before = {row["id"]: row for row in self.rows().values()}
-        older_than = utcnow() + timedelta(days=1)
-        while self.store.purge_finished(older_than=older_than, batch=batch) >= batch:
+        began = utcnow()
+        older_than = began + timedelta(days=1)
+        while self.store.purge_finished(older_than=older_than, batch=batch, now=began) >= batch:
             pass
         after = {row["id"] for row in self.rows().values()}
         gone = [before[i] for i in sorted(before) if i not in after]
         for row in gone:
             if row["state"] not in ("committed", "cancelled", "expired"):
                 row["state"] = "purged"
-        return gone
+        seen = {row["idempotency_key"] for row in before.values()}
+        return gone + [_unseen(k) for k in self._buried_since(began) if k not in seen]
+
+    def _buried_since(self, began: datetime) -> list[str]:
+        """Keys purged (given a tombstone) since ``began``."""
+        query = sa.select(tombstones.c.idempotency_key).where(tombstones.c.purged_at >= began)
+        with self.engine.connect() as conn:
+            return [text_key(key) for key in conn.execute(query).scalars()]
 
     # ---- cuts and outages
 
@@ -469,6 +478,13 @@ class Database:
                 locker.execute("ROLLBACK")
         finally:
             locker.close()
+
+
+def _unseen(key: str) -> dict[str, Any]:
+    """A row retention purged before the harness read it (inserted and finished between the
+    read and the purge): ``purged``, its final state unseen."""
+    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS.split(", "))
+    return row | {"idempotency_key": key, "state": "purged", "maybe_executed": False}
 
 
 def _lenient_sqlite(dbapi_connection: Any, _record: Any) -> None:

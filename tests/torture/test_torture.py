@@ -17,6 +17,7 @@ from outbox.descriptors import Catalog
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, LedgerEntry
 from tests.torture.answers import refused_since_reload
 from tests.torture.checks import Observed, Table, check, check_refusals, expected_request
+from tests.torture.database import Database
 from tests.torture.harness import run_torture
 from tests.torture.parts import (
     API_KEY,
@@ -280,6 +281,40 @@ def test_the_checks_catch_a_lane_left_behind_its_finished_head() -> None:
     assert "its lane's parked head was finished: row 0, cancel;" in text
     assert f"row 6 {k[6]!r} (behind_head, sql, lane=H): waits behind a finished row" in text
     assert len(found) == 2, found
+
+
+class _RaceDuringPurge(Database):
+    """The race of ``purge_finished``: a row inserted and finished just after the rows were
+    read, and purged with the others (as a daemon can do between the read and the purge)."""
+
+    def __init__(self, url: str, late: RowSpec) -> None:
+        super().__init__(url)
+        self.late: RowSpec | None = late
+
+    def rows(self) -> dict[str, dict[str, object]]:
+        found = super().rows()
+        late, self.late = self.late, None
+        if late is not None:
+            self.insert(late)
+            self.store.cancel(late.key, "test", "finished at once", datetime.now(UTC), False)
+        return found
+
+
+def test_a_row_purged_unseen_is_not_lost(sqlite_url: str) -> None:
+    """Retention purges a row the harness never read: it is reported purged, not lost."""
+    first = RowSpec(0, str(uuid.uuid4()), TRANSFER, BODY, "plain", "sql")
+    late = RowSpec(1, str(uuid.uuid4()), TRANSFER, BODY, "plain", "sql")
+    db = _RaceDuringPurge(sqlite_url, late)
+    try:
+        db.insert(first)
+        db.store.cancel(first.key, "test", "finished", datetime.now(UTC), False)
+        gone = {str(row["idempotency_key"]): row for row in db.purge_finished()}
+    finally:
+        db.dispose()
+    assert gone[first.key]["state"] == "cancelled"
+    assert gone.get(late.key, {}).get("state") == "purged", gone
+    found = check([late], Table({}, {late.key: [gone[late.key]]}), Observed([]), Catalog.load())
+    assert found == [], found
 
 
 # --------------------------------------------------------------------------- issue 10's answers
