@@ -370,7 +370,7 @@ def _waiting_behind_finished(specs: list[RowSpec], table: Table) -> dict[str, st
     """Rows (by key) of a lane whose parked head an operator finished that are still pending
     with no open row before them in their lane: nothing holds them back any more.
 
-    ``specs`` in id order. The head itself is judged by ``_unblocked_end``.
+    ``specs`` in id order. The head itself is judged by ``_operator_end``.
     """
     heads = {s.lane: s for s in specs if s.lane and s.unblocked}
     open_lanes: set[str] = set()  # lanes with an open row so far
