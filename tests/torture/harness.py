@@ -275,6 +275,7 @@ class Chaos:
     def calm(self) -> None:
         """End every window, restart what is down. Faults with a count stay until used up
         (each injected fault really answers some call), as do the row-specific ones."""
+        self.heads.polling = False  # its lanes wait for the daemons (``heads.calm``)
         self.run_due(everything=True)
         for fault in self.general:
             if fault.times is None:
@@ -291,7 +292,6 @@ class Chaos:
             self.daemons.check()
             wait_until(self.quiet, 30)
             self.run_due(everything=True)
-        self.heads.calm()  # every parked lane head finished, its lane checked
         self.seams.calm()  # after the simulator is back: an edit waits for a send
         if "refusal" not in self.without:
             self.answers.calm()
@@ -481,6 +481,7 @@ def run_torture(
         if not wait_until(lambda: all(pool.is_started(s) for s in pool.running()), 60):
             report.violations.append("harness: daemons did not start after the chaos")
         report.extra["reloads"] += pool.reload()  # removed methods and halts are forgotten
+        chaos.heads.calm()  # every daemon up: each parked lane head finished, its lane checked
 
         converging = Converging(writer, db, pool, chaos.seams)
         settling = time.monotonic()

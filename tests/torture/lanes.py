@@ -95,6 +95,7 @@ class LaneHeads:
         self.found: list[str] = []
         self.lanes: list[HeadedLane] = []
         self.ways = list(OPERATOR_WAYS)  # the first lane_unblock does each
+        self.polling = True  # False from the calm on: ``calm`` waits for what is left
 
     def actions(self) -> dict[str, tuple[Callable[[], None], int]]:
         return {"lane_unblock": (self.lane_unblock, 2), "head_by_hand": (self.head_by_hand, 2)}
@@ -143,7 +144,7 @@ class LaneHeads:
         """``then(lane)`` once its head is ``state``, looked for ``tries`` times (then ``calm``)."""
         if self._head_state(lane) == state:
             then(lane)
-        elif tries > 1:
+        elif tries > 1 and self.polling:
             retry = lambda: self._poll(lane, state, then, tries - 1)  # noqa: E731
             self.later(POLL_S, f"lane {lane.name} {state}?", retry)
 
@@ -212,8 +213,9 @@ class LaneHeads:
                 self._keep(lane)
             stuck = self.db.waiting_behind_finished(lane.name)
         except sa.exc.DBAPIError as exc:
-            self.note(f"lane {lane.name}: check failed ({type(exc).__name__}); again soon")
-            self.later(POLL_S, f"lane {lane.name} check", lambda: self._check(lane))
+            self.note(f"lane {lane.name}: check failed ({type(exc).__name__})")
+            if self.polling:
+                self.later(POLL_S, f"lane {lane.name} check", lambda: self._check(lane))
             return
         lane.checked = True
         if stuck:
@@ -232,8 +234,8 @@ class LaneHeads:
         self.note(f"lane {lane.name}: LaneKeeper run, {len(held)} rows were held")
 
     def calm(self) -> None:
-        """After the chaos: every head finished (once parked), every lane checked (a requeued
-        head once it committed)."""
+        """After the chaos, every daemon up: every head finished (once parked), every lane
+        checked (a requeued head once it committed)."""
         for lane in self.lanes:
             if not (lane.head.unblocked or lane.refused):
                 if wait_until(self._head_is(lane, "parked"), CALM_S):
