@@ -207,9 +207,12 @@ class Chaos:
 
         self.later(self.rng.uniform(0.5, 3.0), "wrong_key_window", end)
 
-    def kill(self) -> None:
+    def kill(self, tries: int = 6) -> None:
+        """SIGKILL a daemon; none running (one stopping, say): again in a moment."""
         running = [s for s in self.daemons.running() if not s.stopping]
         if not running:
+            if tries > 1:
+                self.later(0.5, "kill", lambda: self.kill(tries - 1))
             return
         slot = self.rng.choice(running)
         self.daemons.kill(slot)
