@@ -51,7 +51,7 @@ SETTLE_LIMIT = 1_000
 def sort_new_rows(conn: Connection, limit: int = SORT_LIMIT) -> int:
     """Mark up to ``limit`` laned rows no daemon has sorted yet; returns how many."""
     rows = conn.execute(
-        sa.select(m.c.id, m.c.lane, m.c.state)
+        sa.select(m.c.id, _lane_as_stored(conn), m.c.state)
         .where(m.c.lane_behind.is_(None), m.c.lane.is_not(None))
         .order_by(m.c.lane, m.c.id)
         .limit(limit)
@@ -70,6 +70,15 @@ def sort_new_rows(conn: Connection, limit: int = SORT_LIMIT) -> int:
     return len(rows)
 
 
+def _lane_as_stored(conn: Connection) -> sa.ColumnElement[Any]:
+    """The lane, to tell lanes apart: SQLite's bytes (its column may hold text that is not
+    UTF-8, which its driver cannot fetch as text: that row is parked by the claim), else text.
+    """
+    if conn.dialect.name == "sqlite":
+        return sa.cast(m.c.lane, sa.LargeBinary).label("lane")
+    return m.c.lane
+
+
 def _earlier_open_row(conn: Connection, row: Any) -> bool:
     """Whether an open row of ``row``'s lane comes before it, locked until the caller commits.
 
@@ -80,11 +89,16 @@ def _earlier_open_row(conn: Connection, row: Any) -> bool:
     """
     found = conn.execute(
         sa.select(m.c.id)
-        .where(m.c.lane == row.lane, m.c.state.in_(_OPEN), m.c.id < row.id)
+        .where(m.c.lane == _lane_of(row.id), m.c.state.in_(_OPEN), m.c.id < row.id)
         .limit(1)
         .with_for_update(read=True, skip_locked=True)
     ).first()
     return found is not None
+
+
+def _lane_of(row_id: int) -> sa.ScalarSelect[Any]:
+    row = m.alias("sorted_row")
+    return sa.select(row.c.lane).where(row.c.id == row_id).scalar_subquery()
 
 
 def _mark(conn: Connection, ids: Sequence[int], *, behind: bool) -> None:
