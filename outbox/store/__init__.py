@@ -278,12 +278,16 @@ class Store:
         and that text binds the key to one request (as ``outbox.payload.fingerprint`` does in
         Python); the row keeps the first one, and ``current`` is compared with it on every claim.
         """
-        due = self._due_query(batch, now, exclude_methods).with_only_columns(m.c.id)
+        due = (
+            self._due_query(batch, now, exclude_methods)
+            .with_only_columns(m.c.id, m.c.due_at)
+            .subquery("due")
+        )
         request = m.c.method + "\n" + sa.cast(m.c.payload, sa.Text)
         current = sa.func.encode(sa.func.sha256(sa.func.convert_to(request, "UTF8")), "hex")
         claimed = (
             m.update()
-            .where(m.c.id.in_(due.scalar_subquery()))
+            .where(m.c.id == due.c.id)
             .values(
                 state=State.INFLIGHT,
                 lease_owner=worker,
@@ -292,7 +296,7 @@ class Store:
                 lane_behind=False,
                 payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
             )
-            .returning(*_claim_columns(), current.label("current"), m.c.due_at)
+            .returning(*_claim_columns(), current.label("current"), due.c.due_at)
         )
         with self._tx() as conn:  # in the claim's order, as the other databases return them
             lane_heads.sort_new_rows(conn)
@@ -305,8 +309,7 @@ class Store:
         query = (
             sa.select(*_claim_columns())
             .where(
-                m.c.state == _PENDING,
-                m.c.due_at <= now,
+                m.c.due_at <= now,  # only a pending row that is not waiting has one (0008)
                 sa.or_(m.c.expires_at.is_(None), m.c.expires_at > now),
                 _lane_free(),
             )
@@ -1295,14 +1298,13 @@ def _oldest_due_query(now: datetime) -> sa.Select[Any]:
     its retry time, else the later of ``not_before`` and its insertion."""
     first_due_now = (
         sa.select(m.c.created_at)
-        .where(m.c.state == _PENDING, m.c.due_at == _DUE_NOW)
+        .where(m.c.due_at == _DUE_NOW)  # only a candidate has a due_at
         .order_by(m.c.due_at, m.c.id)
         .limit(1)
     )
     first_timed = (
         sa.select(sa.func.coalesce(m.c.next_attempt_at, _first_due()))
         .where(
-            m.c.state == _PENDING,
             m.c.due_at > _DUE_NOW,
             m.c.due_at <= now,
         )

@@ -120,7 +120,8 @@ def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) ->
     if engine.dialect.name in ("mysql", "mariadb"):
         assert set(where_by_index.values()) == {""}
         return
-    assert "pending" in where_by_index["ix_outbox_messages_due"]
+    assert "due_at IS NOT NULL" in where_by_index["ix_outbox_messages_due"]
+    assert "pending" in where_by_index["ix_outbox_messages_expiry"]
     assert "inflight" in where_by_index["ix_outbox_messages_lease"]
     assert "lane IS NOT NULL" in where_by_index["ix_outbox_messages_lane_open"]
     assert where_by_index["ix_outbox_messages_state_updated"] == ""
