@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.engine import Engine, make_url
 
-from outbox import migrate
+from outbox import install, migrate, roles
 from outbox.config import CheckConfig, Config, load
 from outbox.database import make_engine
 from outbox.errors import OutboxError
@@ -264,6 +264,88 @@ def db_current(obj: Outbox) -> None:
     click.echo(f"current:  {found or 'none (no outbox tables)'}")
     click.echo(f"head:     {wanted}")
     click.echo("at head:  " + ("yes" if found == wanted else "no: run `outbox db upgrade`"))
+
+
+@db.command("roles")
+@click.option("--print", "print_sql", is_flag=True, help="Print the SQL (required).")
+@click.option("--grants", is_flag=True, help="Step 2: the grants, to run after `db upgrade`.")
+@click.option(
+    "--backend",
+    type=click.Choice(sorted(roles.BACKENDS)),
+    help="Default: the config's database URL.",
+)
+@click.option("--database", help="The outbox database's name. Default: the config's.")
+@click.option("--prefix", default="outbox", show_default=True, help="Roles are PREFIX_owner, …")
+@click.option("--host", default="%", show_default=True, help="MariaDB: the accounts' host.")
+@pass_outbox
+def db_roles(
+    obj: Outbox,
+    *,
+    print_sql: bool,
+    grants: bool,
+    backend: str | None,
+    database: str | None,
+    prefix: str,
+    host: str,
+) -> None:
+    """Print the SQL creating the owner, daemon, writer, reader and operator roles.
+
+    Step 1 (this) before the first `db upgrade`, step 2 (--grants) after each one; an
+    administrator runs both with psql or mariadb (docs/operations.md, "Database roles").
+    """
+    if not print_sql:
+        fail("pass --print: the SQL is run by an administrator, e.g. `… --print | psql`")
+    url = make_url(obj.url) if backend is None or database is None else None
+    source = "--backend" if backend else "the [database] url"
+    backend = backend or (url.get_backend_name() if url else "")
+    names = roles.RoleNames(database or (url.database if url else None) or "", prefix, host)
+    click.echo(roles.script(backend, names, grants=grants, source=source), nl=False)
+
+
+# --------------------------------------------------------------------------- install
+
+
+@main.command("init")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Fill in a key, e.g. database.url=postgresql://… (repeatable).",
+)
+@pass_outbox
+def init(obj: Outbox, path: Path | None, settings: tuple[str, ...]) -> None:
+    """Write a commented config file to PATH (default: --config); never overwrites."""
+    target = path or (Path(obj.config_path) if obj.config_path else None)
+    if target is None:
+        fail("give the file to write: outbox init /etc/outbox/outbox.toml")
+    install.write_config(target, settings)
+    click.echo(f"wrote {target} (mode 0640): edit it, then `outbox --config {target} db current`")
+
+
+@main.command("systemd")
+@click.option("--print", "print_units", is_flag=True, help="Print the units to stdout.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Write the units there, e.g. /etc/systemd/system.",
+)
+@click.option("--force", is_flag=True, help="With --dir: replace units already there.")
+@pass_outbox
+def systemd_units(obj: Outbox, print_units: bool, directory: Path | None, force: bool) -> None:
+    """The systemd units for this installation: its `outbox` and the --config file."""
+    if not obj.config_path:
+        fail("pass --config PATH (or OUTBOX_CONFIG): the units name the config file")
+    if print_units == (directory is not None):
+        fail("pass either --print or --dir DIR")
+    rendered = install.units(Path(obj.config_path))
+    if directory is None:
+        click.echo(install.printed_units(rendered), nl=False)
+        return
+    for written in install.write_units(directory, rendered, force=force):
+        click.echo(f"wrote {written}")
 
 
 # --------------------------------------------------------------------------- run
