@@ -6,7 +6,8 @@ Every error this package raises on purpose (and an unreachable database) becomes
 speaks Nagios: one line, exit 0 ok, 1 warning, 2 critical (its own failures are critical).
 
 The configuration is loaded lazily, so ``simulator`` and ``demo`` need none, and only ``run``
-asks for the Recrypt API key. Nothing here ever prints the key.
+reads the Recrypt API key: every other command works with the key file absent or unreadable
+(an operator's account, a monitoring probe). Nothing here ever prints the key.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from outbox import migrate
 from outbox.config import CheckConfig, Config, load
-from outbox.database import make_engine
+from outbox.database import make_engine, normalise_url
 from outbox.errors import OutboxError
 from outbox.logs import describe_error
 from outbox.schema import State
@@ -62,7 +63,7 @@ class Outbox:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load(self.config_path)
+            self._config = load(self.config_path, with_key=False)  # only `run` reads the key
         return self._config
 
     @property
@@ -92,7 +93,7 @@ class Outbox:
 
 
 def _refuse_missing_sqlite(url: str, create: bool) -> None:
-    parsed = make_url(url)
+    parsed = normalise_url(url)  # a bad URL: one line naming [database] url
     if create or parsed.get_backend_name() != "sqlite":
         return
     if parsed.database and parsed.database != ":memory:" and not Path(parsed.database).exists():
@@ -258,12 +259,14 @@ def db_upgrade(obj: Outbox) -> None:
 @db.command("current")
 @pass_outbox
 def db_current(obj: Outbox) -> None:
-    """Show the database's schema revision and the head this version needs."""
-    found, wanted = migrate.current(obj.engine()), migrate.head()
+    """Show the database's schema revision and the head this version needs; exit 1 off head."""
+    engine = obj.engine()
+    found, wanted = migrate.current(engine), migrate.head()
     click.echo(f"database: {shown_url(obj.url)}")
     click.echo(f"current:  {found or 'none (no outbox tables)'}")
     click.echo(f"head:     {wanted}")
     click.echo("at head:  " + ("yes" if found == wanted else "no: run `outbox db upgrade`"))
+    migrate.ensure_at_head(engine)  # off head: one line saying what to do, exit 1
 
 
 # --------------------------------------------------------------------------- run
@@ -276,7 +279,7 @@ def run(obj: Outbox) -> None:
     from outbox import logs  # noqa: PLC0415 (grpc and APScheduler load only for the daemon)
     from outbox.daemon import Daemon  # noqa: PLC0415
 
-    config = obj.config
+    config = load(obj.config_path)  # with the API key: the one command that calls Recrypt
     logs.setup(config.logging.level, config.logging.format)
     sys.exit(Daemon(config, obj.config_path).run())
 
