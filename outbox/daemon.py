@@ -548,7 +548,7 @@ def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
         "method": claim.method,
         "code": answer.code.name if answer else None,
         "attempt": claim.attempts + 1,
-        "duration_ms": f"{answer.duration_ms:.1f}" if answer else None,
+        "duration_ms": round(answer.duration_ms, 1) if answer else None,
     }
     match outcome:
         case Committed():

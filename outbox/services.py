@@ -268,7 +268,7 @@ class ClockCheck:
         if was_ok and not self.ok:
             log.error(kv("clock_skew", **self._fields(), then="not claiming or reaping"))
         elif self.ok and not was_ok:
-            log.info(kv("clock_skew_fixed", skew_s=f"{self.skew:.3f}"))
+            log.info(kv("clock_skew_fixed", skew_s=round(self.skew, 3)))
 
     def require(self, now: datetime) -> None:
         """At start: refuse to run with a skewed clock."""
@@ -285,5 +285,5 @@ class ClockCheck:
             "chronyc tracking), then start again"
         )
 
-    def _fields(self) -> dict[str, str]:
-        return {"skew_s": f"{self.skew:.3f}", "max_s": f"{self.max_skew:.3f}"}
+    def _fields(self) -> dict[str, float]:
+        return {"skew_s": round(self.skew, 3), "max_s": round(self.max_skew, 3)}
