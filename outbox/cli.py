@@ -36,6 +36,8 @@ from outbox import migrate
 from outbox.config import CheckConfig, Config, load
 from outbox.database import make_engine, normalise_url
 from outbox.errors import OutboxError
+from outbox.gates import SENDS_NOTHING
+from outbox.health import expired_lease_note, failure_note, lasted, n_rows
 from outbox.logs import describe_error
 from outbox.schema import State
 from outbox.store import HistoryLine, RetryingView, RowView, StatusView, Store, WorkerView
@@ -175,6 +177,8 @@ def _json_default(value: Any) -> Any:
         return iso(value)
     if isinstance(value, Decimal):
         return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain_json(value)
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
@@ -569,9 +573,12 @@ def status_json(view: StatusView, now: datetime, stale_after: float) -> dict[str
         }
         for w in view.workers
     ]
+    expired = view.oldest_lease_expired_at
     return {
         "counts": view.counts,
         "oldest_due_age_seconds": oldest_due_age(view, now),
+        "leases_expired": view.leases_expired,
+        "oldest_lease_expired_age_seconds": (now - expired).total_seconds() if expired else None,
         "parked_by_reason": view.parked_by_reason,
         "blocked_lanes": view.blocked_lanes,
         "maybe_executed_open": view.maybe_executed_open,
@@ -592,15 +599,25 @@ def status(obj: Outbox, as_json: bool) -> None:
     out = console()
     out.print(Text("  ".join(f"{state} {n}" for state, n in view.counts.items())))
     out.print(Text(f"oldest due row: {age(oldest_due_age(view, now))}"))
-    for line in attention_lines(view):
+    for line in attention_lines(view, now):
         out.print(text(line))
     out.print(workers_table(view.workers, now, stale_after) if view.workers else "no workers")
     for line in refused_lines(view.workers):
         out.print(text(line))
 
 
-def attention_lines(view: StatusView) -> list[str]:
-    lines = []
+def attention_lines(view: StatusView, now: datetime) -> list[str]:
+    lines = [
+        f"{w.worker_id}: {failure_note(f, now)}"
+        for w in view.workers
+        if w.stopped_at is None
+        for f in w.failing_jobs
+    ]
+    if view.leases_expired and view.oldest_lease_expired_at is not None:
+        oldest = lasted((now - view.oldest_lease_expired_at).total_seconds())
+        lines.append(
+            f"rows in flight with an expired lease: {view.leases_expired} (oldest {oldest})"
+        )
     if view.parked_by_reason:
         lines.append(f"parked by reason: {_reasons(view.parked_by_reason)}")
     if view.blocked_lanes:
@@ -675,12 +692,14 @@ def judge(
     live = [w for w in view.workers if liveness(w, now, c.heartbeat_stale) == "live"]
     waiting = view.counts.get(State.PENDING, 0) + view.counts.get(State.INFLIGHT, 0)
     gates = [w.gate for w in live]
+    alarms = broken(view, live, config, now)
     notes = attention(live, retrying or RetryingView(), c, now)
     critical = (
         parked >= max(c.parked_critical, 1)
         or oldest >= c.oldest_due_critical
         or (not live and waiting > 0)
         or "unauthenticated" in gates
+        or bool(alarms)
     )
     warning = (
         parked >= max(c.parked_warning, 1)
@@ -689,7 +708,20 @@ def judge(
         or bool(notes)
     )
     level = CRITICAL if critical else WARNING if warning else OK
-    return Verdict(level, "; ".join([check_summary(view, now, live, waiting), *notes]))
+    summary = [check_summary(view, now, live, waiting), *alarms, *notes]
+    return Verdict(level, "; ".join(summary))
+
+
+def broken(
+    view: StatusView, live: Sequence[WorkerView], config: Config, now: datetime
+) -> list[str]:
+    """What is broken now (critical), each with what to do: a job that keeps failing on a live
+    worker, rows in flight whose lease ran out over a lease ago (issue 12)."""
+    alarms = [failure_note(f, now, f" on {w.worker_id}") for w in live for f in w.failing_jobs]
+    expired = expired_lease_note(
+        view.leases_expired, view.oldest_lease_expired_at, now, config.worker.lease
+    )
+    return alarms + ([expired] if expired else [])
 
 
 #: Gates ``judge`` times against a ``[check]`` threshold (``policy.Gate`` values; a test holds
@@ -708,7 +740,19 @@ def attention(
 ) -> list[str]:
     """What a human must look at, one sentence each, with what to do (issue 10)."""
     notes = [_rollover_note(live, c, now), _maintenance_note(live, c, now), _refused_note(live)]
-    return [note for note in notes if note] + _retrying_notes(retrying, c, now)
+    return _closed_notes(live, now) + [n for n in notes if n] + _retrying_notes(retrying, c, now)
+
+
+def _closed_notes(live: Sequence[WorkerView], now: datetime) -> list[str]:
+    """Gates under which nothing is sent, other than the timed ones: say why, and what to do
+    (the worker's gate reason says both)."""
+    return [
+        f"gate {w.gate} on {w.worker_id} "
+        + (f"for {lasted((now - w.gate_since).total_seconds())}" if w.gate_since else "")
+        + f": {w.gate_reason or 'see outbox status'}"
+        for w in live
+        if w.gate in SENDS_NOTHING and w.gate not in TIMED_GATES
+    ]
 
 
 def gate_age(live: Sequence[WorkerView], gate: str, now: datetime) -> float | None:
@@ -758,10 +802,10 @@ def _retrying_notes(r: RetryingView, c: CheckConfig, now: datetime) -> list[str]
         first = r.first_due_at
         oldest = f" (oldest {lasted((now - first).total_seconds())})" if first else ""
         since = f"retrying over {threshold(c.retrying_warning)} since first due"
-        notes.append(f"{_rows(r.long)} {since}{oldest}")
+        notes.append(f"{n_rows(r.long)} {since}{oldest}")
     if r.many:
         notes.append(
-            f"{_rows(r.many)} with {c.attempts_warning} or more attempts (most {r.most_attempts})"
+            f"{n_rows(r.many)} with {c.attempts_warning} or more attempts (most {r.most_attempts})"
         )
     if r.rows:
         notes += [_answer(r), "see outbox list --state pending"]
@@ -778,19 +822,6 @@ def _answer(r: RetryingView) -> str:
     if r.code_rows == r.rows:
         return f"rows keep getting the same answer: {said}"
     return f"commonest last answer ({r.code_rows} of {r.rows} rows): {said}"
-
-
-def _rows(n: int) -> str:
-    return f"{n} row" if n == 1 else f"{n} rows"
-
-
-def lasted(seconds: float) -> str:
-    """How long something has lasted, at least: ``45 s``, ``12 min`` (under 3 h), ``3.5 h``."""
-    if seconds < 60:
-        return f"{max(seconds, 0.0):.0f} s"
-    if seconds < 3 * 3600:
-        return f"{seconds // 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def threshold(seconds: float) -> str:
