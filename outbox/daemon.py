@@ -231,10 +231,9 @@ class Daemon:
             Heartbeat(store, self._beat, self._db_result, self.clock_check),
             _TableGauges(self, TABLE_SECONDS),
         ]
-        if c.retention.days > 0:
-            r = c.retention
-            settings = RetentionSettings(r.days, r.batch_size, r.tombstone_days, r.interval)
-            services.append(Retention(store, settings, self.stopping))
+        r = c.retention  # days 0 keeps rows for ever; old workers are purged all the same
+        settings = RetentionSettings(r.days, r.batch_size, r.tombstone_days, r.interval)
+        services.append(Retention(store, settings, self.stopping))
         return services
 
     def run(self) -> int:

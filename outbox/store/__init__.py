@@ -748,6 +748,14 @@ class Store:
                 .values(stopped_at=now, last_beat_at=now, gate="stopped")
             )
 
+    @retry_transient
+    def purge_workers(self, silent_since: datetime) -> int:
+        """Delete workers whose last beat (or stop) is older than ``silent_since``: stopped
+        long ago, or dead without a stop. Live workers beat every few seconds."""
+        with self._tx() as conn:
+            done = conn.execute(workers.delete().where(workers.c.last_beat_at < silent_since))
+        return int(done.rowcount)
+
     def list_workers(self) -> list[WorkerView]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(workers).order_by(workers.c.started_at)).all()
