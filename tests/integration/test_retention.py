@@ -16,8 +16,8 @@ from sqlalchemy.engine import Engine
 
 import outbox
 from outbox.schema import attempts, messages
-from outbox.simulator import TRANSFER
 from outbox.services import WORKER_KEEP_DAYS, Retention, RetentionSettings
+from outbox.simulator import TRANSFER
 from outbox.store import Call, Claim, Committed, Parked, Store, WorkerBeat
 
 DAY = timedelta(days=1)
