@@ -65,7 +65,8 @@ def enqueue(
     The method and payload are checked against the descriptors first: ``catalog`` if given,
     else the protos at ``proto_path``, else ``[recrypt] proto_path`` of the config named by
     ``OUTBOX_CONFIG``, else the bundled Recrypt model; so a row that could never be sent is
-    refused here with ``BadRowError`` rather than parked later. ``key`` may be a ``uuid.UUID``. ``Decimal`` values are stored as decimal strings;
+    refused here with ``BadRowError`` rather than parked later. ``key`` may be a ``uuid.UUID``.
+    ``Decimal`` values are stored as decimal strings;
     amounts are never floats. A key already in the outbox raises ``DuplicateKeyError``.
     A rollback of the caller's transaction leaves no row.
 
