@@ -40,15 +40,17 @@ JOBS = (
 #: What an operator does when a job keeps failing; any other job gets ``GENERIC_ADVICE``.
 JOB_ADVICE = {
     RECORD: "answers Recrypt gave are kept in memory and their rows stay in flight: check the "
-    "database and the daemon role's grants (INSERT on outbox_attempts, USAGE on its sequence), "
-    "see docs/operations.md, Monitoring",
+    "database and the daemon role's grants (INSERT on outbox_attempts, USAGE on its sequence); "
+    "runbook section 5, A job that keeps failing",
     "dispatch": "nothing is claimed or sent: check the database (outbox db current) and the "
     "daemon's log",
     "heartbeat": "check the database (outbox db current) and UPDATE on outbox_workers",
     "reaper": "rows with an expired lease are not released: check the database and the "
     "daemon role's grants",
 }
-GENERIC_ADVICE = "see the daemon's log (event=job_failed) and docs/operations.md, Monitoring"
+GENERIC_ADVICE = (
+    "see the daemon's log (event=job_failed) and the runbook section 5, A job that keeps failing"
+)
 
 
 def advice(job: str) -> str:

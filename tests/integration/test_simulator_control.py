@@ -5,18 +5,20 @@ run walks through every gate without restarts. Real loopback gRPC; no mocks."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import grpc
 import pytest
 from click.testing import CliRunner
 
-from outbox.cli import main
+from outbox.cli import DEFAULT_SIMULATOR_KEY, main
 from outbox.descriptors import Catalog
 from outbox.simulator import (
     DEFAULT_API_KEYS,
     MAINTENANCE_CHECK,
     TRANSFER,
+    Control,
     ControlFile,
     Simulator,
 )
@@ -107,3 +109,11 @@ def test_the_cli_names_the_simulators_default_key() -> None:
     from outbox.cli import DEFAULT_SIMULATOR_KEY
 
     assert (DEFAULT_SIMULATOR_KEY,) == DEFAULT_API_KEYS
+
+
+def test_the_try_it_walk_throughs_control_lines_parse() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "try-it.md").read_text()
+    lines = re.findall(r"echo '([^']+)' > control", text)
+    assert len(lines) >= 4
+    for line in lines:
+        assert Control.parse(line, "try-it.md").lines == 1
