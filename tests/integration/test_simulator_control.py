@@ -106,7 +106,6 @@ def test_help_documents_the_default_key_the_fault_grammar_and_the_control_file()
 
 
 def test_the_cli_names_the_simulators_default_key() -> None:
-    from outbox.cli import DEFAULT_SIMULATOR_KEY
 
     assert (DEFAULT_SIMULATOR_KEY,) == DEFAULT_API_KEYS
 
