@@ -36,7 +36,6 @@ from outbox import migrate
 from outbox.config import CheckConfig, Config, load
 from outbox.database import make_engine, normalise_url
 from outbox.errors import OutboxError
-from outbox.gates import SENDS_NOTHING
 from outbox.health import expired_lease_note, failure_note, lasted, n_rows
 from outbox.logs import describe_error
 from outbox.schema import State
@@ -747,6 +746,8 @@ def attention(
 def _closed_notes(live: Sequence[WorkerView], now: datetime) -> list[str]:
     """Gates under which nothing is sent, other than the timed ones: say why, and what to do
     (the worker's gate reason says both)."""
+    from outbox.gates import SENDS_NOTHING  # noqa: PLC0415 (gates load grpc: only for check)
+
     return [
         f"gate {w.gate} on {w.worker_id} "
         + (f"for {lasted((now - w.gate_since).total_seconds())}" if w.gate_since else "")
