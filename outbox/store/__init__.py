@@ -55,6 +55,8 @@ from outbox.store.rows import (
     StatusView,
     WorkerBeat,
     WorkerView,
+    reason_with_failures,
+    split_failures,
 )
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
@@ -703,6 +705,7 @@ class Store:
                     .distinct()
                 ).scalars()
             ]
+            expired, oldest_expiry = self._expired_leases(conn, now)
             maybe = conn.execute(
                 sa.select(sa.func.count()).where(
                     m.c.maybe_executed.is_(True), m.c.state.in_([s.value for s in OPEN_STATES])
@@ -715,7 +718,22 @@ class Store:
             blocked_lanes=sorted(lanes),
             maybe_executed_open=int(maybe),
             workers=self.list_workers(),
+            leases_expired=expired,
+            oldest_lease_expired_at=oldest_expiry,
         )
+
+    @staticmethod
+    def _expired_leases(conn: Connection, now: datetime) -> tuple[int, datetime | None]:
+        """Rows in flight whose lease ran out before ``now``, and the earliest lease end."""
+        count, oldest = conn.execute(_expired_leases_query(now)).one()
+        return int(count), _aware(oldest)
+
+    def explain_expired_leases(self, now: datetime) -> str:
+        """The database's plan for the expired-lease count (``status``, the gauges)."""
+        sql = _expired_leases_query(now).compile(
+            self.engine, compile_kwargs={"literal_binds": True}
+        )
+        return self._explain(str(sql), analyze=False)
 
     # ---- workers and retention
 
@@ -738,7 +756,7 @@ class Store:
             "started_at": beat.started_at,
             "last_beat_at": now,
             "gate": beat.gate,
-            "gate_reason": beat.gate_reason,
+            "gate_reason": reason_with_failures(beat.gate_reason, beat.failing_jobs),
             "gate_until": beat.gate_until,
             "gate_since": beat.gate_since,
             "refused_methods": ",".join(beat.refused_methods) or None,
@@ -759,6 +777,14 @@ class Store:
                 .where(workers.c.worker_id == worker_id)
                 .values(stopped_at=now, last_beat_at=now, gate="stopped")
             )
+
+    @retry_transient
+    def purge_workers(self, silent_since: datetime) -> int:
+        """Delete workers whose last beat (or stop) is older than ``silent_since``: stopped
+        long ago, or dead without a stop. Live workers beat every few seconds."""
+        with self._tx() as conn:
+            done = conn.execute(workers.delete().where(workers.c.last_beat_at < silent_since))
+        return int(done.rowcount)
 
     def list_workers(self) -> list[WorkerView]:
         with self.engine.connect() as conn:
@@ -1317,6 +1343,13 @@ def _oldest_due_query(now: datetime) -> sa.Select[Any]:
     )
 
 
+def _expired_leases_query(now: datetime) -> sa.Select[int, Any]:
+    """Over ``ix_outbox_messages_lease`` only (partial on in-flight rows where it can be)."""
+    return sa.select(sa.func.count(), sa.func.min(m.c.lease_expires_at)).where(
+        m.c.state == _INFLIGHT, m.c.lease_expires_at < now
+    )
+
+
 def _first_due() -> sa.ColumnElement[Any]:
     """When a row first became due: the later of its insertion and ``not_before``."""
     return sa.case((m.c.not_before > m.c.created_at, m.c.not_before), else_=m.c.created_at)
@@ -1325,6 +1358,7 @@ def _first_due() -> sa.ColumnElement[Any]:
 def _worker(row: sa.Row[Any]) -> WorkerView:
     data = {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
     data["refused_methods"] = tuple(p for p in (data["refused_methods"] or "").split(",") if p)
+    data["gate_reason"], data["failing_jobs"] = split_failures(data["gate_reason"])
     return WorkerView(**data)
 
 
@@ -1333,6 +1367,7 @@ RETRYING_MESSAGE_CUT = 200  # characters of a last message ``retrying`` reads, a
 #: Written out, not bound: PostgreSQL's generic plan for a bound state cannot use the
 #: partial index on pending rows (``ix_outbox_messages_due``).
 _PENDING: sa.ColumnElement[str] = sa.literal_column(f"'{State.PENDING.value}'", sa.String())
+_INFLIGHT: sa.ColumnElement[str] = sa.literal_column(f"'{State.INFLIGHT.value}'", sa.String())
 
 
 def _retrying_query(due_before: datetime, attempts: int) -> sa.Select[Any]:
