@@ -336,6 +336,9 @@ workers = sa.Table(
     # gRPC paths held because Recrypt answered PERMISSION_DENIED outside maintenance (the API
     # key may not call them), comma-separated; NULL for none (migration 0006).
     sa.Column("refused_methods", sa.Text(), nullable=True),
+    # The daemon's jobs that keep failing, as a JSON list of {job, since, runs, error}; NULL
+    # for none (migration 0009): how ``outbox check`` in another process learns of them.
+    sa.Column("failing_jobs", sa.Text(), nullable=True),
 )
 
 # A key whose row retention purged (migration 0004). Recrypt may still hold a request under the

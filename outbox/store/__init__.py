@@ -55,8 +55,8 @@ from outbox.store.rows import (
     StatusView,
     WorkerBeat,
     WorkerView,
-    reason_with_failures,
-    split_failures,
+    failures_from_json,
+    failures_json,
 )
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
@@ -756,7 +756,8 @@ class Store:
             "started_at": beat.started_at,
             "last_beat_at": now,
             "gate": beat.gate,
-            "gate_reason": reason_with_failures(beat.gate_reason, beat.failing_jobs),
+            "gate_reason": beat.gate_reason,
+            "failing_jobs": failures_json(beat.failing_jobs),
             "gate_until": beat.gate_until,
             "gate_since": beat.gate_since,
             "refused_methods": ",".join(beat.refused_methods) or None,
@@ -1358,7 +1359,7 @@ def _first_due() -> sa.ColumnElement[Any]:
 def _worker(row: sa.Row[Any]) -> WorkerView:
     data = {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
     data["refused_methods"] = tuple(p for p in (data["refused_methods"] or "").split(",") if p)
-    data["gate_reason"], data["failing_jobs"] = split_failures(data["gate_reason"])
+    data["failing_jobs"] = failures_from_json(data["failing_jobs"])
     return WorkerView(**data)
 
 

@@ -196,29 +196,21 @@ class RetryingView:
     message: str | None = None  # the start of one of their last messages (bounded)
 
 
-# The failing jobs travel in ``outbox_workers.gate_reason`` (no column of their own yet): one
-# line each after the gate's reason, ``job failing: {json}``. Only these two functions know.
-_FAILING = "job failing: "
+def failures_json(failures: tuple[JobFailure, ...]) -> str | None:
+    """The ``outbox_workers.failing_jobs`` column's text: a JSON list, or NULL for none."""
+    if not failures:
+        return None
+    return json.dumps(
+        [
+            {"job": f.job, "since": f.since.isoformat(), "runs": f.runs, "error": f.error}
+            for f in failures
+        ]
+    )
 
 
-def reason_with_failures(reason: str | None, failures: tuple[JobFailure, ...]) -> str | None:
-    """The ``gate_reason`` column's text: the gate's reason, then one line per failing job."""
-    lines = [reason or ""] + [
-        _FAILING
-        + json.dumps({"job": f.job, "since": f.since.isoformat(), "runs": f.runs, "error": f.error})
-        for f in failures
-    ]
-    return "\n".join(lines) if failures else reason
-
-
-def split_failures(text: str | None) -> tuple[str | None, tuple[JobFailure, ...]]:
-    """``reason_with_failures`` read back: the gate's reason and the failing jobs."""
-    if not text or _FAILING not in text:
-        return text, ()
-    reason, *lines = text.split("\n" + _FAILING)
-    failures = []
-    for line in lines:
-        data = json.loads(line)
-        since = datetime.fromisoformat(data["since"])
-        failures.append(JobFailure(data["job"], since, int(data["runs"]), data["error"]))
-    return reason or None, tuple(failures)
+def failures_from_json(text: str | None) -> tuple[JobFailure, ...]:
+    """``failures_json`` read back."""
+    return tuple(
+        JobFailure(item["job"], datetime.fromisoformat(item["since"]), int(item["runs"]), item["error"])
+        for item in json.loads(text or "[]")
+    )
