@@ -211,6 +211,6 @@ def failures_json(failures: tuple[JobFailure, ...]) -> str | None:
 def failures_from_json(text: str | None) -> tuple[JobFailure, ...]:
     """``failures_json`` read back."""
     return tuple(
-        JobFailure(item["job"], datetime.fromisoformat(item["since"]), int(item["runs"]), item["error"])
-        for item in json.loads(text or "[]")
+        JobFailure(i["job"], datetime.fromisoformat(i["since"]), int(i["runs"]), i["error"])
+        for i in json.loads(text or "[]")
     )
