@@ -128,9 +128,10 @@ def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
     before = len(sim.ledger)
     with daemon(args, sim, args.daemons) as procs:
         sim.wait_for(lambda s: len(s.ledger) > before, timeout=60)
-        started = time.perf_counter()
+        started, cpu_before, sent_before = time.perf_counter(), cpu_seconds(procs), len(sim.ledger)
         samples = sample_rss(procs[0].pid, lambda: len(sim.ledger) - before >= args.rows, sim)
         elapsed = time.perf_counter() - started
+        cpu, sent = cpu_seconds(procs) - cpu_before, len(sim.ledger) - sent_before
     committed = Store(engine).status(datetime.now(UTC)).counts["committed"]
     engine.dispose()
     once = all(sim.executions(k) == 1 for k in random.sample(keys, min(1000, len(keys))))
@@ -139,6 +140,7 @@ def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
         "daemons": args.daemons,
         "seconds": round(elapsed, 2),
         "rate": round(args.rows / elapsed, 1),
+        "cpu_us_per_row": round(cpu / max(sent, 1) * 1e6, 1),
         "committed": committed,
         "executed_once_sampled": once,
         "rss_mb_peak": max(samples) if samples else None,
@@ -290,6 +292,15 @@ def sample_rss(pid: int, done: object, sim: Simulator) -> list[float]:
         samples.append(rss_mb(pid))
     samples.append(rss_mb(pid))
     return samples
+
+
+def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU time (user + system, all threads) the daemons used so far, from /proc/<pid>/stat."""
+    ticks = 0
+    for proc in procs:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
