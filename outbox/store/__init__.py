@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 import tenacity
@@ -22,7 +22,9 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter
 
 from outbox.errors import DuplicateKeyError, OperatorActionError, RowNotFoundError
 from outbox.payload import bounded, fingerprint, read_text
@@ -194,6 +196,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        self._claims: dict[frozenset[str], sa.Update] = {}  # PostgreSQL's claim statements
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -252,30 +255,53 @@ class Store:
         now: datetime,
         exclude_methods: Collection[str],
     ) -> list[Claim]:
-        """PostgreSQL: the whole claim in one statement, the fingerprint computed in SQL.
+        """PostgreSQL: the whole claim in one statement (built once), the fingerprint in SQL."""
+        params = {
+            "c_worker": worker,
+            "c_batch": batch,
+            "c_now": now,
+            "c_lease_expires": now + timedelta(seconds=lease),
+        }
+        with self._tx() as conn:  # in the claim's order, as the other databases return them
+            found = conn.execute(self._claim_statement(exclude_methods), params).all()
+            rows = sorted(found, key=lambda row: (row.due_at, row.id))
+        return [self._claim_from(row, worker, current=row.current) for row in rows]
+
+    def _claim_statement(self, exclude_methods: Collection[str]) -> sa.Update:
+        """The claim for one set of excluded methods, built at its first use and kept."""
+        key = frozenset(exclude_methods)
+        statement = self._claims.get(key)
+        if statement is None:
+            if len(self._claims) >= _CLAIMS_KEPT:  # gates changed many times: start over
+                self._claims.clear()
+            statement = self._claims[key] = self._build_claim(key)
+        return statement
+
+    def _build_claim(self, exclude_methods: Collection[str]) -> sa.Update:
+        """``UPDATE … RETURNING`` of the due rows, its values bound at each claim.
 
         ``payload::text`` of a jsonb value is canonical, so the SHA-256 of the method, a newline
         and that text binds the key to one request (as ``outbox.payload.fingerprint`` does in
         Python); the row keeps the first one, and ``current`` is compared with it on every claim.
         """
-        due = self._due_query(batch, now, exclude_methods).with_only_columns(m.c.id)
+        now = sa.bindparam("c_now", type_=UTCDateTime())
+        batch = sa.bindparam("c_batch", type_=sa.Integer())
+        # the due rows' selection takes values; bound parameters make it reusable
+        due = self._due_query(cast(int, batch), cast(datetime, now), exclude_methods)
         request = m.c.method + "\n" + sa.cast(m.c.payload, sa.Text)
         current = sa.func.encode(sa.func.sha256(sa.func.convert_to(request, "UTF8")), "hex")
-        claimed = (
+        return (
             m.update()
-            .where(m.c.id.in_(due.scalar_subquery()))
+            .where(m.c.id.in_(due.with_only_columns(m.c.id).scalar_subquery()))
             .values(
                 state=State.INFLIGHT,
-                lease_owner=worker,
-                lease_expires_at=now + timedelta(seconds=lease),
+                lease_owner=sa.bindparam("c_worker", type_=sa.String()),
+                lease_expires_at=sa.bindparam("c_lease_expires", type_=UTCDateTime()),
                 updated_at=now,
                 payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
             )
             .returning(*_claim_columns(), current.label("current"), m.c.due_at)
         )
-        with self._tx() as conn:  # in the claim's order, as the other databases return them
-            rows = sorted(conn.execute(claimed).all(), key=lambda row: (row.due_at, row.id))
-        return [self._claim_from(row, worker, current=row.current) for row in rows]
 
     def _due_query(
         self, batch: int, now: datetime, exclude_methods: Collection[str]
@@ -348,32 +374,24 @@ class Store:
 
     @retry_transient
     def _record_batch(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
-        """One transaction: one locking SELECT finds the rows this worker still holds (the
-        others were taken over after our lease ran out, and their newer outcome stands), then
-        one guarded UPDATE per kind of outcome (executemany) and one INSERT of history lines.
+        """One transaction: the guarded transitions find which rows this worker still holds
+        (the others were taken over after our lease ran out, and their newer outcome stands),
+        then one INSERT of history lines for those. PostgreSQL runs one UPDATE per kind of
+        outcome over arrays; the others lock the held rows with one SELECT, then run one
+        UPDATE per kind of outcome with a parameter set per row (executemany).
         """
         with self._tx() as conn:
-            held = self._still_held(conn, outcomes)
-            kept = [o for o in outcomes if _claim_token(o.claim) in held]
-            for kind, statement in _TRANSITIONS.items():
-                params = [_transition_params(o, now) for o in kept if type(o) is kind]
-                if params:
-                    conn.execute(statement, params)
+            if self.dialect == "postgresql":
+                held = _transition_arrays(conn, outcomes, now)
+            else:
+                held = _transition_rows(conn, outcomes, now)
             lines = [
-                _history_params(o.claim.id, now, o.claim.worker, o.call) for o in kept if o.call
+                _history_params(o.claim.id, now, o.claim.worker, o.call)
+                for o in outcomes
+                if o.call and _claim_token(o.claim) in held
             ]
-            if lines:
-                conn.execute(attempts.insert(), lines)
+            _add_history_lines(conn, lines)
         return [o for o in outcomes if _claim_token(o.claim) not in held]
-
-    @staticmethod
-    def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[tuple[int, str, int]]:
-        rows = conn.execute(
-            sa.select(m.c.id, m.c.lease_owner, m.c.attempts)
-            .where(m.c.id.in_([o.claim.id for o in outcomes]), m.c.state == State.INFLIGHT)
-            .with_for_update()
-        ).all()
-        return {(row.id, row.lease_owner, row.attempts) for row in rows}
 
     @retry_transient
     def renew_leases(self, worker: str, ids: Collection[int], lease: float, now: datetime) -> int:
@@ -1186,6 +1204,112 @@ def _add_history(conn: Connection, message_id: int, now: datetime, actor: str, c
     conn.execute(attempts.insert().values(**_history_params(message_id, now, actor, call)))
 
 
+Token = tuple[int, str, int]
+
+
+def _transition_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
+    """MariaDB, SQLite: lock the rows still held, then one executemany per kind of outcome."""
+    held = _still_held(conn, outcomes)
+    for kind, statement in _TRANSITIONS.items():
+        params = [
+            _transition_params(o, now)
+            for o in outcomes
+            if type(o) is kind and _claim_token(o.claim) in held
+        ]
+        if params:
+            conn.execute(statement, params)
+    return held
+
+
+def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[Token]:
+    rows = conn.execute(
+        sa.select(m.c.id, m.c.lease_owner, m.c.attempts)
+        .where(m.c.id.in_([o.claim.id for o in outcomes]), m.c.state == State.INFLIGHT)
+        .with_for_update()
+    ).all()
+    return {(row.id, row.lease_owner, row.attempts) for row in rows}
+
+
+def _transition_arrays(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
+    """PostgreSQL: one guarded UPDATE per kind of outcome over arrays, returning the claims
+    it matched: exactly the rows this worker still held (the guard is the claim's token)."""
+    held: set[Token] = set()
+    for kind, statement in _BATCHED_TRANSITIONS.items():
+        params = [_transition_params(o, now) for o in outcomes if type(o) is kind]
+        if params:
+            held.update(
+                (r.b_id, r.b_owner, r.b_attempts)
+                for r in conn.execute(statement, _arrays(params, _PER_BATCH))
+            )
+    return held
+
+
+_NO_OPTIONS: dict[str, Any] = {}
+#: Parameters of a transition that are the same for every row of a batch: bound once.
+_PER_BATCH = frozenset({"b_now"})
+
+
+def _arrays(params: Sequence[dict[str, Any]], per_batch: Collection[str] = ()) -> dict[str, Any]:
+    """Parameter sets as one array per name (a name missing from a set is NULL there), but
+    the ``per_batch`` names, bound once with the first set's value."""
+    names = {name for p in params for name in p}
+    arrays = {name: [p.get(name) for p in params] for name in names - set(per_batch)}
+    return arrays | {name: params[0][name] for name in names & set(per_batch)}
+
+
+def _over_arrays(statement: sa.Update, *, per_batch: Collection[str] = _PER_BATCH) -> sa.Update:
+    """``statement`` (one row's guarded transition) for a whole batch on PostgreSQL: each
+    per-row parameter becomes a column of ``unnest`` over one array per parameter, the UPDATE
+    joins the table to it, and returns the tokens of the rows it changed.
+    """
+    binds = {
+        b.key: b
+        for b in visitors.iterate(statement)
+        if isinstance(b, BindParameter) and b.key.startswith("b_") and b.key not in per_batch
+    }
+    arrays = [sa.bindparam(k, type_=postgresql.ARRAY(b.type)) for k, b in binds.items()]
+    rows = (
+        sa.func.unnest(*arrays)
+        .table_valued(*(sa.column(k, b.type) for k, b in binds.items()))
+        .render_derived(name="v")
+    )
+
+    def column(element: Any, **_kw: Any) -> Any:
+        if isinstance(element, BindParameter) and element.key in binds:
+            return rows.c[element.key]
+        return None
+
+    batched = cast(sa.Update, visitors.replacement_traverse(statement, _NO_OPTIONS, column))
+    return batched.returning(rows.c.b_id, rows.c.b_owner, rows.c.b_attempts)
+
+
+def _history_over_arrays() -> sa.Insert:
+    """PostgreSQL: the history lines of a batch in one INSERT … SELECT over arrays."""
+    names = [c.name for c in attempts.c if c.name != "id"]
+    arrays = [sa.bindparam(n, type_=postgresql.ARRAY(attempts.c[n].type)) for n in names]
+    rows = (
+        sa.func.unnest(*arrays)
+        .table_valued(*(sa.column(n, attempts.c[n].type) for n in names))
+        .render_derived(name="h")
+    )
+    return attempts.insert().from_select(names, sa.select(*rows.c))
+
+
+def _add_history_lines(conn: Connection, lines: Sequence[dict[str, Any]]) -> None:
+    """Many history lines (``_history_params``): one statement on PostgreSQL."""
+    if not lines:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(_HISTORY_OVER_ARRAYS, _arrays(lines))
+    else:
+        conn.execute(attempts.insert(), lines)
+
+
+#: ``_TRANSITIONS`` for a whole batch in one statement each (PostgreSQL).
+_BATCHED_TRANSITIONS = {kind: _over_arrays(st) for kind, st in _TRANSITIONS.items()}
+_HISTORY_OVER_ARRAYS = _history_over_arrays()
+
+
 _VIEW_COLUMNS = [
     "id",
     "idempotency_key",
@@ -1293,6 +1417,8 @@ def _worker(row: sa.Row[Any]) -> WorkerView:
     return WorkerView(**data)
 
 
+#: Claim statements kept per store (one per set of methods the gates exclude).
+_CLAIMS_KEPT = 16
 _DUE_NOW = datetime.fromisoformat(DUE_NOW).replace(tzinfo=UTC)
 RETRYING_MESSAGE_CUT = 200  # characters of a last message ``retrying`` reads, at most
 #: Written out, not bound: PostgreSQL's generic plan for a bound state cannot use the
