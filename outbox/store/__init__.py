@@ -8,6 +8,7 @@ The store knows rows and states; it never knows gRPC.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Collection, Iterator, Sequence
@@ -374,23 +375,17 @@ class Store:
 
     @retry_transient
     def _record_batch(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
-        """One transaction: the guarded transitions find which rows this worker still holds
-        (the others were taken over after our lease ran out, and their newer outcome stands),
-        then one INSERT of history lines for those. PostgreSQL runs one UPDATE per kind of
-        outcome over arrays; the others lock the held rows with one SELECT, then run one
-        UPDATE per kind of outcome with a parameter set per row (executemany).
+        """One transaction: the guarded transitions of the rows this worker still holds (the
+        others were taken over after our lease ran out, and their newer outcome stands) and
+        their history lines. PostgreSQL: one statement per kind of outcome for the batch;
+        the others: one locking SELECT, one UPDATE per kind of outcome with a parameter set
+        per row (executemany), and one INSERT of history lines.
         """
         with self._tx() as conn:
             if self.dialect == "postgresql":
-                held = _transition_arrays(conn, outcomes, now)
+                held = _record_json(conn, outcomes, now)
             else:
-                held = _transition_rows(conn, outcomes, now)
-            lines = [
-                _history_params(o.claim.id, now, o.claim.worker, o.call)
-                for o in outcomes
-                if o.call and _claim_token(o.claim) in held
-            ]
-            _add_history_lines(conn, lines)
+                held = _record_rows(conn, outcomes, now)
         return [o for o in outcomes if _claim_token(o.claim) not in held]
 
     @retry_transient
@@ -1207,17 +1202,18 @@ def _add_history(conn: Connection, message_id: int, now: datetime, actor: str, c
 Token = tuple[int, str, int]
 
 
-def _transition_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
-    """MariaDB, SQLite: lock the rows still held, then one executemany per kind of outcome."""
+def _record_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
+    """MariaDB, SQLite: lock the rows still held, one executemany per kind of outcome, then
+    one INSERT of their history lines."""
     held = _still_held(conn, outcomes)
+    kept = [o for o in outcomes if _claim_token(o.claim) in held]
     for kind, statement in _TRANSITIONS.items():
-        params = [
-            _transition_params(o, now)
-            for o in outcomes
-            if type(o) is kind and _claim_token(o.claim) in held
-        ]
+        params = [_transition_params(o, now) for o in kept if type(o) is kind]
         if params:
             conn.execute(statement, params)
+    lines = [_history_params(o.claim.id, now, o.claim.worker, o.call) for o in kept if o.call]
+    if lines:
+        conn.execute(attempts.insert(), lines)
     return held
 
 
@@ -1230,48 +1226,66 @@ def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[Token]:
     return {(row.id, row.lease_owner, row.attempts) for row in rows}
 
 
-def _transition_arrays(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
-    """PostgreSQL: one guarded UPDATE per kind of outcome over arrays, returning the claims
-    it matched: exactly the rows this worker still held (the guard is the claim's token)."""
+def _record_json(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
+    """PostgreSQL: one statement per kind of outcome for the whole batch, its rows passed as
+    one JSON document: the guarded UPDATE of every row, the history lines of the rows it
+    changed, and their tokens (exactly the rows this worker still held: the guard is the
+    claim's token)."""
     held: set[Token] = set()
     for kind, statement in _BATCHED_TRANSITIONS.items():
-        params = [_transition_params(o, now) for o in outcomes if type(o) is kind]
-        if params:
-            held.update(
-                (r.b_id, r.b_owner, r.b_attempts)
-                for r in conn.execute(statement, _arrays(params, _PER_BATCH))
-            )
+        rows = [_batched_params(o, now) for o in outcomes if type(o) is kind]
+        if rows:
+            found = conn.execute(statement, {"b_now": now, "b_rows": _json_rows(rows)})
+            held.update((r.b_id, r.b_owner, r.b_attempts) for r in found)
     return held
 
 
+def _batched_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
+    """One row of a batched transition: its transition's parameters and its history line's."""
+    params = _transition_params(outcome, now)
+    del params["b_now"]  # bound once per batch
+    call = outcome.call
+    if call is not None:
+        line = _history_params(outcome.claim.id, now, outcome.claim.worker, call)
+        params |= {f"h_{name}": line[name] for name in _LINE_FIELDS}
+    return params
+
+
+def _json_rows(rows: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(rows, default=_json_time, separators=(",", ":"))
+
+
+def _json_time(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} in a batched transition")
+
+
+#: The history line's own fields in a batched row (its row, time and text come from the
+#: transition: ``b_id``, ``b_now``, ``b_code``, ``b_message``, which hold the same values).
+_LINE_FIELDS = ("kind", "actor", "decision", "duration_ms")
 _NO_OPTIONS: dict[str, Any] = {}
-#: Parameters of a transition that are the same for every row of a batch: bound once.
-_PER_BATCH = frozenset({"b_now"})
 
 
-def _arrays(params: Sequence[dict[str, Any]], per_batch: Collection[str] = ()) -> dict[str, Any]:
-    """Parameter sets as one array per name (a name missing from a set is NULL there), but
-    the ``per_batch`` names, bound once with the first set's value."""
-    names = {name for p in params for name in p}
-    arrays = {name: [p.get(name) for p in params] for name in names - set(per_batch)}
-    return arrays | {name: params[0][name] for name in names & set(per_batch)}
+def _batched(statement: sa.Update) -> sa.Select[Any]:
+    """``statement`` (one row's guarded transition) for a whole batch on PostgreSQL.
 
-
-def _over_arrays(statement: sa.Update, *, per_batch: Collection[str] = _PER_BATCH) -> sa.Update:
-    """``statement`` (one row's guarded transition) for a whole batch on PostgreSQL: each
-    per-row parameter becomes a column of ``unnest`` over one array per parameter, the UPDATE
-    joins the table to it, and returns the tokens of the rows it changed.
+    Each per-row parameter ``b_*`` becomes a column of ``jsonb_to_recordset`` over one JSON
+    document; the UPDATE joins the table to it; the history lines of the rows it changed are
+    inserted in the same statement; it returns the tokens of those rows.
     """
     binds = {
         b.key: b
         for b in visitors.iterate(statement)
-        if isinstance(b, BindParameter) and b.key.startswith("b_") and b.key not in per_batch
+        if isinstance(b, BindParameter) and b.key.startswith("b_") and b.key != "b_now"
     }
-    arrays = [sa.bindparam(k, type_=postgresql.ARRAY(b.type)) for k, b in binds.items()]
+    columns = [sa.column(k, b.type) for k, b in binds.items()]
+    columns += [sa.column(f"h_{n}", attempts.c[n].type) for n in _LINE_FIELDS]
+    document = sa.cast(sa.bindparam("b_rows", type_=sa.Text()), postgresql.JSONB)
     rows = (
-        sa.func.unnest(*arrays)
-        .table_valued(*(sa.column(k, b.type) for k, b in binds.items()))
-        .render_derived(name="v")
+        sa.func.jsonb_to_recordset(document)
+        .table_valued(*columns)
+        .render_derived(name="v", with_types=True)
     )
 
     def column(element: Any, **_kw: Any) -> Any:
@@ -1279,35 +1293,30 @@ def _over_arrays(statement: sa.Update, *, per_batch: Collection[str] = _PER_BATC
             return rows.c[element.key]
         return None
 
-    batched = cast(sa.Update, visitors.replacement_traverse(statement, _NO_OPTIONS, column))
-    return batched.returning(rows.c.b_id, rows.c.b_owner, rows.c.b_attempts)
-
-
-def _history_over_arrays() -> sa.Insert:
-    """PostgreSQL: the history lines of a batch in one INSERT … SELECT over arrays."""
-    names = [c.name for c in attempts.c if c.name != "id"]
-    arrays = [sa.bindparam(n, type_=postgresql.ARRAY(attempts.c[n].type)) for n in names]
-    rows = (
-        sa.func.unnest(*arrays)
-        .table_valued(*(sa.column(n, attempts.c[n].type) for n in names))
-        .render_derived(name="h")
+    update = cast(sa.Update, visitors.replacement_traverse(statement, _NO_OPTIONS, column))
+    kept = (
+        "b_id",
+        "b_owner",
+        "b_attempts",
+        "b_code",
+        "b_message",
+        *(f"h_{n}" for n in _LINE_FIELDS),
     )
-    return attempts.insert().from_select(names, sa.select(*rows.c))
+    done = update.returning(*(rows.c[k] for k in kept)).cte("done")
+    line = {
+        "message_id": done.c.b_id,
+        "at": sa.bindparam("b_now", type_=UTCDateTime()),
+        "code": done.c.b_code,
+        "message": done.c.b_message,
+    } | {n: done.c[f"h_{n}"] for n in _LINE_FIELDS}
+    lines = attempts.insert().from_select(
+        list(line), sa.select(*line.values()).where(done.c.h_kind.is_not(None))
+    )
+    return sa.select(done.c.b_id, done.c.b_owner, done.c.b_attempts).add_cte(lines.cte("lines"))
 
 
-def _add_history_lines(conn: Connection, lines: Sequence[dict[str, Any]]) -> None:
-    """Many history lines (``_history_params``): one statement on PostgreSQL."""
-    if not lines:
-        return
-    if conn.dialect.name == "postgresql":
-        conn.execute(_HISTORY_OVER_ARRAYS, _arrays(lines))
-    else:
-        conn.execute(attempts.insert(), lines)
-
-
-#: ``_TRANSITIONS`` for a whole batch in one statement each (PostgreSQL).
-_BATCHED_TRANSITIONS = {kind: _over_arrays(st) for kind, st in _TRANSITIONS.items()}
-_HISTORY_OVER_ARRAYS = _history_over_arrays()
+#: ``_TRANSITIONS`` for a whole batch, one statement each (PostgreSQL).
+_BATCHED_TRANSITIONS = {kind: _batched(st) for kind, st in _TRANSITIONS.items()}
 
 
 _VIEW_COLUMNS = [
