@@ -1199,10 +1199,10 @@ def _add_history(conn: Connection, message_id: int, now: datetime, actor: str, c
     conn.execute(attempts.insert().values(**_history_params(message_id, now, actor, call)))
 
 
-Token = tuple[int, str, int]
+_Token = tuple[int, str, int]
 
 
-def _record_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
+def _record_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[_Token]:
     """MariaDB, SQLite: lock the rows still held, one executemany per kind of outcome, then
     one INSERT of their history lines."""
     held = _still_held(conn, outcomes)
@@ -1217,7 +1217,7 @@ def _record_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -
     return held
 
 
-def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[Token]:
+def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[_Token]:
     rows = conn.execute(
         sa.select(m.c.id, m.c.lease_owner, m.c.attempts)
         .where(m.c.id.in_([o.claim.id for o in outcomes]), m.c.state == State.INFLIGHT)
@@ -1226,12 +1226,12 @@ def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[Token]:
     return {(row.id, row.lease_owner, row.attempts) for row in rows}
 
 
-def _record_json(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[Token]:
+def _record_json(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[_Token]:
     """PostgreSQL: one statement per kind of outcome for the whole batch, its rows passed as
     one JSON document: the guarded UPDATE of every row, the history lines of the rows it
     changed, and their tokens (exactly the rows this worker still held: the guard is the
     claim's token)."""
-    held: set[Token] = set()
+    held: set[_Token] = set()
     for kind, statement in _BATCHED_TRANSITIONS.items():
         rows = [_batched_params(o, now) for o in outcomes if type(o) is kind]
         if rows:
