@@ -30,6 +30,7 @@ sees the mark. SQLite has one writer at a time: no race.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from itertools import groupby
 from typing import Any
@@ -50,13 +51,7 @@ SETTLE_LIMIT = 1_000
 
 def sort_new_rows(conn: Connection, limit: int = SORT_LIMIT) -> int:
     """Mark up to ``limit`` laned rows no daemon has sorted yet; returns how many."""
-    rows = conn.execute(
-        sa.select(m.c.id, _lane_as_stored(conn), m.c.state)
-        .where(m.c.lane_behind.is_(None), m.c.lane.is_not(None))
-        .order_by(m.c.lane, m.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    rows = conn.execute(_unsorted(conn.dialect.name), {"limit": limit}).all()
     head: list[int] = []
     behind: list[int] = []
     for _lane, group in groupby(rows, key=lambda row: row.lane):
@@ -70,13 +65,21 @@ def sort_new_rows(conn: Connection, limit: int = SORT_LIMIT) -> int:
     return len(rows)
 
 
-def _lane_as_stored(conn: Connection) -> sa.ColumnElement[Any]:
-    """The lane, to tell lanes apart: SQLite's bytes (its column may hold text that is not
-    UTF-8, which its driver cannot fetch as text: that row is parked by the claim), else text.
+@functools.cache
+def _unsorted(dialect: str) -> sa.Select[Any]:
+    """The rows no daemon has sorted yet, by lane (built once: it runs before every claim).
+
+    The lane tells lanes apart: SQLite's bytes (its column may hold text that is not UTF-8,
+    which its driver cannot fetch as text: that row is parked by the claim), else the text.
     """
-    if conn.dialect.name == "sqlite":
-        return sa.cast(m.c.lane, sa.LargeBinary).label("lane")
-    return m.c.lane
+    lane = sa.cast(m.c.lane, sa.LargeBinary).label("lane") if dialect == "sqlite" else m.c.lane
+    return (
+        sa.select(m.c.id, lane, m.c.state)
+        .where(m.c.lane_behind.is_(None), m.c.lane.is_not(None))
+        .order_by(m.c.lane, m.c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer()))
+        .with_for_update(skip_locked=True)
+    )
 
 
 def _earlier_open_row(conn: Connection, row: Any) -> bool:
