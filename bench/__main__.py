@@ -9,7 +9,13 @@ One command measures, against the simulator on loopback with no faults:
 4. latency: single rows inserted into an idle outbox, until the simulator executed them;
 5. the cost of a claim with 10,000 and with 2,000,000 finished rows in the table;
 6. the cost of a claim with a backlog it cannot claim (``--only backlog``): 200,000 rows
-   scheduled for tomorrow, or 200,000 rows behind one parked lane head (issue #11).
+   scheduled for tomorrow, or 200,000 rows behind one parked lane head (issue #11);
+7. the latency trickle with both backlogs in one table (``--only trickle``), beside the same
+   trickle on an empty table in the same run (issue #11);
+8. the claim cost with both backlogs while another connection scans the whole table in a loop
+   (``--only scan``), beside a claim on an otherwise empty table under the same scan (issue #11).
+
+The drain prints the daemon's CPU time (user + system, all threads, from /proc) per row sent.
 
 The simulator runs in this process, in its own threads, for both (1) and (2), so the two
 rates are measured against the same server in the same run.
@@ -66,6 +72,13 @@ def main() -> None:
     if "backlog" in args.only:
         results["backlog"] = backlog_claim_cost(args)
         report("claim cost behind a backlog", results["backlog"])
+    if "trickle" in args.only:
+        with Simulator(api_keys=[API_KEY]) as sim:
+            results["trickle"] = trickle(sim, args)
+        report("latency trickle, empty table vs both backlogs", results["trickle"])
+    if "scan" in args.only:
+        results["scan"] = scanned_claim_cost(args)
+        report("claim cost under a full-table scan, empty table vs both backlogs", results["scan"])
     summarise(results, args)
 
 
@@ -93,7 +106,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="raw,drain,latency,claim",
-        help="comma-separated subset of raw,drain,latency,claim,backlog (backlog: not default)",
+        help="comma-separated subset of raw,drain,latency,claim,backlog,trickle,scan "
+        "(the last three fill 2 x --backlog-rows rows: not default)",
+    )
+    parser.add_argument(
+        "--give-up",
+        type=float,
+        default=120.0,
+        help="seconds after which the trickle and scan runs stop taking samples",
     )
     args = parser.parse_args()
     args.only = set(args.only.split(","))
@@ -128,9 +148,10 @@ def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
     before = len(sim.ledger)
     with daemon(args, sim, args.daemons) as procs:
         sim.wait_for(lambda s: len(s.ledger) > before, timeout=60)
-        started = time.perf_counter()
+        started, cpu_before, sent_before = time.perf_counter(), cpu_seconds(procs), len(sim.ledger)
         samples = sample_rss(procs[0].pid, lambda: len(sim.ledger) - before >= args.rows, sim)
         elapsed = time.perf_counter() - started
+        cpu, sent = cpu_seconds(procs) - cpu_before, len(sim.ledger) - sent_before
     committed = Store(engine).status(datetime.now(UTC)).counts["committed"]
     engine.dispose()
     once = all(sim.executions(k) == 1 for k in random.sample(keys, min(1000, len(keys))))
@@ -139,6 +160,7 @@ def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
         "daemons": args.daemons,
         "seconds": round(elapsed, 2),
         "rate": round(args.rows / elapsed, 1),
+        "cpu_us_per_row": round(cpu / max(sent, 1) * 1e6, 1),
         "committed": committed,
         "executed_once_sampled": once,
         "rss_mb_peak": max(samples) if samples else None,
@@ -146,14 +168,20 @@ def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def latency(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
-    engine = fresh_database(args.url)
+def latency(
+    sim: Simulator, args: argparse.Namespace, engine: sa.Engine | None = None
+) -> dict[str, object]:
+    """Insert → executed for single rows inserted one at a time into ``engine``'s outbox
+    (a fresh, empty one by default), for ``--latency-samples`` rows or ``--give-up`` seconds.
+    A row not executed within 30 s counts as 30 s."""
+    engine = engine or fresh_database(args.url)
     seconds: list[float] = []
     pause = threading.Event()
     with daemon(args, sim):
         sim.wait_for(lambda s: s.call_count() >= 1, timeout=30)  # started: MaintenanceCheck
         pause.wait(1.0)
-        for _ in range(args.latency_samples):
+        give_up = time.monotonic() + args.give_up
+        while len(seconds) < args.latency_samples and time.monotonic() < give_up:
             key = str(uuid.uuid4())
             with engine.begin() as conn:
                 conn.execute(
@@ -175,6 +203,42 @@ def latency(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
         "max_ms": round(ms[-1], 1),
         "poll_interval_ms": args.poll_interval * 1000,
     }
+
+
+def trickle(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
+    """The latency trickle on an empty table, then on one holding both backlogs."""
+    empty = latency(sim, args)
+    engine = fresh_database(args.url)
+    sorting = fill_backlogs(engine, args.backlog_rows)
+    behind = latency(sim, args, engine)
+    return {
+        "empty": empty,
+        "backlogs": behind,
+        "backlog_rows": 2 * args.backlog_rows,
+        "sort_s": sorting,
+        "p50_ratio": round(float(behind["p50_ms"]) / float(empty["p50_ms"]), 2),  # type: ignore[arg-type]
+    }
+
+
+def fill_backlogs(engine: sa.Engine, n: int) -> float:
+    """``n`` rows scheduled for tomorrow and ``n`` rows behind one parked lane head, sorted
+    as a running daemon's claims sort them; returns the seconds the sorting took."""
+    fill_backlog(engine, "scheduled", n)
+    fill_backlog(engine, "blocked", n)
+    return sort_lanes(engine)
+
+
+def sort_lanes(engine: sa.Engine) -> float:
+    """Sort new lane rows as a running daemon's claims do (a bounded batch each), then let
+    PostgreSQL's autovacuum catch up as it would; the seconds the sorting took."""
+    store, started = Store(engine), time.perf_counter()
+    while store.sort_lanes():
+        pass
+    sorting = round(time.perf_counter() - started, 2)
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE outbox_messages")
+    return sorting
 
 
 def claim_cost(args: argparse.Namespace) -> dict[str, object]:
@@ -208,21 +272,104 @@ def backlog_claim_cost(args: argparse.Namespace) -> dict[str, object]:
         engine = fresh_database(args.url)
         fill_backlog(engine, kind, args.backlog_rows)
         insert_backlog(engine, 2000)
-        store, timings = Store(engine), []
-        started = time.perf_counter()  # what a running daemon's claims do, a batch each
-        while store.sort_lanes():
-            pass
-        out[f"{kind}_sort_s"] = round(time.perf_counter() - started, 2)
-        for _ in range(20):
-            now = datetime.now(UTC)
-            started = time.perf_counter()
-            claims = store.claim_due("bench", args.batch, 60.0, now)
-            timings.append((time.perf_counter() - started) * 1000)
-            store.hand_back("bench", [c.id for c in claims], now)
+        out[f"{kind}_sort_s"] = sort_lanes(engine)
+        timings = timed_claims(args.url, args, 20)
         out[f"{kind}_ms_median"] = round(statistics.median(timings), 2)
         out[f"{kind}_ms_max"] = round(max(timings), 2)
         engine.dispose()
     return out
+
+
+def scanned_claim_cost(args: argparse.Namespace) -> dict[str, object]:
+    """Median ms of a claim of ``--batch`` rows while another connection scans the whole
+    table in a loop: on an otherwise empty table, then with both backlogs present."""
+    out: dict[str, object] = {}
+    for case in ("empty", "backlogs"):
+        engine = fresh_database(args.url)
+        if case == "backlogs":
+            out["sort_s"] = fill_backlogs(engine, args.backlog_rows)
+        insert_backlog(engine, 2000)
+        with full_scans(engine) as scans:
+            timings = timed_claims(args.url, args, 20)
+        out[f"{case}_ms_median"] = round(statistics.median(timings), 2)
+        out[f"{case}_ms_max"] = round(max(timings), 2)
+        out[f"{case}_claims"] = len(timings)
+        out[f"{case}_scans"] = scans[0]
+        engine.dispose()
+    ratio = float(out["backlogs_ms_median"]) / float(out["empty_ms_median"])  # type: ignore[arg-type]
+    out["ratio"] = round(ratio, 2)
+    return out
+
+
+def timed_claims(url: str, args: argparse.Namespace, count: int) -> list[float]:
+    """Milliseconds of up to ``count`` claims (each handed back), within ``--give-up`` s;
+    a claim the database stops at ``--give-up`` s counts as that, and ends the run."""
+    engine = bounded_engine(url, args.give_up)
+    store, timings = Store(engine), []
+    give_up = time.monotonic() + args.give_up
+    while len(timings) < count and time.monotonic() < give_up:
+        now = datetime.now(UTC)
+        started = time.perf_counter()
+        try:
+            claims = store.claim_due("bench", args.batch, 60.0, now)
+        except sa.exc.DBAPIError:  # the statement timeout: a claim that never ended
+            timings.append(args.give_up * 1000)
+            break
+        timings.append((time.perf_counter() - started) * 1000)
+        store.hand_back("bench", [c.id for c in claims], now)
+    engine.dispose()
+    return timings
+
+
+def bounded_engine(url: str, seconds: float) -> sa.Engine:
+    """An engine whose statements the database stops after ``seconds``."""
+    backend = normalise_url(url).get_backend_name()
+    if backend == "postgresql":
+        options = f"-c statement_timeout={int(seconds * 1000)}"
+        return make_engine(url, connect_args={"options": options})
+    engine = make_engine(url)
+    if backend in ("mysql", "mariadb"):
+
+        def limit(dbapi_connection: object, _record: object) -> None:
+            with dbapi_connection.cursor() as cursor:  # type: ignore[attr-defined]
+                cursor.execute(f"SET SESSION max_statement_time = {seconds}")
+
+        sa.event.listen(engine, "connect", limit)
+    return engine
+
+
+#: A query that reads every row of the table (an operator's report), per database.
+FULL_SCAN = {
+    "postgresql": "SELECT count(*) FROM outbox_messages WHERE payload::text LIKE :pattern",
+    "mysql": "SELECT count(*) FROM outbox_messages IGNORE INDEX (PRIMARY) "
+    "WHERE CAST(payload AS CHAR) LIKE :pattern",
+    "sqlite": "SELECT count(*) FROM outbox_messages WHERE CAST(payload AS TEXT) LIKE :pattern",
+}
+
+
+@contextmanager
+def full_scans(engine: sa.Engine) -> Iterator[list[int]]:
+    """Full-table scans in a loop on a connection of their own, until the block ends;
+    yields a one-item list holding how many scans completed."""
+    done, stop = [0], threading.Event()
+    statement = sa.text(
+        FULL_SCAN[engine.dialect.name if engine.dialect.name != "mariadb" else "mysql"]
+    )
+
+    def scan() -> None:
+        with engine.connect() as conn:
+            while not stop.is_set():
+                conn.execute(statement, {"pattern": "%x%"}).scalar()
+                conn.rollback()
+                done[0] += 1
+
+    worker = threading.Thread(target=scan, name="full-scan", daemon=True)
+    worker.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        worker.join(timeout=600)
 
 
 def fill_backlog(engine: sa.Engine, kind: str, n: int) -> None:
@@ -294,6 +441,15 @@ def sample_rss(pid: int, done: object, sim: Simulator) -> list[float]:
         samples.append(rss_mb(pid))
     samples.append(rss_mb(pid))
     return samples
+
+
+def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU time (user + system, all threads) the daemons used so far, from /proc/<pid>/stat."""
+    ticks = 0
+    for proc in procs:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -389,6 +545,8 @@ def summarise(results: dict[str, object], args: argparse.Namespace) -> None:
     if isinstance(raw, dict) and isinstance(drained, dict):
         ratio = float(drained["rate"]) / float(raw["rate"])
         print(f"drain/raw ratio: {ratio:.2f} (target >= 0.80)")
+    if isinstance(drained, dict):
+        print(f"daemon: {drained['rate']} rows/s, {drained['cpu_us_per_row']} µs CPU per row")
     argv = " ".join(sys.argv[1:])
     print(f"reproduce: ./dev bench {argv}".rstrip())
     print(json.dumps(results))

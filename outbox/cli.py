@@ -6,7 +6,8 @@ Every error this package raises on purpose (and an unreachable database) becomes
 speaks Nagios: one line, exit 0 ok, 1 warning, 2 critical (its own failures are critical).
 
 The configuration is loaded lazily, so ``simulator`` and ``demo`` need none, and only ``run``
-asks for the Recrypt API key. Nothing here ever prints the key.
+reads the Recrypt API key: every other command works with the key file absent or unreadable
+(an operator's account, a monitoring probe). Nothing here ever prints the key.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.engine import Engine, make_url
 
-from outbox import migrate
+from outbox import install, migrate, roles
 from outbox.config import CheckConfig, Config, load
-from outbox.database import make_engine
+from outbox.database import make_engine, normalise_url
 from outbox.errors import OutboxError
+from outbox.health import expired_lease_note, failure_note, lasted, n_rows
 from outbox.logs import describe_error
 from outbox.schema import State
 from outbox.store import HistoryLine, RetryingView, RowView, StatusView, Store, WorkerView
@@ -42,6 +44,7 @@ from outbox.store import HistoryLine, RetryingView, RowView, StatusView, Store, 
 OK, WARNING, CRITICAL = 0, 1, 2
 LIST_MESSAGE_WIDTH = 60
 DEFAULT_SIMULATOR_LISTEN = "127.0.0.1:50051"
+DEFAULT_SIMULATOR_KEY = "test-key"  # outbox.simulator.DEFAULT_API_KEYS (a test holds them equal)
 
 
 class InputError(OutboxError):
@@ -62,7 +65,7 @@ class Outbox:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load(self.config_path)
+            self._config = load(self.config_path, with_key=False)  # only `run` reads the key
         return self._config
 
     @property
@@ -92,7 +95,7 @@ class Outbox:
 
 
 def _refuse_missing_sqlite(url: str, create: bool) -> None:
-    parsed = make_url(url)
+    parsed = normalise_url(url)  # a bad URL: one line naming [database] url
     if create or parsed.get_backend_name() != "sqlite":
         return
     if parsed.database and parsed.database != ":memory:" and not Path(parsed.database).exists():
@@ -174,6 +177,8 @@ def _json_default(value: Any) -> Any:
         return iso(value)
     if isinstance(value, Decimal):
         return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain_json(value)
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
@@ -258,12 +263,96 @@ def db_upgrade(obj: Outbox) -> None:
 @db.command("current")
 @pass_outbox
 def db_current(obj: Outbox) -> None:
-    """Show the database's schema revision and the head this version needs."""
-    found, wanted = migrate.current(obj.engine()), migrate.head()
+    """Show the database's schema revision and the head this version needs; exit 1 off head."""
+    engine = obj.engine()
+    found, wanted = migrate.current(engine), migrate.head()
     click.echo(f"database: {shown_url(obj.url)}")
     click.echo(f"current:  {found or 'none (no outbox tables)'}")
     click.echo(f"head:     {wanted}")
     click.echo("at head:  " + ("yes" if found == wanted else "no: run `outbox db upgrade`"))
+    migrate.ensure_at_head(engine)  # off head: one line saying what to do, exit 1
+
+
+@db.command("roles")
+@click.option("--print", "print_sql", is_flag=True, help="Print the SQL (required).")
+@click.option("--grants", is_flag=True, help="Step 2: the grants, to run after `db upgrade`.")
+@click.option(
+    "--backend",
+    type=click.Choice(sorted(roles.BACKENDS)),
+    help="Default: the config's database URL.",
+)
+@click.option("--database", help="The outbox database's name. Default: the config's.")
+@click.option("--prefix", default="outbox", show_default=True, help="Roles are PREFIX_owner, …")
+@click.option("--host", default="%", show_default=True, help="MariaDB: the accounts' host.")
+@pass_outbox
+def db_roles(
+    obj: Outbox,
+    *,
+    print_sql: bool,
+    grants: bool,
+    backend: str | None,
+    database: str | None,
+    prefix: str,
+    host: str,
+) -> None:
+    """Print the SQL creating the owner, daemon, writer, reader and operator roles.
+
+    Step 1 (this) before the first `db upgrade`, step 2 (--grants) after each one; an
+    administrator runs both with psql or mariadb (docs/operations.md, "Database roles").
+    """
+    if not print_sql:
+        fail("pass --print: the SQL is run by an administrator, e.g. `… --print | psql`")
+    url = make_url(obj.url) if backend is None or database is None else None
+    source = "--backend" if backend else "the [database] url"
+    backend = backend or (url.get_backend_name() if url else "")
+    names = roles.RoleNames(database or (url.database if url else None) or "", prefix, host)
+    click.echo(roles.script(backend, names, grants=grants, source=source), nl=False)
+
+
+# --------------------------------------------------------------------------- install
+
+
+@main.command("init")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Fill in a key, e.g. database.url=postgresql://… (repeatable).",
+)
+@pass_outbox
+def init(obj: Outbox, path: Path | None, settings: tuple[str, ...]) -> None:
+    """Write a commented config file to PATH (default: --config); never overwrites."""
+    target = path or (Path(obj.config_path) if obj.config_path else None)
+    if target is None:
+        fail("give the file to write: outbox init /etc/outbox/outbox.toml")
+    install.write_config(target, settings)
+    click.echo(f"wrote {target} (mode 0640): edit it, then `outbox --config {target} db current`")
+
+
+@main.command("systemd")
+@click.option("--print", "print_units", is_flag=True, help="Print the units to stdout.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Write the units there, e.g. /etc/systemd/system.",
+)
+@click.option("--force", is_flag=True, help="With --dir: replace units already there.")
+@pass_outbox
+def systemd_units(obj: Outbox, print_units: bool, directory: Path | None, force: bool) -> None:
+    """The systemd units for this installation: its `outbox` and the --config file."""
+    if not obj.config_path:
+        fail("pass --config PATH (or OUTBOX_CONFIG): the units name the config file")
+    if print_units == (directory is not None):
+        fail("pass either --print or --dir DIR")
+    rendered = install.units(Path(obj.config_path))
+    if directory is None:
+        click.echo(install.printed_units(rendered), nl=False)
+        return
+    for written in install.write_units(directory, rendered, force=force):
+        click.echo(f"wrote {written}")
 
 
 # --------------------------------------------------------------------------- run
@@ -276,7 +365,7 @@ def run(obj: Outbox) -> None:
     from outbox import logs  # noqa: PLC0415 (grpc and APScheduler load only for the daemon)
     from outbox.daemon import Daemon  # noqa: PLC0415
 
-    config = obj.config
+    config = load(obj.config_path)  # with the API key: the one command that calls Recrypt
     logs.setup(config.logging.level, config.logging.format)
     sys.exit(Daemon(config, obj.config_path).run())
 
@@ -566,9 +655,12 @@ def status_json(view: StatusView, now: datetime, stale_after: float) -> dict[str
         }
         for w in view.workers
     ]
+    expired = view.oldest_lease_expired_at
     return {
         "counts": view.counts,
         "oldest_due_age_seconds": oldest_due_age(view, now),
+        "leases_expired": view.leases_expired,
+        "oldest_lease_expired_age_seconds": (now - expired).total_seconds() if expired else None,
         "parked_by_reason": view.parked_by_reason,
         "blocked_lanes": view.blocked_lanes,
         "maybe_executed_open": view.maybe_executed_open,
@@ -589,15 +681,25 @@ def status(obj: Outbox, as_json: bool) -> None:
     out = console()
     out.print(Text("  ".join(f"{state} {n}" for state, n in view.counts.items())))
     out.print(Text(f"oldest due row: {age(oldest_due_age(view, now))}"))
-    for line in attention_lines(view):
+    for line in attention_lines(view, now):
         out.print(text(line))
     out.print(workers_table(view.workers, now, stale_after) if view.workers else "no workers")
     for line in refused_lines(view.workers):
         out.print(text(line))
 
 
-def attention_lines(view: StatusView) -> list[str]:
-    lines = []
+def attention_lines(view: StatusView, now: datetime) -> list[str]:
+    lines = [
+        f"{w.worker_id}: {failure_note(f, now)}"
+        for w in view.workers
+        if w.stopped_at is None
+        for f in w.failing_jobs
+    ]
+    if view.leases_expired and view.oldest_lease_expired_at is not None:
+        oldest = lasted((now - view.oldest_lease_expired_at).total_seconds())
+        lines.append(
+            f"rows in flight with an expired lease: {view.leases_expired} (oldest {oldest})"
+        )
     if view.parked_by_reason:
         lines.append(f"parked by reason: {_reasons(view.parked_by_reason)}")
     if view.blocked_lanes:
@@ -672,12 +774,14 @@ def judge(
     live = [w for w in view.workers if liveness(w, now, c.heartbeat_stale) == "live"]
     waiting = view.counts.get(State.PENDING, 0) + view.counts.get(State.INFLIGHT, 0)
     gates = [w.gate for w in live]
+    alarms = broken(view, live, config, now)
     notes = attention(live, retrying or RetryingView(), c, now)
     critical = (
         parked >= max(c.parked_critical, 1)
         or oldest >= c.oldest_due_critical
         or (not live and waiting > 0)
         or "unauthenticated" in gates
+        or bool(alarms)
     )
     warning = (
         parked >= max(c.parked_warning, 1)
@@ -686,7 +790,20 @@ def judge(
         or bool(notes)
     )
     level = CRITICAL if critical else WARNING if warning else OK
-    return Verdict(level, "; ".join([check_summary(view, now, live, waiting), *notes]))
+    summary = [check_summary(view, now, live, waiting), *alarms, *notes]
+    return Verdict(level, "; ".join(summary))
+
+
+def broken(
+    view: StatusView, live: Sequence[WorkerView], config: Config, now: datetime
+) -> list[str]:
+    """What is broken now (critical), each with what to do: a job that keeps failing on a live
+    worker, rows in flight whose lease ran out over a lease ago (issue 12)."""
+    alarms = [failure_note(f, now, f" on {w.worker_id}") for w in live for f in w.failing_jobs]
+    expired = expired_lease_note(
+        view.leases_expired, view.oldest_lease_expired_at, now, config.worker.lease
+    )
+    return alarms + ([expired] if expired else [])
 
 
 #: Gates ``judge`` times against a ``[check]`` threshold (``policy.Gate`` values; a test holds
@@ -705,7 +822,21 @@ def attention(
 ) -> list[str]:
     """What a human must look at, one sentence each, with what to do (issue 10)."""
     notes = [_rollover_note(live, c, now), _maintenance_note(live, c, now), _refused_note(live)]
-    return [note for note in notes if note] + _retrying_notes(retrying, c, now)
+    return _closed_notes(live, now) + [n for n in notes if n] + _retrying_notes(retrying, c, now)
+
+
+def _closed_notes(live: Sequence[WorkerView], now: datetime) -> list[str]:
+    """Gates under which nothing is sent, other than the timed ones: say why, and what to do
+    (the worker's gate reason says both)."""
+    from outbox.gates import SENDS_NOTHING  # noqa: PLC0415 (gates load grpc: only for check)
+
+    return [
+        f"gate {w.gate} on {w.worker_id} "
+        + (f"for {lasted((now - w.gate_since).total_seconds())}" if w.gate_since else "")
+        + f": {w.gate_reason or 'see outbox status'}"
+        for w in live
+        if w.gate in SENDS_NOTHING and w.gate not in TIMED_GATES
+    ]
 
 
 def gate_age(live: Sequence[WorkerView], gate: str, now: datetime) -> float | None:
@@ -755,10 +886,10 @@ def _retrying_notes(r: RetryingView, c: CheckConfig, now: datetime) -> list[str]
         first = r.first_due_at
         oldest = f" (oldest {lasted((now - first).total_seconds())})" if first else ""
         since = f"retrying over {threshold(c.retrying_warning)} since first due"
-        notes.append(f"{_rows(r.long)} {since}{oldest}")
+        notes.append(f"{n_rows(r.long)} {since}{oldest}")
     if r.many:
         notes.append(
-            f"{_rows(r.many)} with {c.attempts_warning} or more attempts (most {r.most_attempts})"
+            f"{n_rows(r.many)} with {c.attempts_warning} or more attempts (most {r.most_attempts})"
         )
     if r.rows:
         notes += [_answer(r), "see outbox list --state pending"]
@@ -775,19 +906,6 @@ def _answer(r: RetryingView) -> str:
     if r.code_rows == r.rows:
         return f"rows keep getting the same answer: {said}"
     return f"commonest last answer ({r.code_rows} of {r.rows} rows): {said}"
-
-
-def _rows(n: int) -> str:
-    return f"{n} row" if n == 1 else f"{n} rows"
-
-
-def lasted(seconds: float) -> str:
-    """How long something has lasted, at least: ``45 s``, ``12 min`` (under 3 h), ``3.5 h``."""
-    if seconds < 60:
-        return f"{max(seconds, 0.0):.0f} s"
-    if seconds < 3 * 3600:
-        return f"{seconds // 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def threshold(seconds: float) -> str:
@@ -829,24 +947,68 @@ def check(obj: Outbox) -> None:
 # --------------------------------------------------------------------------- simulator, demo
 
 
-@main.command()
+def _simulator_control_help() -> str:
+    """The control file's grammar, without importing grpc for every command's start."""
+    return (
+        "--control FILE: re-read when it changes; each read replaces the last; one\n"
+        "directive a line (# starts a comment line; empty: all clear):\n"
+        "  fault SPEC            as --fault (repeatable)\n"
+        "  maintenance on|off    every call PERMISSION_DENIED\n"
+        "  rollover START END    window MaintenanceCheck reports (ISO UTC)\n"
+        "  keys KEY[,KEY...]     accepted API keys (others UNAUTHENTICATED)\n"
+        "A bad line is reported with its number; the previous settings stay."
+    )
+
+
+SIMULATOR_HELP = f"""A local Recrypt stand-in (plaintext, loopback) with faults, until Ctrl-C.
+
+\b
+Without --api-key it accepts the key "{DEFAULT_SIMULATOR_KEY}" (RECRYPT_API_KEY=test-key).
+Never expose it beyond loopback: it checks no TLS and holds no real money.
+
+\b
+--fault SPEC (repeatable) answers matching calls with an error:
+  CODE[:MESSAGE][@METHODS][:OPTION]...
+  CODE     a gRPC status name, any case (UNAVAILABLE, failed_precondition)
+  MESSAGE  the status message (may hold : and spaces)
+  METHODS  full gRPC paths, comma-separated; none: every method
+  OPTION   execute (perform the effect, then fail), xN (next N calls
+           only), delay=SECONDS (hold the answer back)
+  e.g. UNAVAILABLE:vgw-db:x3, UNAVAILABLE:vgw-db:execute,
+  FAILED_PRECONDITION:limit@/recrypt.wallet.v1.Wallet/Transfer
+
+\b
+{{control}}
+"""
+
+
+@main.command(help=SIMULATOR_HELP.format(control=_simulator_control_help()))
 @click.option("--listen", default=DEFAULT_SIMULATOR_LISTEN, show_default=True, help="HOST:PORT.")
 @click.option("--api-key", "api_keys", multiple=True, help="An accepted key (repeatable).")
-@click.option("--fault", "faults", multiple=True, help="e.g. UNAVAILABLE:vgw-db:x3 (repeatable).")
+@click.option("--fault", "faults", multiple=True, help="A fault SPEC (above; repeatable).")
 @click.option("--transfer-limit", default="10000", show_default=True, help="Decimal amount.")
 @click.option("--proto-path", default=None, help="Recrypt's .proto directory or descriptor set.")
+@click.option(
+    "--control",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A control file re-read when it changes (above).",
+)
 def simulator(
+    *,
     listen: str,
     api_keys: tuple[str, ...],
     faults: tuple[str, ...],
     transfer_limit: str,
     proto_path: str | None,
+    control: str | None,
 ) -> None:
-    """A local Recrypt stand-in (plaintext) with fault injection, until Ctrl-C."""
     from outbox.simulator import main_serve  # noqa: PLC0415 (grpc loads only when needed)
 
     try:
-        main_serve(listen, list(api_keys), list(faults), transfer_limit, proto_path)
+        main_serve(
+            listen, list(api_keys), list(faults), transfer_limit, proto_path, control=control
+        )
     except (ValueError, OSError) as exc:
         fail(str(exc))
 

@@ -234,8 +234,17 @@ class Config(_Section):
         return self.api_key
 
 
-def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply environment overrides, resolve the API key."""
+def load(
+    path: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    with_key: bool = True,
+) -> Config:
+    """Read the TOML file (if any), apply environment overrides, resolve the API key.
+
+    ``with_key=False`` (the read-only commands: they never call Recrypt) leaves the key alone:
+    a missing or unreadable key file is then no error, and ``api_key`` stays None.
+    """
     env = dict(os.environ) if env is None else env
     data = _read_toml(Path(path)) if path else {}
     if "api_key" in data or "api_key" in data.get("recrypt", {}):
@@ -249,6 +258,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, path)) from None
+    if not with_key:
+        return config
     key = _api_key(config.recrypt, env)
     if key and not key.isprintable():
         raise ConfigError(

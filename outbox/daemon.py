@@ -39,7 +39,8 @@ from outbox.descriptors import Catalog
 from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.errors import ConfigError
 from outbox.follower import StreamFollower
-from outbox.gates import Gates, GateView
+from outbox.gates import SENDS_NOTHING, Gates, GateView
+from outbox.health import RECORD, JobHealth, expired_lease_note, failure_note
 from outbox.logs import describe_error, kv, register_secret
 from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
@@ -134,6 +135,8 @@ class Daemon:
         self.config = config
         self.notifier = notifier or Notifier.from_env()
         self.metrics = Metrics()
+        self.jobs = JobHealth()  # which job keeps failing: /readyz, the metrics, the heartbeat
+        self._expired: tuple[int, datetime | None] = (0, None)  # leases run out (table job)
         self._db_error: str | None = None
         self._last_ping = 0.0
         self.config_path = config_path
@@ -166,6 +169,7 @@ class Daemon:
         self.dispatcher.observe(_log_outcome)
         self.dispatcher.observe(self._count_outcome, lost=self._count_lost)
         self.dispatcher.after_cycle(self._cycle_done)
+        self.dispatcher.after_record(lambda exc: self._job_result(RECORD, exc))
         self.services = self._services()
         self.dispatch = next(s for s in self.services if isinstance(s, Dispatch))
         self.follower = self._follower() if config.streams.accounts else None
@@ -229,10 +233,9 @@ class Daemon:
             Heartbeat(store, self._beat, self._db_result, self.clock_check),
             _TableGauges(self, TABLE_SECONDS),
         ]
-        if c.retention.days > 0:
-            r = c.retention
-            settings = RetentionSettings(r.days, r.batch_size, r.tombstone_days, r.interval)
-            services.append(Retention(store, settings, self.stopping))
+        r = c.retention  # days 0 keeps rows for ever; old workers are purged all the same
+        settings = RetentionSettings(r.days, r.batch_size, r.tombstone_days, r.interval)
+        services.append(Retention(store, settings, self.stopping))
         return services
 
     def run(self) -> int:
@@ -351,19 +354,39 @@ class Daemon:
             self.wait_idle(10)
 
     def readiness(self) -> tuple[bool, str]:
-        """For /readyz: cheap, no query per probe (the heartbeat job tracks the database)."""
+        """For /readyz: cheap, no query per probe (the heartbeat and table jobs read the
+        database). Not ready while a job keeps failing, rows in flight have leases long run
+        out, or the gate lets nothing be sent."""
+        now = self.clock()
+        problem = self._not_ready(now)
+        return (False, problem) if problem else (True, f"ready: gate {self.gates.view(now).gate}")
+
+    def _not_ready(self, now: datetime) -> str | None:
         if self.stopping.is_set():
-            return False, "stopping"
+            return "stopping"
         if self._db_error:
-            return False, self._db_error
+            return self._db_error
         if not self.clock_check.ok:
-            return False, "clock skew: " + self.clock_check.message()
-        view = self.gates.view(self.clock())
-        if view.gate == "unauthenticated":
-            return False, "halted: API key refused; fix the key, then systemctl reload outbox"
+            return "clock skew: " + self.clock_check.message()
+        lease = self.config.worker.lease
+        expired = expired_lease_note(*self._expired, now, lease)
+        return self._failing_text(now) or expired or self._gate_problem(now)
+
+    def _gate_problem(self, now: datetime) -> str | None:
+        view = self.gates.view(now)
+        if view.gate in SENDS_NOTHING:
+            return f"gate {view.gate}: nothing is sent; {view.reason}"
         if view.refused_methods:
-            return False, REFUSED_TEXT + ", ".join(view.refused_methods)
-        return True, f"ready: gate {view.gate}"
+            return REFUSED_TEXT + ", ".join(view.refused_methods)
+        return None
+
+    def _failing_text(self, now: datetime) -> str | None:
+        failing = self.jobs.failing()
+        if not failing:
+            return None
+        notes = [failure_note(f, now) for f in failing]
+        since = ", ".join(f"job {f.job} failing since {f.since.isoformat()}" for f in failing)
+        return f"{since}: " + "; ".join(notes)
 
     @property
     def client(self) -> GrpcClient:
@@ -422,6 +445,7 @@ class Daemon:
             view.until,
             gate_since=view.since,
             refused_methods=view.refused_methods,
+            failing_jobs=self.jobs.failing(),
         )
 
     def _db_result(self, error: Exception | None) -> None:
@@ -433,6 +457,8 @@ class Daemon:
         age = (now - view.oldest_due_at).total_seconds() if view.oldest_due_at else None
         parked = view.counts.get("parked", 0)
         self.metrics.set_table(view.counts, age, parked, len(view.blocked_lanes))
+        self._expired = (view.leases_expired, view.oldest_lease_expired_at)
+        self.metrics.leases_expired.set(view.leases_expired)
         gate = self.gates.view(now)
         self.metrics.methods_refused.set(len(gate.refused_methods))
         self.notifier.status(
@@ -478,16 +504,29 @@ class Daemon:
         )
 
     def _guard(self, service: Service) -> Callable[[], None]:
-        """A service that fails logs one line and runs again next time; it never kills the
-        daemon. Each run gets ``now`` from the daemon's one clock."""
+        """A service that fails runs again next time; it never kills the daemon, and its health
+        (``outbox.health``) is reported. Each run gets ``now`` from the daemon's one clock."""
 
         def run() -> None:
             try:
                 service.run_once(self.clock())
             except Exception as exc:
-                log.error(kv("job_failed", job=service.name, error=describe_error(exc)))
+                self._job_result(service.name, exc)
+            else:
+                self._job_result(service.name, None)
 
         return run
+
+    def _job_result(self, job: str, error: Exception | None) -> None:
+        """A job's run: a failure is logged once, then at a bounded rate; a recovery once."""
+        now = self.clock()
+        if error is None:
+            line = self.jobs.succeeded(job, now)
+        else:
+            line = self.jobs.failed(job, now, describe_error(error))
+        if line is not None:
+            log.log(logging.ERROR if line.error else logging.INFO, kv(line.event, **line.fields))
+        self.metrics.set_failing(f.job for f in self.jobs.failing())
 
     def _gate_changed(self, view: GateView) -> None:
         until = view.until.isoformat() if view.until else None
@@ -550,7 +589,7 @@ def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
         "method": claim.method,
         "code": answer.code.name if answer else None,
         "attempt": claim.attempts + 1,
-        "duration_ms": f"{answer.duration_ms:.1f}" if answer else None,
+        "duration_ms": round(answer.duration_ms, 1) if answer else None,
     }
     match outcome:
         case Committed():

@@ -20,30 +20,54 @@ from sqlalchemy.engine import URL, Engine, make_url
 from outbox.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-_DRIVERS = {
-    "postgresql": "postgresql+psycopg",
-    "mysql": "mysql+pymysql",
-    "mariadb": "mariadb+pymysql",
+#: The driver each backend uses, whatever the URL names: another app's URL often names
+#: psycopg2 or mysqlclient; they take the same URL, so the outbox's own driver is used instead.
+_OUR_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
+_SAME_URL_DRIVERS = {
+    "postgresql": ("", "psycopg", "psycopg2", "psycopg2cffi"),
+    "mysql": ("", "pymysql", "mysqldb", "mysqlconnector", "mariadbconnector"),
+    "mariadb": ("", "pymysql", "mysqldb", "mysqlconnector", "mariadbconnector"),
+    "sqlite": ("", "pysqlite"),
 }
+_BACKEND_ALIASES = {"postgres": "postgresql"}  # Heroku's and many apps' spelling
+_EXAMPLES = "e.g. sqlite:///outbox.db, postgresql://user@host/dbname or mysql://user@host/dbname"
 
 
 def normalise_url(url: str | URL) -> URL:
-    """Accept plain ``postgresql://`` and ``mysql://`` URLs and pick our chosen drivers."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-    except sa.exc.ArgumentError:
+    """Accept the common spellings of the supported databases and use our chosen drivers.
+
+    Every URL the outbox cannot use is a ``ConfigError`` of one line naming ``[database] url``
+    and what to write instead.
+    """
+    parsed = _parse(url)
+    backend = _BACKEND_ALIASES.get(parsed.get_backend_name(), parsed.get_backend_name())
+    driver = parsed.get_driver_name() if "+" in parsed.drivername else ""
+    if backend not in _SAME_URL_DRIVERS:
         raise ConfigError(
-            "[database] url is not a database URL; e.g. sqlite:///outbox.db or "
-            "postgresql://user@host/dbname"
-        ) from None
-    if parsed.drivername in _DRIVERS:
-        parsed = parsed.set(drivername=_DRIVERS[parsed.drivername])
-    if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql", "mariadb"):
-        raise ConfigError(
-            f"[database] url: {parsed.get_backend_name()} is not supported; "
-            "use sqlite, postgresql or mysql/mariadb"
+            f"[database] url: {backend} is not supported; use sqlite, postgresql or "
+            f"mysql/mariadb ({_EXAMPLES})"
         )
-    return parsed
+    if driver not in _SAME_URL_DRIVERS[backend]:
+        raise ConfigError(
+            f"[database] url: the driver {driver} is not one the outbox uses; write "
+            f"{backend}://… without a driver (the outbox brings its own)"
+        )
+    ours = _OUR_DRIVERS.get(backend)
+    return parsed.set(drivername=f"{backend}+{ours}" if ours else parsed.drivername)
+
+
+def _parse(url: str | URL) -> URL:
+    if not isinstance(url, str):
+        return url
+    if "://" not in url:
+        raise ConfigError(
+            f"[database] url has no scheme (it needs one such as sqlite:// or postgresql://); "
+            f"{_EXAMPLES}"
+        )
+    try:
+        return make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        raise ConfigError(f"[database] url is not a database URL; {_EXAMPLES}") from None
 
 
 def make_engine(url: str | URL, **kwargs: Any) -> Engine:

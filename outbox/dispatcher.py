@@ -101,6 +101,7 @@ class Dispatcher:
         self._observers: list[Observer] = []
         self._lost_observers: list[LostObserver] = []
         self._cycle_hooks: list[Callable[[], None]] = []
+        self._record_hooks: list[Callable[[Exception | None], None]] = []
         self._inflight: set[int] = set()  # claimed by us and not yet recorded
         self._unsent: set[int] = set()  # claimed by us, no call started: safe to hand back
         self._inflight_lock = threading.Lock()
@@ -116,6 +117,11 @@ class Dispatcher:
     def after_cycle(self, hook: Callable[[], None]) -> None:
         """Called after every cycle, from the thread doing the work (the systemd watchdog)."""
         self._cycle_hooks.append(hook)
+
+    def after_record(self, hook: Callable[[Exception | None], None]) -> None:
+        """Told after each attempt to record answers: the error, or None once recorded. With a
+        hook, a refused record is logged by it (the daemon: once, then at a bounded rate)."""
+        self._record_hooks.append(hook)
 
     def observe(self, observer: Observer, lost: LostObserver | None = None) -> None:
         """Called once per recorded outcome (logging and metrics hook here), after the record;
@@ -242,6 +248,8 @@ class Dispatcher:
         except Exception as exc:  # any failure: nothing of this batch is known to be recorded
             self._keep(answered, exc)
             return
+        for hook in self._record_hooks:
+            hook(None)
         lost_ids = {id(o) for o in lost}
         ours = [a for a in answered if id(a.outcome) not in lost_ids]
         self._release([a.outcome.claim.id for a in answered])
@@ -255,7 +263,10 @@ class Dispatcher:
         with self._record_lock:
             self._unrecorded.extend(answered)
             held = len(self._unrecorded)
-        log.error(
+        for hook in self._record_hooks:
+            hook(exc)
+        log.log(
+            logging.DEBUG if self._record_hooks else logging.ERROR,  # a hook logs it, rate-bound
             "event=record_failed worker=%s rows=%d unrecorded=%d error=%s then=%s",
             self.worker_id,
             len(answered),

@@ -225,7 +225,7 @@ class StreamFollower:
         self, account: str, code: grpc.StatusCode, details: str, delay: float
     ) -> None:
         after = "ok" if code == grpc.StatusCode.OK else code.name
-        fields: dict[str, Any] = {"account": account, "after": after, "delay": f"{delay:.3f}"}
+        fields: dict[str, Any] = {"account": account, "after": after, "delay": round(delay, 3)}
         if code == grpc.StatusCode.OK:
             log.info(kv("stream_reconnect", **fields))
             return

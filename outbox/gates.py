@@ -308,6 +308,11 @@ _RANK = {
 
 #: Every state a gate can be in, "open" first: metric label sets and docs derive from this.
 GATE_STATES: tuple[str, ...] = tuple(str(g) for g in _RANK)
+#: Gates under which nothing is sent but, at most, one probe call at a time: ``/readyz`` answers
+#: 503 and ``outbox_sending_blocked`` is 1 (rate limited still sends, fewer at a time).
+SENDS_NOTHING: frozenset[str] = frozenset(
+    {Gate.UNREACHABLE, Gate.ROLLOVER, Gate.MAINTENANCE, Gate.UNAUTHENTICATED}
+)
 _REASONS = {
     Gate.UNREACHABLE: "cannot connect to Recrypt (network or TLS): backing off, one probe at "
     "a time; check the network path, [recrypt] target and ca_file",

@@ -33,16 +33,38 @@ def redact(text: str) -> str:
 
 
 def kv(event: str, **fields: Any) -> str:
-    """``event=NAME k=v …`` with values quoted when they hold spaces."""
+    """``event=NAME k=v …``: numbers and booleans bare (``rows=3 tls=false``), strings quoted
+    when they hold spaces or read like a number or boolean, so the JSON format can tell the
+    two apart (``amount="10.00"`` stays a string; amounts are never numbers)."""
     parts = [f"event={event}"]
     for name, value in fields.items():
-        if value is None:
-            continue
-        text = str(value)
-        if not text or any(c in text for c in ' "='):
-            text = json.dumps(text, ensure_ascii=False)
-        parts.append(f"{name}={text}")
+        if value is not None:
+            parts.append(f"{name}={_value_text(value)}")
     return " ".join(parts)
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return json.dumps(value)  # NaN/inf as JSON's NaN/Infinity: read back as numbers
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\') or _literal(text) is not None:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _literal(text: str) -> bool | int | float | None:
+    """A bare ``kv`` value that is a JSON number or boolean, else None."""
+    if text in ("true", "false"):
+        return text == "true"
+    if not _NUMBER.fullmatch(text):
+        return None
+    number: int | float = json.loads(text)
+    return number
+
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|-?Infinity|NaN")
 
 
 class _TextFormatter(logging.Formatter):
@@ -72,17 +94,27 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _parse_kv(message: str) -> dict[str, Any]:
-    import shlex  # noqa: PLC0415
-
+    """``kv``'s line back into fields: quoted values are strings, bare numbers and booleans
+    keep their type, anything else is a string."""
     out: dict[str, Any] = {}
-    try:
-        tokens = shlex.split(message)
-    except ValueError:
-        return {"msg": message}
-    for token in tokens:
-        name, _, value = token.partition("=")
-        out[name] = value
+    rest, name = message, "msg"
+    while rest.strip():
+        found = _FIELD.match(rest)
+        if found is None:  # a word after an unquoted value with spaces: part of that value
+            word, _, rest = rest.strip().partition(" ")
+            out[name] = f"{out.get(name, '')} {word}".strip()
+            continue
+        name, quoted, bare = found.groups()
+        if quoted is not None:
+            out[name] = json.loads(quoted)
+        else:
+            literal = _literal(bare)
+            out[name] = bare if literal is None else literal
+        rest = rest[found.end() :]
     return out
+
+
+_FIELD = re.compile(r'\s*([^\s=]+)=(?:("(?:[^"\\]|\\.)*")|(\S*))')
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:

@@ -26,7 +26,8 @@ from prometheus_client.metrics import Counter, Gauge, Histogram
 from outbox import __version__
 from outbox.config import is_loopback
 from outbox.errors import ConfigError
-from outbox.gates import GATE_STATES
+from outbox.gates import GATE_STATES, SENDS_NOTHING
+from outbox.health import JOBS
 from outbox.logs import kv, redact
 
 log = logging.getLogger("outbox.metrics")
@@ -120,6 +121,24 @@ class Metrics:
             "Unix time the last dispatch cycle finished",
             registry=r,
         )
+        self.job_failing = Gauge(
+            "outbox_job_failing",
+            "1 while a background job keeps failing (outbox check and the log say why)",
+            ["job"],
+            registry=r,
+        )
+        self.leases_expired = Gauge(
+            "outbox_leases_expired_rows",
+            "Rows in flight whose lease has run out (the reaper releases them; if this stays "
+            "above 0, it cannot)",
+            registry=r,
+        )
+        self.sending_blocked = Gauge(
+            "outbox_sending_blocked",
+            "1 while the gate lets nothing be sent (unreachable, rollover, maintenance, "
+            "unauthenticated)",
+            registry=r,
+        )
         self._init_series()
 
     def _init_series(self) -> None:
@@ -131,6 +150,7 @@ class Metrics:
         for state in STATES:
             self.rows.labels(state=state).set(0)
         self.set_gate("open")
+        self.set_failing(())
         self.up.labels(version=__version__).set(1)
 
     def observe_call(self, code: str, seconds: float) -> None:
@@ -146,6 +166,13 @@ class Metrics:
         """The current gate gets 1, the others 0 (an unknown name sets them all to 0)."""
         for name in GATES:
             self.gate.labels(gate=name).set(1 if name == gate else 0)
+        self.sending_blocked.set(1 if gate in SENDS_NOTHING else 0)
+
+    def set_failing(self, jobs: Iterable[str]) -> None:
+        """The jobs failing now get 1, the others 0."""
+        failing = {_fixed(job, JOBS) for job in jobs}
+        for job in (*JOBS, OTHER):
+            self.job_failing.labels(job=job).set(1 if job in failing else 0)
 
     def set_table(
         self,

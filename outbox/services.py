@@ -14,7 +14,8 @@ changes under a running job. ``now`` always comes from the daemon's one clock.
 | expirer        | lease / 2                      | expire rows past ``expires_at``               |
 | heartbeat      | 5 s                            | this worker, its gate, and the clock check    |
 | table          | 15 s                           | gauges: rows by state, oldest due             |
-| retention      | ``[retention] interval``       | purge finished rows, then old tombstones      |
+| retention      | ``[retention] interval``       | purge finished rows, old tombstones, old      |
+|                |                                | workers (``WORKER_KEEP_DAYS``)                |
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ HEARTBEAT_SECONDS = 5.0
 TABLE_SECONDS = 15.0  # how often the table gauges (rows by state, oldest due) are refreshed
 REAPER_BATCH = 500  # rows released or expired per transaction
 LANE_KEEPER_INTERVAL = 60.0  # how often lanes with waiting rows are settled (safety net)
+#: Workers stopped, or silent (dead), longer than this are purged from ``outbox_workers`` by the
+#: retention job, so ``outbox status`` lists the workers of the last week, not every one ever.
+WORKER_KEEP_DAYS = 7.0
 
 
 class Service(Protocol):
@@ -228,7 +232,8 @@ class RetentionSettings:
 
 @dataclass
 class Retention:
-    """Purge finished rows older than ``days`` (each leaves a tombstone), then old tombstones."""
+    """Purge finished rows older than ``days`` (each leaves a tombstone; ``days`` 0: none),
+    then old tombstones, then workers stopped or silent for ``WORKER_KEEP_DAYS``."""
 
     store: Store
     settings: RetentionSettings
@@ -246,13 +251,16 @@ class Retention:
         def rows(cutoff: datetime, batch: int) -> int:
             return self.store.purge_finished(cutoff, batch, now=now)
 
-        purged = self._purge(rows, now - timedelta(days=s.days))
+        purged = self._purge(rows, now - timedelta(days=s.days)) if s.days > 0 else 0
         tombs = 0
         if s.tombstone_days > 0:  # 0: tombstones are kept for ever
             cutoff = now - timedelta(days=s.tombstone_days)
             tombs = self._purge(self.store.purge_tombstones, cutoff)
-        if purged or tombs:
-            log.info(kv("purged", rows=purged, tombstones=tombs, older_than_days=s.days))
+        gone = self.store.purge_workers(now - timedelta(days=WORKER_KEEP_DAYS))
+        if purged or tombs or gone:
+            log.info(
+                kv("purged", rows=purged, tombstones=tombs, workers=gone, older_than_days=s.days)
+            )
 
     def _purge(self, purge: Callable[[datetime, int], int], cutoff: datetime) -> int:
         total = 0
@@ -292,7 +300,7 @@ class ClockCheck:
         if was_ok and not self.ok:
             log.error(kv("clock_skew", **self._fields(), then="not claiming or reaping"))
         elif self.ok and not was_ok:
-            log.info(kv("clock_skew_fixed", skew_s=f"{self.skew:.3f}"))
+            log.info(kv("clock_skew_fixed", skew_s=round(self.skew, 3)))
 
     def require(self, now: datetime) -> None:
         """At start: refuse to run with a skewed clock."""
@@ -309,5 +317,5 @@ class ClockCheck:
             "chronyc tracking), then start again"
         )
 
-    def _fields(self) -> dict[str, str]:
-        return {"skew_s": f"{self.skew:.3f}", "max_s": f"{self.max_skew:.3f}"}
+    def _fields(self) -> dict[str, float]:
+        return {"skew_s": round(self.skew, 3), "max_s": round(self.max_skew, 3)}

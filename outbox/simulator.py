@@ -15,6 +15,7 @@ Order of checks for every call: API key (UNAUTHENTICATED "Session key"), mainten
 from __future__ import annotations
 
 import hmac
+import os
 import re
 import signal
 import sys
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -393,6 +395,10 @@ class Simulator:
         self.stop()
 
     # -- controls ----------------------------------------------------------------------------
+
+    def api_keys(self) -> tuple[str, ...]:
+        with self._cond:
+            return tuple(sorted(self._api_keys))
 
     def set_api_keys(self, keys: Collection[str]) -> None:
         with self._cond:
@@ -803,14 +809,114 @@ def _connect_host(listen: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::", "*") else host  # noqa: S104
 
 
+@dataclass(frozen=True)
+class Control:
+    """What one read of the control file sets."""
+
+    faults: tuple[Fault, ...] = ()
+    maintenance: bool = False
+    rollover: tuple[datetime | None, datetime | None] = (None, None)
+    keys: tuple[str, ...] | None = None  # None: the keys given at start
+    lines: int = 0
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Control:
+        """The grammar ``outbox simulator --help`` shows; a bad line raises ``ValueError``
+        naming it."""
+        found: dict[str, Any] = {"faults": []}
+        lines = 0
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                _control_line(line, found)
+            except ValueError as exc:
+                raise ValueError(f"{where} line {number}: {exc}") from None
+            lines += 1
+        return cls(tuple(found.pop("faults")), lines=lines, **found)
+
+
+def _control_line(line: str, found: dict[str, Any]) -> None:
+    word, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if word == "fault":
+        found["faults"].append(Fault.parse(rest))
+    elif word == "maintenance" and rest in ("on", "off"):
+        found["maintenance"] = rest == "on"
+    elif word == "rollover":
+        found["rollover"] = _window(rest)
+    elif word == "keys" and rest:
+        found["keys"] = tuple(k.strip() for k in rest.split(",") if k.strip())
+    else:
+        raise ValueError(
+            f"cannot read {line!r}; expected fault SPEC, maintenance on|off, "
+            "rollover START END or keys KEY[,KEY...]"
+        )
+
+
+def _window(text: str) -> tuple[datetime, datetime]:
+    parts = text.split()
+    try:
+        start, end = (datetime.fromisoformat(p).astimezone(UTC) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"rollover {text!r}: expected two ISO 8601 UTC times, e.g. "
+            "rollover 2030-01-01T18:00:00Z 2030-01-01T18:30:00Z"
+        ) from None
+    return start, end
+
+
+class ControlFile:
+    """Re-read a control file when it changes and apply it to a running simulator."""
+
+    def __init__(self, path: str | os.PathLike[str], sim: Simulator) -> None:
+        self.path = Path(path)
+        self._sim = sim
+        self._keys = sim.api_keys()
+        self._seen: tuple[float, int] | None = None
+
+    def poll(self) -> str | None:
+        """Apply the file if it changed; returns what to report (None: nothing new)."""
+        try:
+            stat = self.path.stat()
+        except OSError as exc:
+            return None if self._seen == (-1, -1) else self._missing(exc)
+        if self._seen == (stat.st_mtime, stat.st_size):
+            return None
+        self._seen = (stat.st_mtime, stat.st_size)
+        try:
+            control = Control.parse(self.path.read_text(encoding="utf-8"), str(self.path))
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            return f"{exc}; keeping the previous settings"
+        self._apply(control)
+        return f"applied {control.lines} line" + ("" if control.lines == 1 else "s")
+
+    def _missing(self, exc: OSError) -> str:
+        self._seen = (-1, -1)
+        return f"{self.path}: {exc.strerror}; keeping the previous settings"
+
+    def _apply(self, control: Control) -> None:
+        sim = self._sim
+        sim.clear_faults()
+        for fault in control.faults:
+            sim.inject(fault)
+        sim.set_maintenance(control.maintenance)
+        sim.set_rollover(*control.rollover)
+        sim.set_api_keys(control.keys if control.keys is not None else self._keys)
+
+
 def main_serve(
     listen: str,
     api_keys: list[str],
     faults: list[str],
     transfer_limit: str,
     proto_path: str | None,
+    *,
+    control: str | None = None,
 ) -> None:
-    """``outbox simulator``: serve until SIGINT/SIGTERM, then stop cleanly.
+    """``outbox simulator``: serve until SIGINT/SIGTERM, then stop cleanly; with ``control``,
+    apply that file (``ControlFile``) at start and whenever it changes.
 
     ``api_keys`` empty means the default test key. ``faults`` are ``Fault.parse`` specs;
     a bad spec or limit raises ``ValueError`` before anything listens.
@@ -834,8 +940,14 @@ def main_serve(
         host = listen.rpartition(":")[0] or "0.0.0.0"  # noqa: S104
         sys.stderr.write(f"simulator listening on {host}:{port} (plaintext)\n")
         sys.stderr.flush()
-        while not stop.wait(0.5):
-            pass
+        watcher = ControlFile(control, sim) if control else None
+        while True:
+            said = watcher.poll() if watcher else None
+            if said:
+                sys.stderr.write(f"simulator control: {said}\n")
+                sys.stderr.flush()
+            if stop.wait(0.5):
+                break
     finally:
         sim.stop(grace=1.0)
         for sig, handler in previous.items():

@@ -1,7 +1,15 @@
-"""``outbox.enqueue``: the Python writers' API, on the caller's own connection and transaction."""
+"""``outbox.enqueue``: the Python writers' API, on the caller's own connection and transaction.
+
+A row is checked against the same protos the daemon sends with: ``proto_path`` (argument),
+else ``[recrypt] proto_path`` of the config file named by ``OUTBOX_CONFIG`` (the daemon's
+config; its API key is never read), else the bundled Recrypt model. Each is compiled once
+per process.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
@@ -11,6 +19,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from outbox.config import load
 from outbox.descriptors import Catalog, build_request
 from outbox.errors import BadRowError
 from outbox.payload import check_key, plain_decimal
@@ -19,8 +28,22 @@ from outbox.store import NewRow, enqueue_row, new_key
 
 
 @cache
-def _bundled_catalog() -> Catalog:
-    return Catalog.load()
+def _catalog(proto_path: str) -> Catalog:
+    """The catalog at ``proto_path`` ("" for the bundled model), compiled once."""
+    return Catalog.load(proto_path or None)
+
+
+@cache
+def _configured_proto_path(config_path: str) -> str:
+    return load(config_path, with_key=False).recrypt.proto_path
+
+
+def catalog_for(proto_path: str | os.PathLike[str] | None = None) -> Catalog:
+    """The protos ``enqueue`` checks rows against (see the module's docstring)."""
+    if proto_path is not None:
+        return _catalog(os.fspath(proto_path))
+    config_path = os.environ.get("OUTBOX_CONFIG")
+    return _catalog(_configured_proto_path(config_path) if config_path else "")
 
 
 def enqueue(
@@ -28,19 +51,22 @@ def enqueue(
     method: str,
     payload: Mapping[str, Any],
     *,
-    key: str | None = None,
+    key: str | uuid.UUID | None = None,
     lane: str | None = None,
     not_before: datetime | None = None,
     expires_at: datetime | None = None,
     reference: str | None = None,
     catalog: Catalog | None = None,
+    proto_path: str | os.PathLike[str] | None = None,
     serialise_lane: bool = True,
 ) -> str:
     """Insert one outbox row inside the caller's transaction and return its idempotency key.
 
-    The method and payload are checked against the descriptors first (the bundled Recrypt
-    model unless ``catalog`` is given), so a row that could never be sent is refused here with
-    ``BadRowError`` rather than parked later. ``Decimal`` values are stored as decimal strings;
+    The method and payload are checked against the descriptors first: ``catalog`` if given,
+    else the protos at ``proto_path``, else ``[recrypt] proto_path`` of the config named by
+    ``OUTBOX_CONFIG``, else the bundled Recrypt model; so a row that could never be sent is
+    refused here with ``BadRowError`` rather than parked later. ``key`` may be a ``uuid.UUID``.
+    ``Decimal`` values are stored as decimal strings;
     amounts are never floats. A key already in the outbox raises ``DuplicateKeyError``.
     A rollback of the caller's transaction leaves no row.
 
@@ -50,9 +76,10 @@ def enqueue(
     lanes in the same order, or two writers can deadlock. ``serialise_lane=False`` skips the
     lock: then a row committed late may be sent after a later row of its lane.
     """
+    key = str(key) if isinstance(key, uuid.UUID) else key  # str() is the lowercase form
     key = check_key(key) if key is not None else new_key()
     body = _decimals_to_strings(dict(payload))
-    found = (catalog or _bundled_catalog()).submittable(method)
+    found = (catalog or catalog_for(proto_path)).submittable(method)
     build_request(found, body, key)  # raises BadRowError naming what does not parse
     for name, value in (("not_before", not_before), ("expires_at", expires_at)):
         if value is not None and value.tzinfo is None:

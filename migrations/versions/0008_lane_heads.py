@@ -9,9 +9,13 @@ claim walked them (and filtered them out one by one).
 - ``lane_behind`` (boolean, kept by the daemon: ``outbox.store.heads``): NULL for a row no
   daemon has sorted yet, TRUE while it waits behind an earlier open row of its lane, FALSE for
   a lane's head (and any row claimed once). Writers leave it NULL.
-- ``due_at`` is generated again, NULL while ``lane_behind``: such rows are outside the claim's
-  range ``due_at <= now``. The column is dropped and added (with its index): the table is
-  rewritten on PostgreSQL and MariaDB, so run this in a quiet moment on a large table.
+- ``due_at`` is generated again, NULL unless the row is a claim candidate: pending and not
+  ``lane_behind``. Its index becomes ``(due_at, id)``, partial on ``due_at IS NOT NULL``
+  where the database can: PostgreSQL drops a qual that a partial index's predicate implies
+  (``state = 'pending'`` in a plain SELECT), and 0007's leading ``state`` column then made
+  the "oldest due" gauge scan the whole index. The column is dropped and added (with its
+  index): the table is rewritten on PostgreSQL and MariaDB, so run this in a quiet moment
+  on a large table.
 - ``ix_outbox_messages_lane_behind`` ``(lane_behind, lane, id)``, partial on laned rows where
   the database can: the rows to sort, and each lane's first waiting row.
 
@@ -35,6 +39,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 PENDING = sa.text("state = 'pending'")
+HAS_DUE_AT = sa.text("due_at IS NOT NULL")
 LANED = sa.text("lane IS NOT NULL")
 OPEN = "('pending', 'inflight', 'parked')"
 
@@ -59,17 +64,23 @@ def downgrade() -> None:
     op.drop_column("outbox_messages", "lane_behind")
     old = due_at_0007(op.get_bind().dialect.name)
     op.add_column("outbox_messages", sa.Column("due_at", UTCDateTime(), old, nullable=True))
-    _due_index()
+    _due_index_0007()
 
 
 def _regenerate_due_at(computed: sa.Computed) -> None:
     op.drop_index("ix_outbox_messages_due", table_name="outbox_messages")
     op.drop_column("outbox_messages", "due_at")
     op.add_column("outbox_messages", sa.Column("due_at", UTCDateTime(), computed, nullable=True))
-    _due_index()
+    op.create_index(
+        "ix_outbox_messages_due",
+        "outbox_messages",
+        ["due_at", "id"],
+        postgresql_where=HAS_DUE_AT,
+        sqlite_where=HAS_DUE_AT,
+    )
 
 
-def _due_index() -> None:
+def _due_index_0007() -> None:
     op.create_index(
         "ix_outbox_messages_due",
         "outbox_messages",

@@ -8,13 +8,14 @@ The store knows rows and states; it never knows gRPC.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 import tenacity
@@ -22,7 +23,9 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter
 
 from outbox.errors import DuplicateKeyError, OperatorActionError, RowNotFoundError
 from outbox.payload import bounded, fingerprint, read_text
@@ -55,6 +58,8 @@ from outbox.store.rows import (
     StatusView,
     WorkerBeat,
     WorkerView,
+    failures_from_json,
+    failures_json,
 )
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
@@ -195,6 +200,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        self._claims: dict[frozenset[str], sa.Update] = {}  # PostgreSQL's claim statements
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -272,32 +278,59 @@ class Store:
         now: datetime,
         exclude_methods: Collection[str],
     ) -> list[Claim]:
-        """PostgreSQL: the whole claim in one statement, the fingerprint computed in SQL.
+        """PostgreSQL: the whole claim in one statement (built once), the fingerprint in SQL."""
+        params = {
+            "c_worker": worker,
+            "c_batch": batch,
+            "c_now": now,
+            "c_lease_expires": now + timedelta(seconds=lease),
+        }
+        with self._tx() as conn:  # in the claim's order, as the other databases return them
+            lane_heads.sort_new_rows(conn)
+            found = conn.execute(self._claim_statement(exclude_methods), params).all()
+            rows = sorted(found, key=lambda row: (row.due_at, row.id))
+        return [self._claim_from(row, worker, current=row.current) for row in rows]
+
+    def _claim_statement(self, exclude_methods: Collection[str]) -> sa.Update:
+        """The claim for one set of excluded methods, built at its first use and kept."""
+        key = frozenset(exclude_methods)
+        statement = self._claims.get(key)
+        if statement is None:
+            if len(self._claims) >= _CLAIMS_KEPT:  # gates changed many times: start over
+                self._claims.clear()
+            statement = self._claims[key] = self._build_claim(key)
+        return statement
+
+    def _build_claim(self, exclude_methods: Collection[str]) -> sa.Update:
+        """``UPDATE … RETURNING`` of the due rows, its values bound at each claim.
 
         ``payload::text`` of a jsonb value is canonical, so the SHA-256 of the method, a newline
         and that text binds the key to one request (as ``outbox.payload.fingerprint`` does in
         Python); the row keeps the first one, and ``current`` is compared with it on every claim.
         """
-        due = self._due_query(batch, now, exclude_methods).with_only_columns(m.c.id)
+        now = sa.bindparam("c_now", type_=UTCDateTime())
+        batch = sa.bindparam("c_batch", type_=sa.Integer())
+        # the due rows' selection takes values; bound parameters make it reusable
+        due = (
+            self._due_query(cast(int, batch), cast(datetime, now), exclude_methods)
+            .with_only_columns(m.c.id, m.c.due_at)
+            .subquery("due")
+        )
         request = m.c.method + "\n" + sa.cast(m.c.payload, sa.Text)
         current = sa.func.encode(sa.func.sha256(sa.func.convert_to(request, "UTF8")), "hex")
-        claimed = (
+        return (
             m.update()
-            .where(m.c.id.in_(due.scalar_subquery()))
+            .where(m.c.id == due.c.id)
             .values(
                 state=State.INFLIGHT,
-                lease_owner=worker,
-                lease_expires_at=now + timedelta(seconds=lease),
+                lease_owner=sa.bindparam("c_worker", type_=sa.String()),
+                lease_expires_at=sa.bindparam("c_lease_expires", type_=UTCDateTime()),
                 updated_at=now,
                 lane_behind=False,
                 payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
             )
-            .returning(*_claim_columns(), current.label("current"), m.c.due_at)
+            .returning(*_claim_columns(), current.label("current"), due.c.due_at)
         )
-        with self._tx() as conn:  # in the claim's order, as the other databases return them
-            lane_heads.sort_new_rows(conn)
-            rows = sorted(conn.execute(claimed).all(), key=lambda row: (row.due_at, row.id))
-        return [self._claim_from(row, worker, current=row.current) for row in rows]
 
     def _due_query(
         self, batch: int, now: datetime, exclude_methods: Collection[str]
@@ -305,8 +338,7 @@ class Store:
         query = (
             sa.select(*_claim_columns())
             .where(
-                m.c.state == _PENDING,
-                m.c.due_at <= now,
+                m.c.due_at <= now,  # only a pending row that is not waiting has one (0008)
                 sa.or_(m.c.expires_at.is_(None), m.c.expires_at > now),
                 _lane_free(),
             )
@@ -370,33 +402,20 @@ class Store:
 
     @retry_transient
     def _record_batch(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
-        """One transaction: one locking SELECT finds the rows this worker still holds (the
-        others were taken over after our lease ran out, and their newer outcome stands), then
-        one guarded UPDATE per kind of outcome (executemany) and one INSERT of history lines.
+        """One transaction: the guarded transitions of the rows this worker still holds (the
+        others were taken over after our lease ran out, and their newer outcome stands) and
+        their history lines. PostgreSQL: one statement per kind of outcome for the batch;
+        the others: one locking SELECT, one UPDATE per kind of outcome with a parameter set
+        per row (executemany), and one INSERT of history lines.
         """
         with self._tx() as conn:
-            held = self._still_held(conn, outcomes)
-            kept = [o for o in outcomes if _claim_token(o.claim) in held]
-            for kind, statement in _TRANSITIONS.items():
-                params = [_transition_params(o, now) for o in kept if type(o) is kind]
-                if params:
-                    conn.execute(statement, params)
-            lines = [
-                _history_params(o.claim.id, now, o.claim.worker, o.call) for o in kept if o.call
-            ]
-            if lines:
-                conn.execute(attempts.insert(), lines)
-            lane_heads.settle(conn, [o.claim.id for o in kept if _finishes_a_lane_row(o)])
+            if self.dialect == "postgresql":
+                held = _record_json(conn, outcomes, now)
+            else:
+                held = _record_rows(conn, outcomes, now)
+            finished = [o for o in outcomes if _finishes_a_lane_row(o)]
+            lane_heads.settle(conn, [o.claim.id for o in finished if _claim_token(o.claim) in held])
         return [o for o in outcomes if _claim_token(o.claim) not in held]
-
-    @staticmethod
-    def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[tuple[int, str, int]]:
-        rows = conn.execute(
-            sa.select(m.c.id, m.c.lease_owner, m.c.attempts)
-            .where(m.c.id.in_([o.claim.id for o in outcomes]), m.c.state == State.INFLIGHT)
-            .with_for_update()
-        ).all()
-        return {(row.id, row.lease_owner, row.attempts) for row in rows}
 
     @retry_transient
     def renew_leases(self, worker: str, ids: Collection[int], lease: float, now: datetime) -> int:
@@ -700,6 +719,7 @@ class Store:
                     .distinct()
                 ).scalars()
             ]
+            expired, oldest_expiry = self._expired_leases(conn, now)
             maybe = conn.execute(
                 sa.select(sa.func.count()).where(
                     m.c.maybe_executed.is_(True), m.c.state.in_([s.value for s in OPEN_STATES])
@@ -712,7 +732,22 @@ class Store:
             blocked_lanes=sorted(lanes),
             maybe_executed_open=int(maybe),
             workers=self.list_workers(),
+            leases_expired=expired,
+            oldest_lease_expired_at=oldest_expiry,
         )
+
+    @staticmethod
+    def _expired_leases(conn: Connection, now: datetime) -> tuple[int, datetime | None]:
+        """Rows in flight whose lease ran out before ``now``, and the earliest lease end."""
+        count, oldest = conn.execute(_expired_leases_query(now)).one()
+        return int(count), _aware(oldest)
+
+    def explain_expired_leases(self, now: datetime) -> str:
+        """The database's plan for the expired-lease count (``status``, the gauges)."""
+        sql = _expired_leases_query(now).compile(
+            self.engine, compile_kwargs={"literal_binds": True}
+        )
+        return self._explain(str(sql), analyze=False)
 
     # ---- workers and retention
 
@@ -736,6 +771,7 @@ class Store:
             "last_beat_at": now,
             "gate": beat.gate,
             "gate_reason": beat.gate_reason,
+            "failing_jobs": failures_json(beat.failing_jobs),
             "gate_until": beat.gate_until,
             "gate_since": beat.gate_since,
             "refused_methods": ",".join(beat.refused_methods) or None,
@@ -756,6 +792,14 @@ class Store:
                 .where(workers.c.worker_id == worker_id)
                 .values(stopped_at=now, last_beat_at=now, gate="stopped")
             )
+
+    @retry_transient
+    def purge_workers(self, silent_since: datetime) -> int:
+        """Delete workers whose last beat (or stop) is older than ``silent_since``: stopped
+        long ago, or dead without a stop. Live workers beat every few seconds."""
+        with self._tx() as conn:
+            done = conn.execute(workers.delete().where(workers.c.last_beat_at < silent_since))
+        return int(done.rowcount)
 
     def list_workers(self) -> list[WorkerView]:
         with self.engine.connect() as conn:
@@ -1219,6 +1263,126 @@ def _add_history(conn: Connection, message_id: int, now: datetime, actor: str, c
     conn.execute(attempts.insert().values(**_history_params(message_id, now, actor, call)))
 
 
+_Token = tuple[int, str, int]
+
+
+def _record_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[_Token]:
+    """MariaDB, SQLite: lock the rows still held, one executemany per kind of outcome, then
+    one INSERT of their history lines."""
+    held = _still_held(conn, outcomes)
+    kept = [o for o in outcomes if _claim_token(o.claim) in held]
+    for kind, statement in _TRANSITIONS.items():
+        params = [_transition_params(o, now) for o in kept if type(o) is kind]
+        if params:
+            conn.execute(statement, params)
+    lines = [_history_params(o.claim.id, now, o.claim.worker, o.call) for o in kept if o.call]
+    if lines:
+        conn.execute(attempts.insert(), lines)
+    return held
+
+
+def _still_held(conn: Connection, outcomes: Sequence[Outcome]) -> set[_Token]:
+    rows = conn.execute(
+        sa.select(m.c.id, m.c.lease_owner, m.c.attempts)
+        .where(m.c.id.in_([o.claim.id for o in outcomes]), m.c.state == State.INFLIGHT)
+        .with_for_update()
+    ).all()
+    return {(row.id, row.lease_owner, row.attempts) for row in rows}
+
+
+def _record_json(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -> set[_Token]:
+    """PostgreSQL: one statement per kind of outcome for the whole batch, its rows passed as
+    one JSON document: the guarded UPDATE of every row, the history lines of the rows it
+    changed, and their tokens (exactly the rows this worker still held: the guard is the
+    claim's token)."""
+    held: set[_Token] = set()
+    for kind, statement in _BATCHED_TRANSITIONS.items():
+        rows = [_batched_params(o, now) for o in outcomes if type(o) is kind]
+        if rows:
+            found = conn.execute(statement, {"b_now": now, "b_rows": _json_rows(rows)})
+            held.update((r.b_id, r.b_owner, r.b_attempts) for r in found)
+    return held
+
+
+def _batched_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
+    """One row of a batched transition: its transition's parameters and its history line's."""
+    params = _transition_params(outcome, now)
+    del params["b_now"]  # bound once per batch
+    call = outcome.call
+    if call is not None:
+        line = _history_params(outcome.claim.id, now, outcome.claim.worker, call)
+        params |= {f"h_{name}": line[name] for name in _LINE_FIELDS}
+    return params
+
+
+def _json_rows(rows: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(rows, default=_json_time, separators=(",", ":"))
+
+
+def _json_time(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} in a batched transition")
+
+
+#: The history line's own fields in a batched row (its row, time and text come from the
+#: transition: ``b_id``, ``b_now``, ``b_code``, ``b_message``, which hold the same values).
+_LINE_FIELDS = ("kind", "actor", "decision", "duration_ms")
+_NO_OPTIONS: dict[str, Any] = {}
+
+
+def _batched(statement: sa.Update) -> sa.Select[Any]:
+    """``statement`` (one row's guarded transition) for a whole batch on PostgreSQL.
+
+    Each per-row parameter ``b_*`` becomes a column of ``jsonb_to_recordset`` over one JSON
+    document; the UPDATE joins the table to it; the history lines of the rows it changed are
+    inserted in the same statement; it returns the tokens of those rows.
+    """
+    binds = {
+        b.key: b
+        for b in visitors.iterate(statement)
+        if isinstance(b, BindParameter) and b.key.startswith("b_") and b.key != "b_now"
+    }
+    columns = [sa.column(k, b.type) for k, b in binds.items()]
+    columns += [sa.column(f"h_{n}", attempts.c[n].type) for n in _LINE_FIELDS]
+    document = sa.cast(sa.bindparam("b_rows", type_=sa.Text()), postgresql.JSONB)
+    rows = (
+        sa.func.jsonb_to_recordset(document)
+        .table_valued(*columns)
+        .render_derived(name="v", with_types=True)
+    )
+
+    def column(element: Any, **_kw: Any) -> Any:
+        if isinstance(element, BindParameter) and element.key in binds:
+            return rows.c[element.key]
+        return None
+
+    update = cast(sa.Update, visitors.replacement_traverse(statement, _NO_OPTIONS, column))
+    kept = (
+        "b_id",
+        "b_owner",
+        "b_attempts",
+        "b_code",
+        "b_message",
+        *(f"h_{n}" for n in _LINE_FIELDS),
+    )
+    done = update.returning(*(rows.c[k] for k in kept)).cte("done")
+    line = {
+        "message_id": done.c.b_id,
+        "at": sa.bindparam("b_now", type_=UTCDateTime()),
+        "code": done.c.b_code,
+        "message": done.c.b_message,
+    } | {n: done.c[f"h_{n}"] for n in _LINE_FIELDS}
+    lines = attempts.insert().from_select(
+        list(line), sa.select(*line.values()).where(done.c.h_kind.is_not(None))
+    )
+    return sa.select(done.c.b_id, done.c.b_owner, done.c.b_attempts).add_cte(lines.cte("lines"))
+
+
+#: ``_TRANSITIONS`` for a whole batch, one statement each (PostgreSQL).
+_BATCHED_TRANSITIONS = {kind: _batched(st) for kind, st in _TRANSITIONS.items()}
+
+
 _VIEW_COLUMNS = [
     "id",
     "idempotency_key",
@@ -1295,14 +1459,13 @@ def _oldest_due_query(now: datetime) -> sa.Select[Any]:
     its retry time, else the later of ``not_before`` and its insertion."""
     first_due_now = (
         sa.select(m.c.created_at)
-        .where(m.c.state == _PENDING, m.c.due_at == _DUE_NOW)
+        .where(m.c.due_at == _DUE_NOW)  # only a candidate has a due_at
         .order_by(m.c.due_at, m.c.id)
         .limit(1)
     )
     first_timed = (
         sa.select(sa.func.coalesce(m.c.next_attempt_at, _first_due()))
         .where(
-            m.c.state == _PENDING,
             m.c.due_at > _DUE_NOW,
             m.c.due_at <= now,
         )
@@ -1315,6 +1478,13 @@ def _oldest_due_query(now: datetime) -> sa.Select[Any]:
     )
 
 
+def _expired_leases_query(now: datetime) -> sa.Select[int, Any]:
+    """Over ``ix_outbox_messages_lease`` only (partial on in-flight rows where it can be)."""
+    return sa.select(sa.func.count(), sa.func.min(m.c.lease_expires_at)).where(
+        m.c.state == _INFLIGHT, m.c.lease_expires_at < now
+    )
+
+
 def _first_due() -> sa.ColumnElement[Any]:
     """When a row first became due: the later of its insertion and ``not_before``."""
     return sa.case((m.c.not_before > m.c.created_at, m.c.not_before), else_=m.c.created_at)
@@ -1323,14 +1493,18 @@ def _first_due() -> sa.ColumnElement[Any]:
 def _worker(row: sa.Row[Any]) -> WorkerView:
     data = {k: _aware(v) if isinstance(v, datetime) else v for k, v in row._mapping.items()}
     data["refused_methods"] = tuple(p for p in (data["refused_methods"] or "").split(",") if p)
+    data["failing_jobs"] = failures_from_json(data["failing_jobs"])
     return WorkerView(**data)
 
 
+#: Claim statements kept per store (one per set of methods the gates exclude).
+_CLAIMS_KEPT = 16
 _DUE_NOW = datetime.fromisoformat(DUE_NOW).replace(tzinfo=UTC)
 RETRYING_MESSAGE_CUT = 200  # characters of a last message ``retrying`` reads, at most
 #: Written out, not bound: PostgreSQL's generic plan for a bound state cannot use the
 #: partial index on pending rows (``ix_outbox_messages_due``).
 _PENDING: sa.ColumnElement[str] = sa.literal_column(f"'{State.PENDING.value}'", sa.String())
+_INFLIGHT: sa.ColumnElement[str] = sa.literal_column(f"'{State.INFLIGHT.value}'", sa.String())
 
 
 def _retrying_query(due_before: datetime, attempts: int) -> sa.Select[Any]:

@@ -30,6 +30,7 @@ sees the mark. SQLite has one writer at a time: no race.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from itertools import groupby
 from typing import Any
@@ -50,13 +51,7 @@ SETTLE_LIMIT = 1_000
 
 def sort_new_rows(conn: Connection, limit: int = SORT_LIMIT) -> int:
     """Mark up to ``limit`` laned rows no daemon has sorted yet; returns how many."""
-    rows = conn.execute(
-        sa.select(m.c.id, m.c.lane, m.c.state)
-        .where(m.c.lane_behind.is_(None), m.c.lane.is_not(None))
-        .order_by(m.c.lane, m.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    rows = conn.execute(_unsorted(conn.dialect.name), {"limit": limit}).all()
     head: list[int] = []
     behind: list[int] = []
     for _lane, group in groupby(rows, key=lambda row: row.lane):
@@ -70,6 +65,23 @@ def sort_new_rows(conn: Connection, limit: int = SORT_LIMIT) -> int:
     return len(rows)
 
 
+@functools.cache
+def _unsorted(dialect: str) -> sa.Select[Any]:
+    """The rows no daemon has sorted yet, by lane (built once: it runs before every claim).
+
+    The lane tells lanes apart: SQLite's bytes (its column may hold text that is not UTF-8,
+    which its driver cannot fetch as text: that row is parked by the claim), else the text.
+    """
+    lane = sa.cast(m.c.lane, sa.LargeBinary).label("lane") if dialect == "sqlite" else m.c.lane
+    return (
+        sa.select(m.c.id, lane, m.c.state)
+        .where(m.c.lane_behind.is_(None), m.c.lane.is_not(None))
+        .order_by(m.c.lane, m.c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer()))
+        .with_for_update(skip_locked=True)
+    )
+
+
 def _earlier_open_row(conn: Connection, row: Any) -> bool:
     """Whether an open row of ``row``'s lane comes before it, locked until the caller commits.
 
@@ -80,11 +92,16 @@ def _earlier_open_row(conn: Connection, row: Any) -> bool:
     """
     found = conn.execute(
         sa.select(m.c.id)
-        .where(m.c.lane == row.lane, m.c.state.in_(_OPEN), m.c.id < row.id)
+        .where(m.c.lane == _lane_of(row.id), m.c.state.in_(_OPEN), m.c.id < row.id)
         .limit(1)
         .with_for_update(read=True, skip_locked=True)
     ).first()
     return found is not None
+
+
+def _lane_of(row_id: int) -> sa.ScalarSelect[Any]:
+    row = m.alias("sorted_row")
+    return sa.select(row.c.lane).where(row.c.id == row_id).scalar_subquery()
 
 
 def _mark(conn: Connection, ids: Sequence[int], *, behind: bool) -> None:

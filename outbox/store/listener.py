@@ -51,7 +51,7 @@ class Listener:
                 self.connected.clear()
                 delay = self._backoff.delay(failures)
                 log.warning(
-                    kv("listener_reconnect", error=type(exc).__name__, delay=f"{delay:.1f}")
+                    kv("listener_reconnect", error=type(exc).__name__, delay=round(delay, 1))
                 )
                 self._stop.wait(delay)
 

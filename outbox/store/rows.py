@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from outbox.health import JobFailure
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class WorkerView:
     stopped_at: datetime | None
     gate_since: datetime | None = None  # when the current gate closed (None: open, or unknown)
     refused_methods: tuple[str, ...] = ()  # held: PERMISSION_DENIED outside maintenance
+    failing_jobs: tuple[JobFailure, ...] = ()  # background jobs failing at the last beat
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class WorkerBeat:
     gate_until: datetime | None = None
     gate_since: datetime | None = None  # gates.GateView.since
     refused_methods: tuple[str, ...] = ()  # gates.GateView.refused_methods (full gRPC paths)
+    failing_jobs: tuple[JobFailure, ...] = ()  # health.JobHealth.failing()
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,8 @@ class StatusView:
     blocked_lanes: list[str]
     maybe_executed_open: int
     workers: list[WorkerView] = field(default_factory=list)
+    leases_expired: int = 0  # rows in flight whose lease has run out
+    oldest_lease_expired_at: datetime | None = None  # the earliest such lease end
 
 
 @dataclass(frozen=True)
@@ -187,3 +194,23 @@ class RetryingView:
     code: str | None = None  # the commonest last_code among ``rows``
     code_rows: int = 0  # how many of them have it
     message: str | None = None  # the start of one of their last messages (bounded)
+
+
+def failures_json(failures: tuple[JobFailure, ...]) -> str | None:
+    """The ``outbox_workers.failing_jobs`` column's text: a JSON list, or NULL for none."""
+    if not failures:
+        return None
+    return json.dumps(
+        [
+            {"job": f.job, "since": f.since.isoformat(), "runs": f.runs, "error": f.error}
+            for f in failures
+        ]
+    )
+
+
+def failures_from_json(text: str | None) -> tuple[JobFailure, ...]:
+    """``failures_json`` read back."""
+    return tuple(
+        JobFailure(i["job"], datetime.fromisoformat(i["since"]), int(i["runs"]), i["error"])
+        for i in json.loads(text or "[]")
+    )

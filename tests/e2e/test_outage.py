@@ -53,7 +53,7 @@ def test_sigterm_after_an_outage_records_every_answer(
         assert sim.wait_for(lambda _s: held.hits == 5, timeout=30), log.read_text()
         with postgres_outage(postgres_url):
             release.set()  # Recrypt executes all five and answers OK...
-            assert wait_for_line(log, "event=record_failed"), log.read_text()  # ...unrecorded
+            assert wait_for_line(log, "event=job_failed job=record"), log.read_text()  # unrecorded
         daemon.send_signal(signal.SIGTERM)  # within the lease, before the next poll records
         assert daemon.wait(timeout=60) == 0, log.read_text()
     finally:

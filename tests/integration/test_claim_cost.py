@@ -1,8 +1,10 @@
 """A claim reads O(batch) rows, whatever else waits (issue #11).
 
 Built once per module and backend, each in its own database followed by 200 due rows:
-200,000 lane-less rows scheduled for tomorrow (``not_before``), or 200,000 rows of one lane
-behind its parked head (sorted as waiting: ``outbox.store.heads``). The
+200,000 lane-less rows scheduled for tomorrow (``not_before``); or those and 200,000 rows of
+one lane behind its parked head (sorted as waiting: ``outbox.store.heads``) and ten lanes
+whose first rows are due heads, so the claim asks its lane probes of rows far into the
+table. The
 claim's row selection is then measured by the database itself: PostgreSQL's
 ``EXPLAIN (ANALYZE, BUFFERS)`` (shared buffers touched, rows removed by a filter), MariaDB's
 ``Handler_read%`` session counters (index and table rows read).
@@ -47,6 +49,13 @@ SCHEDULED_ROWS = {  # lane-less, not before tomorrow
     "SELECT uuid(), '/x.v1.S/M', '{}', UTC_TIMESTAMP(6) + INTERVAL 1 DAY "
     f"FROM seq_1_to_{SCHEDULED}",
 }
+LANED_DUE_ROWS = {  # ten lanes of 20 rows, each lane's first row a due head
+    "postgresql": "INSERT INTO outbox_messages (idempotency_key, method, payload, lane) "
+    "SELECT gen_random_uuid()::text, '/x.v1.S/M', '{}'::jsonb, 'due-' || mod(i, 10) "
+    f"FROM generate_series(1, {DUE}) AS i",
+    "mariadb": "INSERT INTO outbox_messages (idempotency_key, method, payload, lane) "
+    f"SELECT uuid(), '/x.v1.S/M', '{{}}', concat('due-', mod(seq, 10)) FROM seq_1_to_{DUE}",
+}
 PARKED_HEAD = (  # the head of lane 'stuck', parked
     "INSERT INTO outbox_messages (idempotency_key, method, payload, lane, state, park_reason) "
     "VALUES ({key}, '/x.v1.S/M', '{{}}', 'stuck', 'parked', 'rejected')"
@@ -68,17 +77,18 @@ ANALYZE = {"postgresql": "ANALYZE outbox_messages", "mariadb": ANALYZE_MARIADB}
 
 
 def _fill(backend: str, kind: str) -> list[str]:
-    """Scheduled rows, or a parked lane head and the rows behind it; then the due rows."""
-    if kind == "scheduled":
-        backlog = [SCHEDULED_ROWS[backend]]
-    else:
-        backlog = [PARKED_HEAD.format(key=KEY[backend]), BLOCKED_ROWS[backend]]
+    """Scheduled rows; for "both", also a parked lane head, the rows behind it and ten lanes
+    whose heads are due (each head's lane probes run); then the due rows."""
+    backlog = [SCHEDULED_ROWS[backend]]
+    if kind == "both":
+        blocked = [PARKED_HEAD.format(key=KEY[backend]), BLOCKED_ROWS[backend]]
+        backlog += [*blocked, LANED_DUE_ROWS[backend]]
     return [*backlog, DUE_ROWS[backend], ANALYZE[backend]]
 
 
 @dataclass
 class Backlog:
-    kind: str  # "scheduled" or "blocked"
+    kind: str  # "scheduled", or "both": scheduled and lane-blocked rows
     engine: Engine
 
 
@@ -103,13 +113,13 @@ def _backlog(backend: str, kind: str) -> Iterator[Engine]:
         _drop_database(backend, name)
 
 
-@pytest.fixture(scope="module", params=["scheduled", "blocked"])
+@pytest.fixture(scope="module", params=["scheduled", "both"])
 def postgres_backlog(request: pytest.FixtureRequest) -> Iterator[Backlog]:
     for engine in _backlog("postgresql", request.param):
         yield Backlog(request.param, engine)
 
 
-@pytest.fixture(scope="module", params=["scheduled", "blocked"])
+@pytest.fixture(scope="module", params=["scheduled", "both"])
 def mariadb_backlog(request: pytest.FixtureRequest) -> Iterator[Backlog]:
     for engine in _backlog("mariadb", request.param):
         yield Backlog(request.param, engine)

@@ -328,7 +328,10 @@ def test_status_json_shape(cli: Cli, engine: Engine, store: Store) -> None:
         "blocked_lanes",
         "maybe_executed_open",
         "workers",
+        "leases_expired",
+        "oldest_lease_expired_age_seconds",
     }
+    assert (status["leases_expired"], status["oldest_lease_expired_age_seconds"]) == (0, None)
     assert status["counts"]["pending"] == 1
     assert status["counts"]["parked"] == 1
     assert status["counts"]["committed"] == 0

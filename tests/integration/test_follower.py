@@ -144,7 +144,10 @@ def test_vgw_db_failure_reconnects_after_backoff(
     assert len(reconnects) == 2
     assert "after=UNAVAILABLE" in reconnects[0]
     assert "gate=rollover" in reconnects[0]
-    assert (reconnects[0].split()[3], reconnects[1].split()[3]) == ("delay=0.010", "delay=0.020")
+    assert (reconnects[0].split()[3], reconnects[1].split()[3]) == (
+        "delay=0.01",
+        "delay=0.02",
+    )  # seconds, a number
     assert API_KEY not in caplog.text
 
 

@@ -369,7 +369,8 @@ def test_cli_config_errors_never_carry_the_key(tmp_path, db_url) -> None:
     key_file = _write(tmp_path / "key", KEY + "\n", mode=0o644)
     config = _write(tmp_path / "outbox.toml", f'[recrypt]\napi_key_file = "{key_file}"\n')
     env = {"OUTBOX_DATABASE_URL": db_url, "RECRYPT_API_KEY": None, "OUTBOX_CONFIG": None}
-    result = CliRunner().invoke(main, ["--config", str(config), "status"], env=env)
+    # `run` is the one command that reads the key (issue 12: the read-only ones never do)
+    result = CliRunner().invoke(main, ["--config", str(config), "run"], env=env)
     assert result.exit_code == 1
     assert "api_key_file" in result.stderr
     assert_clean(result.stdout + result.stderr, KEY, where="a CLI config error")

@@ -53,7 +53,7 @@ def test_upgrade_matches_metadata_and_downgrade_drops_everything(empty_engine: E
     migrate.upgrade(empty_engine)
     assert table_names(empty_engine) >= OUTBOX_TABLES
     assert schema_diff(empty_engine) == []
-    assert migrate.current(empty_engine) == migrate.head() == "0007"
+    assert migrate.current(empty_engine) == migrate.head() == "0009"
 
     migrate.downgrade(empty_engine, "base")
     assert table_names(empty_engine) & OUTBOX_TABLES == set()
@@ -120,14 +120,15 @@ def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) ->
     if engine.dialect.name in ("mysql", "mariadb"):
         assert set(where_by_index.values()) == {""}
         return
-    assert "pending" in where_by_index["ix_outbox_messages_due"]
+    assert "due_at IS NOT NULL" in where_by_index["ix_outbox_messages_due"]
+    assert "pending" in where_by_index["ix_outbox_messages_expiry"]
     assert "inflight" in where_by_index["ix_outbox_messages_lease"]
     assert "lane IS NOT NULL" in where_by_index["ix_outbox_messages_lane_open"]
     assert where_by_index["ix_outbox_messages_state_updated"] == ""
 
 
 def test_ensure_at_head_refuses_an_empty_database(empty_engine: Engine) -> None:
-    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0007: run `outbox db upgrade`"):
+    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0009: run `outbox db upgrade`"):
         migrate.ensure_at_head(empty_engine)
 
 

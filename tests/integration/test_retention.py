@@ -7,6 +7,7 @@ test needs a row to look older or newer than the cutoff.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -15,8 +16,9 @@ from sqlalchemy.engine import Engine
 
 import outbox
 from outbox.schema import attempts, messages
+from outbox.services import WORKER_KEEP_DAYS, Retention, RetentionSettings
 from outbox.simulator import TRANSFER
-from outbox.store import Call, Claim, Committed, Parked, Store
+from outbox.store import Call, Claim, Committed, Parked, Store, WorkerBeat
 
 DAY = timedelta(days=1)
 
@@ -160,3 +162,35 @@ def test_purge_of_nothing_due_is_zero_and_touches_nothing(engine: Engine) -> Non
     assert store.purge_finished(now - 30 * DAY, batch=100) == 0
     assert set(_states(engine).values()) == {"committed"}
     assert len(_states(engine)) == 3
+
+
+# --------------------------------------------------------------------------- workers (issue 12)
+
+
+def _worker(store: Store, worker_id: str, beat_at: datetime, *, stopped: bool = False) -> None:
+    store.heartbeat(WorkerBeat(worker_id, "h", 1, "0.1.0", beat_at - DAY), beat_at)
+    if stopped:
+        store.worker_stopped(worker_id, beat_at)
+
+
+def test_retention_purges_workers_stopped_or_silent_longer_than_the_default(
+    engine: Engine,
+) -> None:
+    store, now = Store(engine), datetime.now(UTC)
+    old = now - timedelta(days=WORKER_KEEP_DAYS) - timedelta(minutes=1)
+    recent = now - timedelta(days=WORKER_KEEP_DAYS) + timedelta(minutes=10)
+    _worker(store, "stopped-long-ago", old, stopped=True)
+    _worker(store, "silent-long-ago", old)
+    _worker(store, "stopped-recently", recent, stopped=True)
+    _worker(store, "live", now)
+
+    Retention(store, RetentionSettings(30, 100, 400, 3600), threading.Event()).run_once(now)
+
+    assert sorted(w.worker_id for w in store.list_workers()) == ["live", "stopped-recently"]
+
+
+def test_workers_are_purged_even_when_rows_are_kept_for_ever(engine: Engine) -> None:
+    store, now = Store(engine), datetime.now(UTC)
+    _worker(store, "gone", now - timedelta(days=WORKER_KEEP_DAYS + 1), stopped=True)
+    Retention(store, RetentionSettings(0, 100, 0, 3600), threading.Event()).run_once(now)
+    assert store.list_workers() == []
