@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -201,6 +202,8 @@ class Store:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._claims: dict[frozenset[str], sa.Update] = {}  # PostgreSQL's claim statements
+        self._next_sort = 0.0  # time.monotonic() when a claim next sorts new lane rows
+        self._sorting = False  # the last sort found rows: more may wait
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -225,7 +228,7 @@ class Store:
 
         Rows of a lane behind an earlier open row are outside that range (``lane_behind``):
         the claim first sorts, in the same transaction, the laned rows no daemon has sorted
-        yet (a bounded number: ``outbox.store.heads``).
+        yet (a bounded number, at most every ``SORT_EVERY`` s: ``outbox.store.heads``).
 
         PostgreSQL and MariaDB lock with ``FOR UPDATE SKIP LOCKED`` so daemons share work;
         SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
@@ -235,7 +238,7 @@ class Store:
         if self.dialect == "postgresql":
             return self._claim_returning(worker, batch, lease, now, exclude_methods)
         with self._tx() as conn:
-            lane_heads.sort_new_rows(conn)
+            self._sort_new_lane_rows(conn)
             rows = conn.execute(self._due_query(batch, now, exclude_methods)).all()
             if not rows:
                 return []
@@ -256,6 +259,14 @@ class Store:
                 [{"b_id": c.id, "b_fp": c.fingerprint} for c in claims],
             )
         return claims
+
+    def _sort_new_lane_rows(self, conn: Connection) -> None:
+        """At most every ``SORT_EVERY`` seconds, or at every claim while a burst is sorted: a
+        row not sorted yet is a candidate the claim checks anyway, so sorting can wait, and a
+        claim every few rows does not pay for an empty sort each time."""
+        if self._sorting or time.monotonic() >= self._next_sort:
+            self._sorting = lane_heads.sort_new_rows(conn) > 0
+            self._next_sort = time.monotonic() + lane_heads.SORT_EVERY
 
     @retry_transient
     def sort_lanes(self, limit: int = lane_heads.SORT_LIMIT) -> int:
@@ -286,7 +297,7 @@ class Store:
             "c_lease_expires": now + timedelta(seconds=lease),
         }
         with self._tx() as conn:  # in the claim's order, as the other databases return them
-            lane_heads.sort_new_rows(conn)
+            self._sort_new_lane_rows(conn)
             found = conn.execute(self._claim_statement(exclude_methods), params).all()
             rows = sorted(found, key=lambda row: (row.due_at, row.id))
         return [self._claim_from(row, worker, current=row.current) for row in rows]
