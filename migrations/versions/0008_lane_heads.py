@@ -47,47 +47,27 @@ OPEN = "('pending', 'inflight', 'parked')"
 def upgrade() -> None:
     op.add_column("outbox_messages", sa.Column("lane_behind", sa.Boolean(), nullable=True))
     _sort_existing_rows()
-    _regenerate_due_at(DueAt())
-    op.create_index(
-        "ix_outbox_messages_lane_behind",
-        "outbox_messages",
-        ["lane_behind", "lane", "id"],
-        postgresql_where=LANED,
-        sqlite_where=LANED,
-    )
+    _replace_due_at(DueAt(), ["due_at", "id"], HAS_DUE_AT)
+    _partial_index("ix_outbox_messages_lane_behind", ["lane_behind", "lane", "id"], LANED)
 
 
 def downgrade() -> None:
     op.drop_index("ix_outbox_messages_lane_behind", table_name="outbox_messages")
-    op.drop_index("ix_outbox_messages_due", table_name="outbox_messages")
-    op.drop_column("outbox_messages", "due_at")
+    _replace_due_at(due_at_0007(op.get_bind().dialect.name), ["state", "due_at", "id"], PENDING)
     op.drop_column("outbox_messages", "lane_behind")
-    old = due_at_0007(op.get_bind().dialect.name)
-    op.add_column("outbox_messages", sa.Column("due_at", UTCDateTime(), old, nullable=True))
-    _due_index_0007()
 
 
-def _regenerate_due_at(computed: sa.Computed) -> None:
+def _replace_due_at(computed: sa.Computed, columns: list[str], where: sa.TextClause) -> None:
+    """``due_at`` generated as ``computed``, and its index over ``columns``, partial on
+    ``where`` where the database can (a generated expression cannot be altered in place)."""
     op.drop_index("ix_outbox_messages_due", table_name="outbox_messages")
     op.drop_column("outbox_messages", "due_at")
     op.add_column("outbox_messages", sa.Column("due_at", UTCDateTime(), computed, nullable=True))
-    op.create_index(
-        "ix_outbox_messages_due",
-        "outbox_messages",
-        ["due_at", "id"],
-        postgresql_where=HAS_DUE_AT,
-        sqlite_where=HAS_DUE_AT,
-    )
+    _partial_index("ix_outbox_messages_due", columns, where)
 
 
-def _due_index_0007() -> None:
-    op.create_index(
-        "ix_outbox_messages_due",
-        "outbox_messages",
-        ["state", "due_at", "id"],
-        postgresql_where=PENDING,
-        sqlite_where=PENDING,
-    )
+def _partial_index(name: str, columns: list[str], where: sa.TextClause) -> None:
+    op.create_index(name, "outbox_messages", columns, postgresql_where=where, sqlite_where=where)
 
 
 def _sort_existing_rows() -> None:

@@ -755,10 +755,7 @@ class Store:
 
     def explain_expired_leases(self, now: datetime) -> str:
         """The database's plan for the expired-lease count (``status``, the gauges)."""
-        sql = _expired_leases_query(now).compile(
-            self.engine, compile_kwargs={"literal_binds": True}
-        )
-        return self._explain(str(sql), analyze=False)
+        return self._explain(self._written(_expired_leases_query(now)), analyze=False)
 
     # ---- workers and retention
 
@@ -827,12 +824,7 @@ class Store:
 
     def explain_retrying(self, due_before: datetime, attempts: int) -> str:
         """The database's plan for ``retrying`` (all three databases), for tests and ops."""
-        query = _retrying_query(due_before, attempts)
-        compiled = query.compile(self.engine, compile_kwargs={"literal_binds": True})
-        explain = "EXPLAIN QUERY PLAN" if self.dialect == "sqlite" else "EXPLAIN"
-        with self.engine.connect() as conn:
-            plan = conn.exec_driver_sql(f"{explain} {compiled}").all()
-        return "\n".join(" ".join(str(part) for part in row) for row in plan)
+        return self._explain(self._written(_retrying_query(due_before, attempts)), analyze=False)
 
     @retry_transient
     def purge_finished(
@@ -893,14 +885,11 @@ class Store:
 
     def claim_sql(self, batch: int, now: datetime) -> str:
         """The claim's row selection as this database runs it, values written in."""
-        query = self._due_query(batch, now, ()).with_only_columns(m.c.id)
-        return str(query.compile(self.engine, compile_kwargs={"literal_binds": True}))
+        return self._written(self._due_query(batch, now, ()).with_only_columns(m.c.id))
 
     def oldest_due_sql(self, now: datetime) -> str:
         """The "oldest due" gauge's query (``status``), values written in."""
-        return str(
-            _oldest_due_query(now).compile(self.engine, compile_kwargs={"literal_binds": True})
-        )
+        return self._written(_oldest_due_query(now))
 
     def explain_claim(self, batch: int, now: datetime, *, analyze: bool = False) -> str:
         """The database's plan for the claim's row selection, for tests and ops.
@@ -913,6 +902,10 @@ class Store:
     def explain_oldest_due(self, now: datetime, *, analyze: bool = False) -> str:
         """The database's plan for the "oldest due" gauge (as ``explain_claim``)."""
         return self._explain(self.oldest_due_sql(now), analyze=analyze)
+
+    def _written(self, query: sa.Select[Any] | sa.Select[int, Any]) -> str:
+        """``query`` as this database runs it, its values written in (for EXPLAIN)."""
+        return str(query.compile(self.engine, compile_kwargs={"literal_binds": True}))
 
     def _explain(self, sql: str, *, analyze: bool) -> str:
         explain = {
