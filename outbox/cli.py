@@ -33,6 +33,7 @@ from rich.text import Text
 from sqlalchemy.engine import Engine, make_url
 
 from outbox import install, migrate, roles
+from outbox.clock import utcnow
 from outbox.config import CheckConfig, Config, load
 from outbox.database import make_engine, normalise_url
 from outbox.errors import OutboxError
@@ -237,10 +238,6 @@ def age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # --------------------------------------------------------------------------- db

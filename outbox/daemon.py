@@ -32,7 +32,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from outbox import __version__
+from outbox.backoff import Backoff
 from outbox.client import Answer, GrpcClient
+from outbox.clock import utcnow
 from outbox.config import Config, load
 from outbox.database import make_engine
 from outbox.descriptors import Catalog
@@ -44,7 +46,6 @@ from outbox.health import RECORD, JobHealth, expired_lease_note, failure_note
 from outbox.logs import describe_error, kv, register_secret
 from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
-from outbox.policy import Backoff
 from outbox.services import (
     ClockCheck,
     Dispatch,
@@ -81,10 +82,6 @@ REFUSED_TEXT = (
 #: What a SIGHUP applies (all of ``[recrypt]`` but ``proto_path``, and the key); any other
 #: section changed in the file needs a restart, and the reload says so.
 RELOADED_SECTIONS = ("recrypt",)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_worker_id() -> str:
@@ -187,7 +184,7 @@ class Daemon:
     def start(self) -> None:
         for service in self.services:
             # next_run_time=None would add the job *paused*: leave it out to run on schedule.
-            first = {"next_run_time": datetime.now(UTC)} if service.at_start else {}
+            first = {"next_run_time": utcnow()} if service.at_start else {}
             self.scheduler.add_job(
                 self._guard(service),
                 "interval",
@@ -257,7 +254,7 @@ class Daemon:
         """Run the dispatch job now (a row was inserted); a drain under way goes round again."""
         self.dispatch.woken.set()
         if not self.stopping.is_set() and self.scheduler.running:
-            self.scheduler.modify_job("dispatch", next_run_time=datetime.now(UTC))
+            self.scheduler.modify_job("dispatch", next_run_time=utcnow())
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no dispatch cycle is under way (tests, and the stop)."""
@@ -535,7 +532,7 @@ class Daemon:
         self.metrics.set_gate(view.gate)
         self.metrics.methods_refused.set(len(view.refused_methods))
         if self.scheduler.running and not self.stopping.is_set():
-            self.scheduler.modify_job("heartbeat", next_run_time=datetime.now(UTC))
+            self.scheduler.modify_job("heartbeat", next_run_time=utcnow())
 
     def _install_signals(self) -> None:
         def on_term(signum: int, _frame: FrameType | None) -> None:

@@ -11,7 +11,6 @@ import logging
 import tempfile
 import threading
 import uuid
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from rich.console import Console
 
 import outbox
+from outbox.clock import utcnow
 from outbox.config import Config, load
 from outbox.daemon import Daemon
 from outbox.database import make_engine
@@ -127,9 +127,9 @@ def _run_daemon_until_idle(config: Config, store: Store) -> None:
     daemon.start()
     idle = threading.Event()
     try:
-        deadline = datetime.now(UTC).timestamp() + WAIT_SECONDS
-        while not idle.wait(0.2) and datetime.now(UTC).timestamp() < deadline:
-            counts = store.status(datetime.now(UTC)).counts
+        deadline = utcnow().timestamp() + WAIT_SECONDS
+        while not idle.wait(0.2) and utcnow().timestamp() < deadline:
+            counts = store.status(utcnow()).counts
             if counts["pending"] == 0 and counts["inflight"] == 0:
                 idle.set()
     finally:

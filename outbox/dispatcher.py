@@ -13,28 +13,26 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import grpc
 from google.protobuf import message
 
 from outbox import policy
+from outbox.backoff import Backoff
 from outbox.client import Answer, ClientSlot, RecryptClient
+from outbox.clock import utcnow
 from outbox.descriptors import Catalog, Method, build_request, response_to_json
 from outbox.errors import BadRowError
 from outbox.gates import Gates, gate_rank
 from outbox.payload import check_key, parse_payload
-from outbox.policy import Action, Backoff, Decision, Gate
+from outbox.policy import Action, Decision, Gate
 from outbox.store import Call, Claim, Committed, HandedBack, Outcome, Parked, Retry, Store
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
 log = logging.getLogger("outbox.dispatcher")
 
 MAINTENANCE_CHECK = "/recrypt.core.v1.Core/MaintenanceCheck"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,12 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf import message as pb
 
+from outbox.backoff import Backoff
+from outbox.clock import utcnow
 from outbox.descriptors import KEY_FIELD, Catalog, Method
 from outbox.errors import BadRowError, ConfigError
 from outbox.logs import describe_error, kv
-from outbox.policy import Backoff, Gate, decide
-from outbox.schema import utcnow
+from outbox.policy import Gate, decide
 from outbox.store import Call, Store
 from outbox.vocabulary import HistoryKind
 

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 
-from outbox.policy import Backoff, Gate
+from outbox.backoff import Backoff
+from outbox.policy import Gate
 
 OPEN = "open"
 

@@ -8,7 +8,6 @@ written into ``last_message`` and the attempt history, so an operator never has 
 from __future__ import annotations
 
 import enum
-import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,31 +227,6 @@ def unknown_outcome_exhausted(unknown: int) -> Decision:
         maybe_executed=True,
         park_reason=ParkReason.UNKNOWN_OUTCOME,
     )
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter and a cap (dramatiq-style: one small pure function)."""
-
-    initial: float = 1.0
-    maximum: float = 180.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds before attempt ``attempt + 1``; ``attempt`` counts from 1.
-
-        Jitter only ever shortens the delay, so the cap holds: within
-        ``[base * (1 - jitter), base]`` where ``base = min(maximum, initial * multiplier**(n-1))``.
-        """
-        exponent = max(attempt - 1, 0)
-        base = (
-            self.maximum
-            if exponent > 64
-            else min(self.maximum, self.initial * self.multiplier**exponent)
-        )
-        spread = (rng or random).random() * self.jitter
-        return base * (1.0 - spread)
 
 
 #: Why ALREADY_EXISTS on a row's very first attempt is recorded apart

@@ -364,8 +364,3 @@ lanes = sa.Table(
     metadata,
     sa.Column("lane", sa.String(255), primary_key=True),
 )
-
-
-def utcnow() -> datetime:
-    """The one clock helper for the store's defaults; the dispatcher injects its own clock."""
-    return datetime.now(UTC)

@@ -36,6 +36,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from outbox.clock import utcnow
 from outbox.descriptors import KEY_FIELD, Catalog, Method
 
 OK = grpc.StatusCode.OK
@@ -252,10 +253,6 @@ class _Subscriber:
     end: tuple[grpc.StatusCode, str] | None = None
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _rfc3339(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -320,7 +317,7 @@ class Simulator:
     ) -> None:
         self.catalog = catalog if catalog is not None else Catalog.load()
         self.transfer_limit = Decimal(transfer_limit)
-        self._clock = clock or _utcnow
+        self._clock = clock or utcnow
         self._cond = threading.Condition(threading.RLock())
         self._api_keys = frozenset(api_keys)
         self._ledger: list[LedgerEntry] = []

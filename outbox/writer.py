@@ -19,11 +19,11 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from outbox.clock import utcnow
 from outbox.config import load
 from outbox.descriptors import Catalog, build_request
 from outbox.errors import BadRowError
 from outbox.payload import check_key, plain_decimal
-from outbox.schema import utcnow
 from outbox.store import NewRow, enqueue_row, new_key
 
 

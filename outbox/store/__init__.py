@@ -28,6 +28,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
 
+from outbox.clock import utcnow
 from outbox.errors import DuplicateKeyError, OperatorActionError, RowNotFoundError
 from outbox.payload import bounded, fingerprint, read_text
 from outbox.schema import (
@@ -40,7 +41,6 @@ from outbox.schema import (
     lanes,
     messages,
     tombstones,
-    utcnow,
     workers,
 )
 from outbox.store import heads as lane_heads

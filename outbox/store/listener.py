@@ -16,8 +16,8 @@ from collections.abc import Callable
 import psycopg
 from sqlalchemy.engine import URL
 
+from outbox.backoff import Backoff
 from outbox.logs import kv
-from outbox.policy import Backoff
 
 CHANNEL = "outbox_messages"
 log = logging.getLogger("outbox.listener")

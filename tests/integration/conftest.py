@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
+from outbox.backoff import Backoff
 from outbox.client import GrpcClient
 from outbox.config import RecryptConfig
 from outbox.descriptors import Catalog
 from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.gates import Gates
-from outbox.policy import Backoff
 from outbox.simulator import Simulator
 from outbox.store import Store
 

@@ -246,8 +246,8 @@ def test_rollover_window_spanning_the_start_holds_market_orders(
 ):
     from datetime import UTC, datetime, time
 
+    from outbox.backoff import Backoff
     from outbox.gates import Gates
-    from outbox.policy import Backoff
 
     clock.now = datetime(2026, 11, 24, 18, 10, tzinfo=UTC)  # Tuesday, inside the window
     gates = Gates(Backoff(), 50, window=(1, time(18, 0), time(18, 30)), hold_methods=(PLACE_ORDER,))

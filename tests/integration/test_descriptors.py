@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 import outbox
+from outbox.backoff import Backoff
 from outbox.client import GrpcClient
 from outbox.config import RecryptConfig
 from outbox.descriptors import Catalog
 from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.errors import BadRowError, ConfigError
 from outbox.gates import Gates
-from outbox.policy import Backoff
 from outbox.simulator import Simulator
 
 ACME = """

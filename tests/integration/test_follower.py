@@ -17,12 +17,12 @@ import pytest
 from sqlalchemy.engine import Engine
 
 import outbox
+from outbox.backoff import Backoff
 from outbox.client import GrpcClient
 from outbox.config import RecryptConfig
 from outbox.descriptors import Catalog, build_request
 from outbox.errors import ConfigError
 from outbox.follower import StreamFollower
-from outbox.policy import Backoff
 from outbox.simulator import PLACE_ORDER, STREAM_ORDER_UPDATES, Fault, Simulator
 from outbox.store import Store
 from tests.integration.conftest import API_KEY

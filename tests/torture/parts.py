@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -356,10 +356,6 @@ class Report:
 def backend_of(url: str) -> str:
     name = sa.engine.make_url(url).get_backend_name()
     return "mariadb" if name in ("mysql", "mariadb") else name
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

@@ -7,8 +7,9 @@ import threading
 import time as clock_time
 from datetime import UTC, datetime, time, timedelta
 
+from outbox.backoff import Backoff
 from outbox.gates import Gates
-from outbox.policy import Backoff, Gate
+from outbox.policy import Gate
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)  # a Tuesday
 

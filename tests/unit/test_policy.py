@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from outbox.policy import NOT_SENT, TABLE, Action, Backoff, Gate, ParkReason, decide
+from outbox.backoff import Backoff
+from outbox.policy import NOT_SENT, TABLE, Action, Gate, ParkReason, decide
 
 C = grpc.StatusCode
 
