@@ -28,13 +28,11 @@ from pydantic import (
 )
 
 from outbox.errors import ConfigError
+from outbox.vocabulary import RecryptMethod
 
 DEFAULT_TARGET = "api.recrypt.net:8443"
 CREDENTIAL_NAME = "recrypt-api-key"
-DEFAULT_HOLD_METHODS = (
-    "/recrypt.market.v1.Market/PlaceOrder",
-    "/recrypt.market.v1.Market/CancelOrder",
-)
+DEFAULT_HOLD_METHODS = (RecryptMethod.PLACE_ORDER.value, RecryptMethod.CANCEL_ORDER.value)
 
 MAX_SECONDS = 1e9  # about 31 years: anything larger is a typo, and overflows datetime math
 #: The guide: back off "upto 3 minutes; check the website for any system notifications if
@@ -135,7 +133,7 @@ class StreamsConfig(_Section):
         (), description="accounts whose order updates are followed; empty follows none"
     )
     method: str = Field(
-        "/recrypt.market.v1.Market/StreamOrderUpdates",
+        RecryptMethod.STREAM_ORDER_UPDATES.value,
         description="the server-streaming method to follow",
     )
 

@@ -63,7 +63,7 @@ from outbox.services import (
 from outbox.store import Claim, Committed, HandedBack, Outcome, Parked, Retry, Store, WorkerBeat
 from outbox.store.listener import Listener
 from outbox.systemd import Notifier
-from outbox.vocabulary import HistoryDecision
+from outbox.vocabulary import GateState, HistoryDecision, RowOutcome, State
 
 log = logging.getLogger("outbox.daemon")
 
@@ -453,13 +453,15 @@ class Daemon:
         view = self.store.status(now)
         age = (now - view.oldest_due_at).total_seconds() if view.oldest_due_at else None
         parked = view.counts.get("parked", 0)
-        self.metrics.set_table(view.counts, age, parked, len(view.blocked_lanes))
+        self.metrics.set_table(
+            view.counts, age, parked, len(view.blocked_lanes), view.parked_by_reason
+        )
         self._expired = (view.leases_expired, view.oldest_lease_expired_at)
         self.metrics.leases_expired.set(view.leases_expired)
         gate = self.gates.view(now)
         self.metrics.methods_refused.set(len(gate.refused_methods))
         self.notifier.status(
-            f"gate {gate.gate}; pending {view.counts.get('pending', 0)}; parked {parked}"
+            f"gate {gate.gate}; pending {view.counts.get(State.PENDING, 0)}; parked {parked}"
             + (f"; {gate.reason}" if gate.reason else "")
         )
 
@@ -481,7 +483,7 @@ class Daemon:
             self.metrics.key_used_before.inc()
 
     def _count_lost(self, _outcome: Outcome) -> None:
-        self.metrics.observe_outcome("lost")
+        self.metrics.observe_outcome(RowOutcome.LOST)
 
     def _listener(self) -> Listener | None:
         """LISTEN/NOTIFY wake-ups on PostgreSQL (``[worker] notify``); others poll."""
@@ -527,7 +529,7 @@ class Daemon:
 
     def _gate_changed(self, view: GateView) -> None:
         until = view.until.isoformat() if view.until else None
-        level = logging.INFO if view.gate == "open" else logging.WARNING
+        level = logging.INFO if view.gate == GateState.OPEN else logging.WARNING
         log.log(level, kv("gate_changed", gate=view.gate, until=until, reason=view.reason))
         self.metrics.set_gate(view.gate)
         self.metrics.methods_refused.set(len(view.refused_methods))
@@ -628,9 +630,9 @@ def _gate_reason(view: GateView) -> str | None:
     return "; ".join(parts) or None
 
 
-_OUTCOME_NAMES: dict[type, str] = {
-    Committed: "committed",
-    Retry: "retry",
-    Parked: "parked",
-    HandedBack: "handed_back",
+_OUTCOME_NAMES: dict[type, RowOutcome] = {
+    Committed: RowOutcome.COMMITTED,
+    Retry: RowOutcome.RETRY,
+    Parked: RowOutcome.PARKED,
+    HandedBack: RowOutcome.HANDED_BACK,
 }

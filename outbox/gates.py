@@ -28,16 +28,16 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 
 from outbox.backoff import Backoff
-from outbox.policy import Gate
+from outbox.vocabulary import Gate, GateState
 
-OPEN = "open"
+OPEN = GateState.OPEN
 
 
 @dataclass(frozen=True)
 class GateView:
     """What status, logs and metrics show."""
 
-    gate: str  # "open" or a policy.Gate value
+    gate: str  # a GateState value
     reason: str | None
     until: datetime | None
     limit: int  # calls allowed per cycle now (0 = none)
@@ -69,7 +69,7 @@ class Gates:
         self._hold = hold_methods
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
-        self._gate = OPEN
+        self._gate: str = OPEN
         self._reason: str | None = None
         self._until: datetime | None = None
         self._level = 0  # consecutive closures of the current gate
@@ -298,7 +298,7 @@ class Gates:
             listener(view)
 
 
-_RANK = {
+_RANK: dict[str, int] = {
     OPEN: 0,
     Gate.RATE_LIMITED: 1,
     Gate.UNREACHABLE: 2,
@@ -307,8 +307,8 @@ _RANK = {
     Gate.UNAUTHENTICATED: 4,
 }
 
-#: Every state a gate can be in, "open" first: metric label sets and docs derive from this.
-GATE_STATES: tuple[str, ...] = tuple(str(g) for g in _RANK)
+#: Every state a gate can be in, "open" first (the vocabulary's ``GateState``).
+GATE_STATES: tuple[str, ...] = tuple(GateState)
 #: Gates under which nothing is sent but, at most, one probe call at a time: ``/readyz`` answers
 #: 503 and ``outbox_sending_blocked`` is 1 (rate limited still sends, fewer at a time).
 SENDS_NOTHING: frozenset[str] = frozenset(

@@ -29,33 +29,18 @@ from outbox.errors import ConfigError
 from outbox.gates import GATE_STATES, SENDS_NOTHING
 from outbox.health import JOBS
 from outbox.logs import kv, redact
+from outbox.vocabulary import Code, GateState, ParkReason, RowOutcome, State
 
 log = logging.getLogger("outbox.metrics")
 
 OTHER = "other"
-CODES = (
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-)
-#: "lost": our answer came after another worker had taken the row over (kept as evidence only)
-OUTCOMES = ("committed", "retry", "parked", "handed_back", "lost")
-STATES = ("pending", "inflight", "committed", "parked", "cancelled", "expired")
-GATES = GATE_STATES  # every gate state has a series: an alert can fire on each
+# Every label set comes from the vocabulary: every member has a series, so an alert can fire
+# on each (tests/unit/test_vocabulary.py checks it against a rendered registry).
+CODES: tuple[str, ...] = tuple(Code)
+OUTCOMES: tuple[str, ...] = tuple(RowOutcome)
+STATES: tuple[str, ...] = tuple(State)
+GATES = GATE_STATES
+PARK_REASONS: tuple[str, ...] = tuple(ParkReason)
 # A Recrypt call takes milliseconds when healthy and up to the deadline (10 s) when not.
 SUBMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -92,6 +77,12 @@ class Metrics:
             registry=r,
         )
         self.parked = Gauge("outbox_parked_rows", "Rows waiting for an operator", registry=r)
+        self.parked_by_reason = Gauge(
+            "outbox_parked_rows_by_reason",
+            "Rows waiting for an operator, by park reason (docs/operations.md §6 per reason)",
+            ["reason"],
+            registry=r,
+        )
         self.lanes_blocked = Gauge(
             "outbox_lanes_blocked", "Lanes held up behind a parked row", registry=r
         )
@@ -149,7 +140,9 @@ class Metrics:
             self.outcomes.labels(outcome=outcome)
         for state in STATES:
             self.rows.labels(state=state).set(0)
-        self.set_gate("open")
+        for reason in (*PARK_REASONS, OTHER):
+            self.parked_by_reason.labels(reason=reason).set(0)
+        self.set_gate(GateState.OPEN)
         self.set_failing(())
         self.up.labels(version=__version__).set(1)
 
@@ -180,13 +173,23 @@ class Metrics:
         oldest_due_seconds: float | None,
         parked: int,
         lanes_blocked: int,
+        parked_by_reason: Mapping[str, int] | None = None,
     ) -> None:
         """The table as ``Store.status`` sees it; a state missing from ``counts`` is 0."""
         for state in STATES:
             self.rows.labels(state=state).set(counts.get(state, 0))
         self.oldest_due.set(max(oldest_due_seconds or 0.0, 0.0))
         self.parked.set(parked)
+        self._set_parked_by_reason(parked_by_reason or {})
         self.lanes_blocked.set(lanes_blocked)
+
+    def _set_parked_by_reason(self, by_reason: Mapping[str, int]) -> None:
+        """Each reason's count; a reason outside the vocabulary (an old row's) counts as other."""
+        totals = dict.fromkeys((*PARK_REASONS, OTHER), 0)
+        for reason, count in by_reason.items():
+            totals[_fixed(reason, PARK_REASONS)] += count
+        for reason, count in totals.items():
+            self.parked_by_reason.labels(reason=reason).set(count)
 
     def cycle_done(self, now_ts: float) -> None:
         """A dispatch cycle finished at Unix time ``now_ts`` (alert when this goes stale)."""

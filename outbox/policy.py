@@ -7,45 +7,28 @@ written into ``last_message`` and the attempt history, so an operator never has 
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-import grpc
+# Action, Gate and ParkReason are defined in the vocabulary; ``__all__`` keeps them importable here.
+from outbox.vocabulary import Action, Code, Gate, ParkReason
 
-
-class Action(enum.StrEnum):
-    COMMIT = "commit"  # the effect happened exactly once: row committed
-    RETRY = "retry"  # resend later with the same key (attempt counted)
-    PARK = "park"  # a human must act: row parked
-    HAND_BACK = "hand_back"  # row goes back to pending untouched (no attempt counted)
-
-
-class Gate(enum.StrEnum):
-    """What a whole-API answer does to the dispatcher (SPEC §5; applied by the dispatcher)."""
-
-    NONE = "none"
-    ROLLOVER = "rollover"  # UNAVAILABLE vgw-db: the whole dispatcher backs off
-    MAINTENANCE = "maintenance"  # PERMISSION_DENIED: pause, probe Core.MaintenanceCheck
-    UNAUTHENTICATED = "unauthenticated"  # key refused: halt, re-probe slowly, SIGHUP retries
-    RATE_LIMITED = "rate_limited"  # RESOURCE_EXHAUSTED without a number: throttle
-    UNREACHABLE = "unreachable"  # our client could not connect (network, TLS): back off
-    METHOD_REMOVED = "method_removed"  # NOT_FOUND: stop sending that method
-
-
-class ParkReason(enum.StrEnum):
-    """Why a row waits for a human; docs/operations.md says what to do for each."""
-
-    PRECONDITION = "precondition"  # compliance question or transaction limit
-    OBJECT_LIMIT = "object_limit"  # RESOURCE_EXHAUSTED with a number
-    METHOD_REMOVED = "method_removed"  # NOT_FOUND: the API was deprecated and removed
-    REJECTED = "rejected"  # UNIMPLEMENTED / INVALID_ARGUMENT / OUT_OF_RANGE
-    BAD_ROW = "bad_row"  # the row's data can never be sent as it is
-    PAYLOAD_CHANGED = "payload_changed"  # method or payload edited after the first send
-    KEY_REUSED = "key_reused"  # the key of a row retention purged: Recrypt may still hold it
-    UNKNOWN_OUTCOME = "unknown_outcome"  # too many attempts whose outcome we cannot know
-    EXPIRED_UNKNOWN = "expired_unknown"  # expires_at passed after a maybe-executed attempt
+__all__ = [
+    "KEY_USED_BEFORE_TEXT",
+    "NOT_SENT",
+    "TABLE",
+    "Action",
+    "Code",
+    "Decision",
+    "Gate",
+    "Matcher",
+    "ParkReason",
+    "StatusName",
+    "decide",
+    "unknown_outcome_exhausted",
+]
 
 
 @dataclass(frozen=True)
@@ -83,9 +66,9 @@ _UNKNOWN = Decision(
     bounded=True,
 )
 
-C = grpc.StatusCode
+C = Code
 #: (code, message matcher, decision), first match wins: the guide's table, in its order.
-TABLE: tuple[tuple[grpc.StatusCode, Matcher, Decision], ...] = (
+TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
     (C.OK, _any, Decision(Action.COMMIT, "committed: Recrypt answered OK")),
     (
         C.ALREADY_EXISTS,
@@ -210,10 +193,24 @@ NOT_SENT = Decision(
 )
 
 
-def decide(code: grpc.StatusCode, message: str) -> Decision:
+class StatusName(Protocol):
+    """A status code read by its name: ``grpc.StatusCode`` or ``Code`` (no gRPC import here)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+def _rows_by_code() -> dict[str, tuple[tuple[Matcher, Decision], ...]]:
+    return {code.name: tuple((m, d) for c, m, d in TABLE if c == code) for code in Code}
+
+
+_BY_CODE = _rows_by_code()
+
+
+def decide(code: StatusName, message: str) -> Decision:
     """The decision for one answer. Every status code has a row; unknown ones are unknowns."""
-    for row_code, matches, decision in TABLE:
-        if row_code == code and matches(message or ""):
+    for matches, decision in _BY_CODE.get(code.name, ()):
+        if matches(message or ""):
             return decision
     return _UNKNOWN
 

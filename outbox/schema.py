@@ -6,7 +6,6 @@ Writers set only the columns of SPEC §3 (``idempotency_key``, ``method``, ``pay
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +14,30 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
+
+# Row states are defined in the vocabulary; importing them from here still works (``__all__``).
+from outbox.vocabulary import FINISHED_STATES, OPEN_STATES, GateState, State
+
+__all__ = [
+    "DUE_AT_0007",
+    "DUE_NOW",
+    "FINISHED_STATES",
+    "INFLIGHT_LANE_SQL",
+    "NAMING_CONVENTION",
+    "OPEN_STATES",
+    "DueAt",
+    "InflightLane",
+    "State",
+    "UTCDateTime",
+    "attempts",
+    "due_at_0007",
+    "lanes",
+    "messages",
+    "metadata",
+    "tombstones",
+    "utc_now",
+    "workers",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -25,21 +48,6 @@ NAMING_CONVENTION = {
 }
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
-
-
-class State(enum.StrEnum):
-    """Row states (SPEC §4). Each says who moves a row out of it."""
-
-    PENDING = "pending"  # waiting to be sent; the dispatcher claims it when due
-    INFLIGHT = "inflight"  # claimed under a lease; the dispatcher records the outcome
-    COMMITTED = "committed"  # terminal: Recrypt answered OK or ALREADY_EXISTS
-    PARKED = "parked"  # waits for a human: `outbox requeue` or `outbox cancel`
-    CANCELLED = "cancelled"  # terminal: an operator cancelled it
-    EXPIRED = "expired"  # terminal: expires_at passed before any attempt could have executed
-
-
-OPEN_STATES = (State.PENDING, State.INFLIGHT, State.PARKED)
-FINISHED_STATES = (State.COMMITTED, State.CANCELLED, State.EXPIRED)
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -327,7 +335,7 @@ workers = sa.Table(
     sa.Column("version", sa.String(32), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=False),
     sa.Column("last_beat_at", UTCDateTime(), nullable=False),
-    sa.Column("gate", sa.String(32), nullable=False, server_default="open"),
+    sa.Column("gate", sa.String(32), nullable=False, server_default=GateState.OPEN.value),
     sa.Column("gate_reason", sa.Text(), nullable=True),
     sa.Column("gate_until", UTCDateTime(), nullable=True),
     sa.Column("stopped_at", UTCDateTime(), nullable=True),

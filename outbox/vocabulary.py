@@ -1,13 +1,131 @@
-"""The words that cross a boundary, each defined once: what the attempt history says.
+"""The words that cross a boundary, each defined once.
 
-Pure: no I/O, no gRPC, no SQL, so the store, the dispatcher, the CLI and the docs' tests can
-all derive from it. Row states live in ``outbox.schema.State``, gates and park reasons in
-``outbox.policy`` (and ``outbox.gates.GATE_STATES``).
+Row states, what an answer does (actions, gates, park reasons), the gate states an operator
+sees, the outcomes the metrics count, the gRPC status code names the policy reads, the Recrypt
+methods the daemon calls by itself, and what the attempt history says. Metric label sets, CLI
+choices, JSON fields, SQL literals and the runbook's tests derive from these
+(``tests/unit/test_vocabulary.py`` fails when a member has no metric series or runbook entry).
+
+Pure: no I/O, no gRPC, no SQL.
 """
 
 from __future__ import annotations
 
 import enum
+
+
+class State(enum.StrEnum):
+    """Row states (SPEC §4). Each says who moves a row out of it."""
+
+    PENDING = "pending"  # waiting to be sent; the dispatcher claims it when due
+    INFLIGHT = "inflight"  # claimed under a lease; the dispatcher records the outcome
+    COMMITTED = "committed"  # terminal: Recrypt answered OK or ALREADY_EXISTS
+    PARKED = "parked"  # waits for a human: `outbox requeue` or `outbox cancel`
+    CANCELLED = "cancelled"  # terminal: an operator cancelled it
+    EXPIRED = "expired"  # terminal: expires_at passed before any attempt could have executed
+
+
+OPEN_STATES = (State.PENDING, State.INFLIGHT, State.PARKED)
+FINISHED_STATES = (State.COMMITTED, State.CANCELLED, State.EXPIRED)
+
+
+#: States a row can still leave (the lane waits while one of these is ahead).
+OPEN_STATES = (State.PENDING, State.INFLIGHT, State.PARKED)
+#: Terminal states: only retention removes such a row.
+FINISHED_STATES = (State.COMMITTED, State.CANCELLED, State.EXPIRED)
+
+
+class Action(enum.StrEnum):
+    COMMIT = "commit"  # the effect happened exactly once: row committed
+    RETRY = "retry"  # resend later with the same key (attempt counted)
+    PARK = "park"  # a human must act: row parked
+    HAND_BACK = "hand_back"  # row goes back to pending untouched (no attempt counted)
+
+
+class Gate(enum.StrEnum):
+    """What a whole-API answer does to the dispatcher (SPEC §5; applied by the dispatcher)."""
+
+    NONE = "none"
+    ROLLOVER = "rollover"  # UNAVAILABLE vgw-db: the whole dispatcher backs off
+    MAINTENANCE = "maintenance"  # PERMISSION_DENIED: pause, probe Core.MaintenanceCheck
+    UNAUTHENTICATED = "unauthenticated"  # key refused: halt, re-probe slowly, SIGHUP retries
+    RATE_LIMITED = "rate_limited"  # RESOURCE_EXHAUSTED without a number: throttle
+    UNREACHABLE = "unreachable"  # our client could not connect (network, TLS): back off
+    METHOD_REMOVED = "method_removed"  # NOT_FOUND: stop sending that method
+
+
+class GateState(enum.StrEnum):
+    """The dispatcher's gate as status, logs, ``outbox_workers.gate`` and metrics show it.
+
+    ``open`` sends normally; each other state is the ``Gate`` of the answer that closed it.
+    (``Gate.METHOD_REMOVED`` holds one method, never the whole gate.)
+    """
+
+    OPEN = "open"
+    RATE_LIMITED = Gate.RATE_LIMITED.value
+    UNREACHABLE = Gate.UNREACHABLE.value
+    ROLLOVER = Gate.ROLLOVER.value
+    MAINTENANCE = Gate.MAINTENANCE.value
+    UNAUTHENTICATED = Gate.UNAUTHENTICATED.value
+
+
+class ParkReason(enum.StrEnum):
+    """Why a row waits for a human; docs/operations.md says what to do for each."""
+
+    PRECONDITION = "precondition"  # compliance question or transaction limit
+    OBJECT_LIMIT = "object_limit"  # RESOURCE_EXHAUSTED with a number
+    METHOD_REMOVED = "method_removed"  # NOT_FOUND: the API was deprecated and removed
+    REJECTED = "rejected"  # UNIMPLEMENTED / INVALID_ARGUMENT / OUT_OF_RANGE
+    BAD_ROW = "bad_row"  # the row's data can never be sent as it is
+    PAYLOAD_CHANGED = "payload_changed"  # method or payload edited after the first send
+    KEY_REUSED = "key_reused"  # the key of a row retention purged: Recrypt may still hold it
+    UNKNOWN_OUTCOME = "unknown_outcome"  # too many attempts whose outcome we cannot know
+    EXPIRED_UNKNOWN = "expired_unknown"  # expires_at passed after a maybe-executed attempt
+
+
+class RowOutcome(enum.StrEnum):
+    """What one answer did to its row, as ``outbox_outcomes_total{outcome}`` counts it."""
+
+    COMMITTED = "committed"
+    RETRY = "retry"
+    PARKED = "parked"
+    HANDED_BACK = "handed_back"
+    LOST = "lost"  # the answer came after another worker had taken the row (kept as evidence)
+
+
+class Code(enum.StrEnum):
+    """gRPC's canonical status codes by name, as Recrypt's guide writes them.
+
+    The policy matches on these names, so it needs no gRPC import; ``grpc.StatusCode`` members
+    (and these) are read through their ``name``.
+    """
+
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    DATA_LOSS = "DATA_LOSS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+
+
+class RecryptMethod(enum.StrEnum):
+    """The Recrypt methods the daemon itself knows by name (every other one comes from a row)."""
+
+    MAINTENANCE_CHECK = "/recrypt.core.v1.Core/MaintenanceCheck"  # the gates' probe
+    PLACE_ORDER = "/recrypt.market.v1.Market/PlaceOrder"  # rollover-sensitive by default
+    CANCEL_ORDER = "/recrypt.market.v1.Market/CancelOrder"  # rollover-sensitive by default
+    STREAM_ORDER_UPDATES = "/recrypt.market.v1.Market/StreamOrderUpdates"  # the follower's
 
 
 class HistoryKind(enum.StrEnum):

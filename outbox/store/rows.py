@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from outbox.health import JobFailure
+from outbox.vocabulary import GateState
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class WorkerBeat:
     pid: int
     version: str
     started_at: datetime
-    gate: str = "open"
+    gate: str = GateState.OPEN.value
     gate_reason: str | None = None
     gate_until: datetime | None = None
     gate_since: datetime | None = None  # gates.GateView.since

@@ -111,6 +111,17 @@ def test_values_after_observations(metrics: Metrics, server: HealthServer) -> No
     assert samples[("outbox_last_cycle_timestamp_seconds", ())] == 1_700_000_000.25
 
 
+def test_parked_rows_are_counted_by_reason(metrics: Metrics, server: HealthServer) -> None:
+    by_reason = {"precondition": 3, "unknown_outcome": 1, "a-reason-from-a-newer-version": 2}
+    metrics.set_table({"parked": 6}, None, 6, 0, by_reason)
+
+    samples = scrape(server)
+    assert samples[("outbox_parked_rows_by_reason", (("reason", "precondition"),))] == 3
+    assert samples[("outbox_parked_rows_by_reason", (("reason", "unknown_outcome"),))] == 1
+    assert samples[("outbox_parked_rows_by_reason", (("reason", "bad_row"),))] == 0
+    assert samples[("outbox_parked_rows_by_reason", (("reason", "other"),))] == 2
+
+
 def test_labels_never_carry_free_text(metrics: Metrics, server: HealthServer) -> None:
     secret = "key-3f9a-customer-42"
     metrics.observe_call(secret, 0.01)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from outbox.backoff import Backoff
 from outbox.policy import NOT_SENT, TABLE, Action, Gate, ParkReason, decide
+from outbox.vocabulary import Code
 
 C = grpc.StatusCode
 
@@ -102,7 +103,18 @@ def test_a_call_never_started_is_handed_back_behind_the_unreachable_gate() -> No
 
 
 def test_the_table_has_a_row_for_every_status_code() -> None:
-    assert {code for code, _m, _d in TABLE} == set(C)
+    assert {code.name for code, _m, _d in TABLE} == {c.name for c in C}
+
+
+def test_the_vocabulary_names_exactly_grpcs_status_codes() -> None:
+    """The policy reads codes by name: a gRPC code missing from ``Code`` would be an unknown."""
+    assert [c.name for c in Code] == [c.name for c in C]
+
+
+@pytest.mark.parametrize("code", list(C))
+def test_grpc_codes_and_vocabulary_codes_get_the_same_decision(code) -> None:
+    for message in ("", "vgw-db", "100", "anything"):
+        assert decide(code, message) == decide(Code[code.name], message)
 
 
 @given(st.integers(min_value=1, max_value=10_000), st.randoms(use_true_random=False))
