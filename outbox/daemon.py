@@ -130,43 +130,15 @@ class Daemon:
         check_clock: bool = True,  # off only for tests that simulate time with ``clock``
     ) -> None:
         self.config = config
-        self.notifier = notifier or Notifier.from_env()
-        self.metrics = Metrics()
-        self.jobs = JobHealth()  # which job keeps failing: /readyz, the metrics, the heartbeat
-        self._expired: tuple[int, datetime | None] = (0, None)  # leases run out (table job)
-        self._db_error: str | None = None
-        self._last_ping = 0.0
         self.config_path = config_path
         self.clock = clock
-        self.worker_id = new_worker_id()
-        self.started_at = clock()
-        self.stopping = threading.Event()
-        self._reload = threading.Event()
-        self._shutdown_done = threading.Event()
-        self.engine = make_engine(config.database.url)
-        ensure_at_head(self.engine)
-        self.store = Store(self.engine)
-        max_skew = config.worker.lease * MAX_SKEW_FRACTION if check_clock else float("inf")
-        self.clock_check = ClockCheck(self._skew, max_skew)
-        self.clock_check.require(clock())
+        self.notifier = notifier or Notifier.from_env()
+        self._init_state()
+        self._open_store(check_clock)
         self.catalog = Catalog.load(config.recrypt.proto_path or None)
-        api_key = config.require_api_key().get_secret_value()
-        register_secret(api_key)
         self.gates = gates_from(config)
         self.gates.subscribe(self._gate_changed)
-        self.dispatcher = Dispatcher(
-            self.store,
-            GrpcClient(config.recrypt, api_key),
-            self.catalog,
-            self.gates,
-            worker_id=self.worker_id,
-            settings=settings_from(config),
-            clock=clock,
-        )
-        self.dispatcher.observe(_log_outcome)
-        self.dispatcher.observe(self._count_outcome, lost=self._count_lost)
-        self.dispatcher.after_cycle(self._cycle_done)
-        self.dispatcher.after_record(lambda exc: self._job_result(RECORD, exc))
+        self.dispatcher = self._dispatcher()
         self.services = self._services()
         self.dispatch = next(s for s in self.services if isinstance(s, Dispatch))
         self.follower = self._follower() if config.streams.accounts else None
@@ -178,6 +150,48 @@ class Daemon:
             executors={"default": ThreadPoolExecutor(4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
+
+    def _init_state(self) -> None:
+        """What the daemon observes of itself: metrics, job health, stop and reload signals."""
+        self.metrics = Metrics()
+        self.jobs = JobHealth()  # which job keeps failing: /readyz, the metrics, the heartbeat
+        self._expired: tuple[int, datetime | None] = (0, None)  # leases run out (table job)
+        self._db_error: str | None = None
+        self._last_ping = 0.0
+        self.worker_id = new_worker_id()
+        self.started_at = self.clock()
+        self.stopping = threading.Event()
+        self._reload = threading.Event()
+        self._shutdown_done = threading.Event()
+
+    def _open_store(self, check_clock: bool) -> None:
+        """The database at the head migration, and this host's clock close to the database's."""
+        self.engine = make_engine(self.config.database.url)
+        ensure_at_head(self.engine)
+        self.store = Store(self.engine)
+        lease = self.config.worker.lease
+        max_skew = lease * MAX_SKEW_FRACTION if check_clock else float("inf")
+        self.clock_check = ClockCheck(self._skew, max_skew)
+        self.clock_check.require(self.clock())
+
+    def _dispatcher(self) -> Dispatcher:
+        """The dispatcher on a gRPC client with the API key, and who hears of its outcomes."""
+        api_key = self.config.require_api_key().get_secret_value()
+        register_secret(api_key)
+        dispatcher = Dispatcher(
+            self.store,
+            GrpcClient(self.config.recrypt, api_key),
+            self.catalog,
+            self.gates,
+            worker_id=self.worker_id,
+            settings=settings_from(self.config),
+            clock=self.clock,
+        )
+        dispatcher.observe(_log_outcome)
+        dispatcher.observe(self._count_outcome, lost=self._count_lost)
+        dispatcher.after_cycle(self._cycle_done)
+        dispatcher.after_record(lambda exc: self._job_result(RECORD, exc))
+        return dispatcher
 
     # ---- lifecycle
 

@@ -60,7 +60,13 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
-        r = self.registry
+        self._declare_calls(self.registry)
+        self._declare_table(self.registry)
+        self._declare_daemon(self.registry)
+        self._init_series()
+
+    def _declare_calls(self, r: CollectorRegistry) -> None:
+        """What Recrypt answered and what each answer did."""
         self.attempts = Counter(
             "outbox_attempts", "Recrypt calls answered, by gRPC code name", ["code"], registry=r
         )
@@ -70,6 +76,15 @@ class Metrics:
         self.submit_seconds = Histogram(
             "outbox_submit_seconds", "Recrypt call latency", buckets=SUBMIT_BUCKETS, registry=r
         )
+        self.key_used_before = Counter(
+            "outbox_key_used_before",
+            "Rows committed on ALREADY_EXISTS at their very first attempt: the key was used "
+            "at Recrypt before (check on recrypt.net)",
+            registry=r,
+        )
+
+    def _declare_table(self, r: CollectorRegistry) -> None:
+        """The outbox table as the status job sees it."""
         self.rows = Gauge("outbox_rows", "Outbox rows by state", ["state"], registry=r)
         self.oldest_due = Gauge(
             "outbox_oldest_due_seconds",
@@ -86,16 +101,13 @@ class Metrics:
         self.lanes_blocked = Gauge(
             "outbox_lanes_blocked", "Lanes held up behind a parked row", registry=r
         )
+
+    def _declare_daemon(self, r: CollectorRegistry) -> None:
+        """The daemon itself: its gate, its jobs, its version."""
         self.gate = Gauge(
             "outbox_gate", "1 for the dispatcher's current gate", ["gate"], registry=r
         )
         self.up = Gauge("outbox_up", "1 while the daemon runs", ["version"], registry=r)
-        self.key_used_before = Counter(
-            "outbox_key_used_before",
-            "Rows committed on ALREADY_EXISTS at their very first attempt: the key was used "
-            "at Recrypt before (check on recrypt.net)",
-            registry=r,
-        )
         self.methods_refused = Gauge(
             "outbox_methods_refused",
             "Methods held because Recrypt refused them (PERMISSION_DENIED) outside maintenance: "
@@ -130,7 +142,6 @@ class Metrics:
             "unauthenticated)",
             registry=r,
         )
-        self._init_series()
 
     def _init_series(self) -> None:
         """Every labelled series exists at 0, so rate() and alerts see it before any event."""

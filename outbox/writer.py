@@ -76,17 +76,26 @@ def enqueue(
     lanes in the same order, or two writers can deadlock. ``serialise_lane=False`` skips the
     lock: then a row committed late may be sent after a later row of its lane.
     """
-    key = str(key) if isinstance(key, uuid.UUID) else key  # str() is the lowercase form
-    key = check_key(key) if key is not None else new_key()
+    key = _key_of(key)
     body = _decimals_to_strings(dict(payload))
     found = (catalog or catalog_for(proto_path)).submittable(method)
     build_request(found, body, key)  # raises BadRowError naming what does not parse
-    for name, value in (("not_before", not_before), ("expires_at", expires_at)):
-        if value is not None and value.tzinfo is None:
-            raise BadRowError(f"{name} must be an aware datetime (UTC), got a naive one")
+    _require_aware(not_before=not_before, expires_at=expires_at)
     row = NewRow(key, method, body, lane, not_before, expires_at, reference)
     enqueue_row(conn, row, utcnow(), serialise_lane=serialise_lane)
     return key
+
+
+def _key_of(key: str | uuid.UUID | None) -> str:
+    """The row's key: the caller's, checked and lowercase, or a new one."""
+    key = str(key) if isinstance(key, uuid.UUID) else key  # str() is the lowercase form
+    return check_key(key) if key is not None else new_key()
+
+
+def _require_aware(**times: datetime | None) -> None:
+    for name, value in times.items():
+        if value is not None and value.tzinfo is None:
+            raise BadRowError(f"{name} must be an aware datetime (UTC), got a naive one")
 
 
 def _decimals_to_strings(value: Any) -> Any:
