@@ -21,13 +21,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from outbox.descriptors import KEY_FIELD, Catalog
+from outbox.vocabulary import RecryptMethod
 
-MAINTENANCE_CHECK = "/recrypt.core.v1.Core/MaintenanceCheck"
+# The methods the daemon knows by name come from the vocabulary; the rest are the model's own.
+MAINTENANCE_CHECK: str = RecryptMethod.MAINTENANCE_CHECK.value
 TRANSFER = "/recrypt.wallet.v1.Wallet/Transfer"
 GET_BALANCES = "/recrypt.wallet.v1.Wallet/GetBalances"
-PLACE_ORDER = "/recrypt.market.v1.Market/PlaceOrder"
-CANCEL_ORDER = "/recrypt.market.v1.Market/CancelOrder"
-STREAM_ORDER_UPDATES = "/recrypt.market.v1.Market/StreamOrderUpdates"
+PLACE_ORDER: str = RecryptMethod.PLACE_ORDER.value
+CANCEL_ORDER: str = RecryptMethod.CANCEL_ORDER.value
+STREAM_ORDER_UPDATES: str = RecryptMethod.STREAM_ORDER_UPDATES.value
 
 # Fields the business logic reads (request) and writes (response) per model method. A proto
 # tree that serves the same path with other fields gets the generic behaviour instead.
