@@ -89,8 +89,8 @@ def new_worker_id() -> str:
 
 
 def backoff_from(config: Config) -> Backoff:
-    r = config.retry
-    return Backoff(r.initial_backoff, r.max_backoff, r.multiplier, r.jitter)
+    retry = config.retry
+    return Backoff(retry.initial_backoff, retry.max_backoff, retry.multiplier, retry.jitter)
 
 
 def gates_from(config: Config, rng: random.Random | None = None) -> Gates:
@@ -230,22 +230,22 @@ class Daemon:
 
     def _services(self) -> list[Service]:
         """Every background service, each with the settings it keeps until a restart."""
-        c, d, store = self.config, self.dispatcher, self.store
-        w = c.worker
+        config, dispatcher, store = self.config, self.dispatcher, self.store
+        worker = config.worker
         clock_ok = lambda: self.clock_check.ok  # noqa: E731
         services: list[Service] = [
-            Dispatch(d, self.stopping, w.poll_interval, allowed=clock_ok),
-            Probe(d, min(1.0, w.poll_interval)),
-            MaintenancePoll(d, c.maintenance.probe_interval),
-            LeaseRenewer(store, self.worker_id, d.inflight_ids, w.lease),
-            Reaper(store, w.lease, c.retry.max_unknown_attempts, allowed=clock_ok),
-            Expirer(store, max(w.lease / 2, 0.05), allowed=clock_ok),
+            Dispatch(dispatcher, self.stopping, worker.poll_interval, allowed=clock_ok),
+            Probe(dispatcher, min(1.0, worker.poll_interval)),
+            MaintenancePoll(dispatcher, config.maintenance.probe_interval),
+            LeaseRenewer(store, self.worker_id, dispatcher.inflight_ids, worker.lease),
+            Reaper(store, worker.lease, config.retry.max_unknown_attempts, allowed=clock_ok),
+            Expirer(store, max(worker.lease / 2, 0.05), allowed=clock_ok),
             LaneKeeper(store),
             Heartbeat(store, self._beat, self._db_result, self.clock_check),
             _TableGauges(self, TABLE_SECONDS),
         ]
-        r = c.retention  # days 0 keeps rows for ever; old workers are purged all the same
-        settings = RetentionSettings(r.days, r.batch_size, r.tombstone_days, r.interval)
+        kept = config.retention  # days 0 keeps rows for ever; old workers are purged all the same
+        settings = RetentionSettings(kept.days, kept.batch_size, kept.tombstone_days, kept.interval)
         services.append(Retention(store, settings, self.stopping))
         return services
 

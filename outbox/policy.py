@@ -66,17 +66,16 @@ _UNKNOWN = Decision(
     bounded=True,
 )
 
-C = Code
 #: (code, message matcher, decision), first match wins: the guide's table, in its order.
 TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
-    (C.OK, _any, Decision(Action.COMMIT, "committed: Recrypt answered OK")),
+    (Code.OK, _any, Decision(Action.COMMIT, "committed: Recrypt answered OK")),
     (
-        C.ALREADY_EXISTS,
+        Code.ALREADY_EXISTS,
         _any,
         Decision(Action.COMMIT, "committed: key already used at Recrypt, the effect happened once"),
     ),
     (
-        C.UNAUTHENTICATED,
+        Code.UNAUTHENTICATED,
         _any,
         Decision(
             Action.HAND_BACK,
@@ -87,7 +86,7 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.UNAVAILABLE,
+        Code.UNAVAILABLE,
         _vgw_db,
         Decision(
             Action.RETRY,
@@ -97,7 +96,7 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.PERMISSION_DENIED,
+        Code.PERMISSION_DENIED,
         _any,
         Decision(
             Action.HAND_BACK,
@@ -108,7 +107,7 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.DEADLINE_EXCEEDED,
+        Code.DEADLINE_EXCEEDED,
         _vgw_db,
         Decision(
             Action.RETRY,
@@ -121,7 +120,7 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.NOT_FOUND,
+        Code.NOT_FOUND,
         _any,
         Decision(
             Action.PARK,
@@ -132,7 +131,7 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.FAILED_PRECONDITION,
+        Code.FAILED_PRECONDITION,
         _any,
         Decision(
             Action.PARK,
@@ -142,7 +141,7 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.RESOURCE_EXHAUSTED,
+        Code.RESOURCE_EXHAUSTED,
         _number,
         Decision(
             Action.PARK,
@@ -152,7 +151,7 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
         ),
     ),
     (
-        C.RESOURCE_EXHAUSTED,
+        Code.RESOURCE_EXHAUSTED,
         _any,
         Decision(
             Action.HAND_BACK,
@@ -172,12 +171,15 @@ TABLE: tuple[tuple[Code, Matcher, Decision], ...] = (
                 park_reason=ParkReason.REJECTED,
             ),
         )
-        for code in (C.UNIMPLEMENTED, C.INVALID_ARGUMENT, C.OUT_OF_RANGE)
+        for code in (Code.UNIMPLEMENTED, Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE)
     ),
     # Transport failures, client deadlines and the guide's "should not be possible" codes.
-    *((code, _any, _UNKNOWN) for code in (C.UNAVAILABLE, C.DEADLINE_EXCEEDED)),
-    *((code, _any, _UNKNOWN) for code in (C.UNKNOWN, C.INTERNAL, C.ABORTED, C.CANCELLED)),
-    (C.DATA_LOSS, _any, _UNKNOWN),
+    *((code, _any, _UNKNOWN) for code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)),
+    *(
+        (code, _any, _UNKNOWN)
+        for code in (Code.UNKNOWN, Code.INTERNAL, Code.ABORTED, Code.CANCELLED)
+    ),
+    (Code.DATA_LOSS, _any, _UNKNOWN),
 )
 
 

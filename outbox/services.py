@@ -246,20 +246,26 @@ class Retention:
         return self.settings.interval
 
     def run_once(self, now: datetime) -> None:
-        s = self.settings
+        settings = self.settings
 
         def rows(cutoff: datetime, batch: int) -> int:
             return self.store.purge_finished(cutoff, batch, now=now)
 
-        purged = self._purge(rows, now - timedelta(days=s.days)) if s.days > 0 else 0
+        purged = self._purge(rows, now - timedelta(days=settings.days)) if settings.days > 0 else 0
         tombs = 0
-        if s.tombstone_days > 0:  # 0: tombstones are kept for ever
-            cutoff = now - timedelta(days=s.tombstone_days)
+        if settings.tombstone_days > 0:  # 0: tombstones are kept for ever
+            cutoff = now - timedelta(days=settings.tombstone_days)
             tombs = self._purge(self.store.purge_tombstones, cutoff)
         gone = self.store.purge_workers(now - timedelta(days=WORKER_KEEP_DAYS))
         if purged or tombs or gone:
             log.info(
-                kv("purged", rows=purged, tombstones=tombs, workers=gone, older_than_days=s.days)
+                kv(
+                    "purged",
+                    rows=purged,
+                    tombstones=tombs,
+                    workers=gone,
+                    older_than_days=settings.days,
+                )
             )
 
     def _purge(self, purge: Callable[[datetime, int], int], cutoff: datetime) -> int:
