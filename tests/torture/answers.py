@@ -36,6 +36,7 @@ from random import Random
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.errors import OperatorActionError
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, Fault
 from tests.torture.daemons import Daemons
@@ -52,7 +53,6 @@ from tests.torture.parts import (
     RowSpec,
     TortureSimulator,
     UnknownBudget,
-    utcnow,
     wait_until,
 )
 from tests.torture.writer import Writer, new_key, payload_for

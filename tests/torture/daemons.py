@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from outbox.clock import utcnow
 from tests.torture.parts import (
     API_KEY,
     DEADLINE_S,
@@ -27,7 +28,6 @@ from tests.torture.parts import (
     POLL_S,
     Reload,
     Report,
-    utcnow,
 )
 
 

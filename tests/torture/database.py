@@ -26,10 +26,11 @@ from typing import Any
 import sqlalchemy as sa
 
 import outbox
+from outbox.clock import utcnow
 from outbox.database import make_engine, normalise_url
 from outbox.schema import tombstones
 from outbox.store import Store
-from tests.torture.parts import OPEN, RowSpec, backend_of, utcnow
+from tests.torture.parts import OPEN, RowSpec, backend_of
 
 ROW_COLUMNS = (
     "id, idempotency_key, method, state, park_reason, maybe_executed, attempts, "

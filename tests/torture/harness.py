@@ -42,6 +42,7 @@ from random import Random
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.descriptors import Catalog
 from tests.torture.answers import Answers
 from tests.torture.checks import Observed, Table, check, condense, expected_request, settled
@@ -62,7 +63,6 @@ from tests.torture.parts import (
     UnknownBudget,
     backend_of,
     counts_unknown,
-    utcnow,
     wait_until,
 )
 from tests.torture.seams import Seams

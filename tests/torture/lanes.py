@@ -30,6 +30,7 @@ from random import Random
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.errors import OperatorActionError
 from outbox.services import LaneKeeper
 from tests.torture.database import Database
@@ -40,7 +41,6 @@ from tests.torture.parts import (
     Report,
     RowSpec,
     TortureSimulator,
-    utcnow,
     wait_until,
 )
 from tests.torture.seams import Later, insert_logged, lane_row

@@ -31,6 +31,7 @@ from random import Random
 import sqlalchemy as sa
 
 import outbox
+from outbox.clock import utcnow
 from outbox.errors import OperatorActionError
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, Fault
 from tests.torture.daemons import Daemons, Slot
@@ -44,7 +45,6 @@ from tests.torture.parts import (
     Report,
     RowSpec,
     TortureSimulator,
-    utcnow,
     wait_until,
 )
 from tests.torture.writer import Writer, new_key, payload_for, transfer_payload

@@ -16,9 +16,10 @@ from datetime import datetime, timedelta
 from random import Random
 from typing import Any
 
+from outbox.clock import utcnow
 from outbox.simulator import PLACE_ORDER, TRANSFER, Fault, Simulator
 from tests.torture.database import Database
-from tests.torture.parts import BAD_KINDS, DOOMS, UNKNOWN_METHOD, Report, RowSpec, utcnow
+from tests.torture.parts import BAD_KINDS, DOOMS, UNKNOWN_METHOD, Report, RowSpec
 
 
 def new_key(rng: Random) -> str:
