@@ -18,7 +18,8 @@ from datetime import datetime
 from pathlib import Path
 
 from outbox.clock import utcnow
-from tests.torture.parts import (
+from tests.torture.observed import Reload
+from tests.torture.vocabulary import (
     API_KEY,
     DEADLINE_S,
     HOLD_S,
@@ -26,7 +27,6 @@ from tests.torture.parts import (
     MAX_BACKOFF_S,
     MAX_UNKNOWN,
     POLL_S,
-    Reload,
     Report,
 )
 

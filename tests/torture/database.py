@@ -30,7 +30,7 @@ from outbox.clock import utcnow
 from outbox.database import make_engine, normalise_url
 from outbox.schema import tombstones
 from outbox.store import Store
-from tests.torture.parts import OPEN, RowSpec, backend_of
+from tests.torture.vocabulary import OPEN, RowSpec, backend_of
 
 ROW_COLUMNS = (
     "id, idempotency_key, method, state, park_reason, maybe_executed, attempts, "
