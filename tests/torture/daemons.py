@@ -28,6 +28,7 @@ from tests.torture.vocabulary import (
     MAX_UNKNOWN,
     POLL_S,
     Report,
+    wait_until,
 )
 
 
@@ -158,6 +159,9 @@ class Daemons:
             self.report.restarts += 1
 
     def stop_all(self) -> None:
+        """SIGTERM every daemon, each once its handlers are installed: a daemon restarted in
+        the settle phase may still be starting, and SIGTERM before that kills it (-15)."""
+        wait_until(lambda: all(self.is_started(s) for s in self.running()), 30)
         for slot in self.running():
             assert slot.proc is not None
             slot.proc.send_signal(signal.SIGTERM)
