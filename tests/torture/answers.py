@@ -24,6 +24,8 @@
 
 Rate-limit texts with digits and a server-sent "failed to connect" on any row are general
 faults (``faults.GENERAL``). Violations seen while running go to ``found``.
+
+Injected by ``chaos``: must not import the chaos loop nor the checks (``promises``).
 """
 
 from __future__ import annotations

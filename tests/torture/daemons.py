@@ -3,6 +3,8 @@
 Each process gets its own API key (``API_KEY-<slot>-<generation>``, accepted by the simulator),
 so a call at the simulator names the process that sent it; ``killed_at`` says when each was
 SIGKILLed (an answer it received before then may have died with it).
+
+Part of the world (``world``): must not import the chaos, the writers nor the checks.
 """
 
 from __future__ import annotations

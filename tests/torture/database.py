@@ -8,6 +8,8 @@ Outages (``refusing``) are the database saying no while the daemons hold answers
 - MariaDB: every session on the test database except the harness's own is ``KILL``ed, again
   and again, while the outage lasts.
 - SQLite: an exclusive lock on the file for as long as the outage lasts.
+
+Part of the world (``world``): must not import the chaos, the writers nor the checks.
 """
 
 from __future__ import annotations

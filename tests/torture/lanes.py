@@ -19,6 +19,8 @@ Then (after a requeue: once the head has committed) the lane is read: a row mark
 (``lane_behind``) with no open row before it waits behind a finished row, and nothing but a
 LaneKeeper run would ever send it: a violation (``found``). At the end, ``promises`` wants every
 row of the lane sent once, in id order, and none left pending (``RowSpec.unblocked``).
+
+Injected by ``chaos``: must not import the chaos loop nor the checks (``promises``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@
 - ``operator_cancel``: ``cancel`` without ``--force`` of a pending row (it must then never run).
 
 Violations seen while running (rather than in the end state) go to ``found``.
+
+Injected by ``chaos``: must not import the chaos loop nor the checks (``promises``).
 """
 
 from __future__ import annotations
