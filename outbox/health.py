@@ -1,8 +1,9 @@
 """Health: which background job keeps failing (and what to log), and the monitoring verdict.
 
-Pure: no I/O, no SQLAlchemy, grpc, click or rich; ``now`` is always given. It must not import
-``outbox.store`` (whose row types import this module) nor ``outbox.gates``/``outbox.policy``
-(grpc): it reads the store's views through the small protocols below.
+Pure: no I/O, no SQLAlchemy, grpc, click or rich; ``now`` is always given. Of the project it
+imports only ``outbox.vocabulary``: never ``outbox.store`` (whose row types import this module,
+and which may not know ``outbox.gates``), ``outbox.gates`` or ``outbox.config``; it reads their
+objects through the small protocols below, and is handed the gates that send nothing.
 
 Job health: the daemon tells it each job's result; it answers with the one log line to write,
 if any: the first failure at once, then at most one line per job every
@@ -25,6 +26,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+from outbox.vocabulary import GateState, State
 
 FAILURE_LOG_INTERVAL = 60.0  # seconds between two log lines about one job still failing
 KEEPS_FAILING_RUNS = 2  # failed runs in a row before a job is reported as failing
@@ -270,8 +273,9 @@ class Retrying(Protocol):
 
 @dataclass(frozen=True)
 class Rules:
-    """What the verdict is judged against: the ``[check]`` thresholds, the ``[worker]`` lease,
-    and the gates under which nothing is sent (``outbox.gates.SENDS_NOTHING``)."""
+    """What the verdict is judged against: the ``[check]`` thresholds, the ``[worker]`` lease
+    (rows in flight whose lease expired longer ago are not being released), and the gates under
+    which nothing is sent (``outbox.gates.SENDS_NOTHING``)."""
 
     limits: Limits
     lease: float
@@ -281,14 +285,10 @@ class Rules:
 # --------------------------------------------------------------------------- shared measures
 
 
+#: A worker's liveness, as ``outbox status`` shows it (``stale``: no heartbeat lately, dead?).
 LIVE, STALE, STOPPED = "live", "stale", "stopped"
-#: Gate names the verdict tests (``policy.Gate`` values; a test holds them to it).
-OPEN, UNAUTHENTICATED = "open", "unauthenticated"
 #: Gates ``judge`` times against a ``[check]`` threshold. Any other closed gate warns at once.
-ROLLOVER, MAINTENANCE = "rollover", "maintenance"
-TIMED_GATES = (ROLLOVER, MAINTENANCE)
-#: Row states the verdict counts (``schema.State`` values; a test holds them to it).
-PENDING, INFLIGHT, PARKED = "pending", "inflight", "parked"
+TIMED_GATES = (GateState.ROLLOVER, GateState.MAINTENANCE)
 CHECK_MESSAGE_WIDTH = 160  # characters of a row's last message in the check line
 REFUSED_ADVICE = (
     "check the API key's permissions (key_access in the protos, recrypt.net/api), "
@@ -391,24 +391,24 @@ def _critical(view: Status, live: Sequence[Worker], c: Limits, now: datetime) ->
     """Too many parked rows, a due row waiting too long, rows and nobody to send them, or a
     worker whose API key Recrypt refuses."""
     return (
-        view.counts.get(PARKED, 0) >= max(c.parked_critical, 1)
+        view.counts.get(State.PARKED, 0) >= max(c.parked_critical, 1)
         or (oldest_due_age(view.oldest_due_at, now) or 0.0) >= c.oldest_due_critical
         or (not live and _waiting(view) > 0)
-        or any(w.gate == UNAUTHENTICATED for w in live)
+        or any(w.gate == GateState.UNAUTHENTICATED for w in live)
     )
 
 
 def _warning(view: Status, live: Sequence[Worker], c: Limits, now: datetime) -> bool:
     """Parked rows, a due row waiting, or a live worker's gate closed (other than timed)."""
     return (
-        view.counts.get(PARKED, 0) >= max(c.parked_warning, 1)
+        view.counts.get(State.PARKED, 0) >= max(c.parked_warning, 1)
         or (oldest_due_age(view.oldest_due_at, now) or 0.0) >= c.oldest_due_warning
-        or any(w.gate not in (OPEN, *TIMED_GATES) for w in live)
+        or any(w.gate not in (GateState.OPEN, *TIMED_GATES) for w in live)
     )
 
 
 def _waiting(view: Status) -> int:
-    return view.counts.get(PENDING, 0) + view.counts.get(INFLIGHT, 0)
+    return view.counts.get(State.PENDING, 0) + view.counts.get(State.INFLIGHT, 0)
 
 
 def broken(view: Status, live: Sequence[Worker], lease: float, now: datetime) -> list[str]:
@@ -421,7 +421,7 @@ def broken(view: Status, live: Sequence[Worker], lease: float, now: datetime) ->
 
 def check_summary(view: Status, now: datetime, live: Sequence[Worker]) -> str:
     """``3 parked (limit=3); oldest due row 12 s; 1 live worker (gate open)``."""
-    parked = view.counts.get(PARKED, 0)
+    parked = view.counts.get(State.PARKED, 0)
     parts = [f"{parked} parked" + (f" ({reasons(view.parked_by_reason)})" if parked else "")]
     oldest = oldest_due_age(view.oldest_due_at, now)
     parts.append("no due rows" if oldest is None else f"oldest due row {oldest:.0f} s")
@@ -463,7 +463,7 @@ def _closed_notes(
 
 
 def _rollover_note(live: Sequence[Worker], c: Limits, now: datetime) -> str | None:
-    closed = gate_age(live, ROLLOVER, now)
+    closed = gate_age(live, GateState.ROLLOVER, now)
     if closed is None or closed < c.rollover_warning:
         return None
     how_long = (
@@ -475,7 +475,7 @@ def _rollover_note(live: Sequence[Worker], c: Limits, now: datetime) -> str | No
 
 
 def _maintenance_note(live: Sequence[Worker], c: Limits, now: datetime) -> str | None:
-    closed = gate_age(live, MAINTENANCE, now)
+    closed = gate_age(live, GateState.MAINTENANCE, now)
     if closed is None or closed < c.maintenance_warning:
         return None
     paused = "for an unknown time" if closed == math.inf else lasted(closed)

@@ -16,6 +16,7 @@ from outbox.cli.app import Outbox, describe_failure, main, pass_outbox
 from outbox.cli.output import emit_json, status_json
 from outbox.cli.render import console, print_status
 from outbox.clock import utcnow
+from outbox.gates import SENDS_NOTHING
 from outbox.health import CRITICAL, Rules, Verdict, judge
 
 
@@ -46,8 +47,6 @@ def check(obj: Outbox) -> None:
 
 
 def _verdict(obj: Outbox) -> Verdict:
-    from outbox.gates import SENDS_NOTHING  # noqa: PLC0415 (gates load grpc: only for check)
-
     now, c = utcnow(), obj.config.check
     store = obj.store()
     retrying = store.retrying(now - timedelta(seconds=c.retrying_warning), c.attempts_warning)

@@ -379,8 +379,8 @@ def test_check_threshold_defaults() -> None:
 
 
 def test_the_gates_check_judges_are_gates() -> None:
-    assert {health.ROLLOVER, health.MAINTENANCE} <= set(GATE_STATES)
-    assert {health.ROLLOVER, health.MAINTENANCE} == {Gate.ROLLOVER, Gate.MAINTENANCE}
+    assert set(health.TIMED_GATES) <= set(GATE_STATES)
+    assert set(health.TIMED_GATES) == {Gate.ROLLOVER, Gate.MAINTENANCE}
 
 
 # --------------------------------------------------------------------------- status, store

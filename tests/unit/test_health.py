@@ -8,20 +8,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from outbox.config import CheckConfig
-from outbox.gates import OPEN as GATE_OPEN
 from outbox.gates import SENDS_NOTHING
 from outbox.health import (
     CRITICAL,
     FAILURE_LOG_INTERVAL,
-    INFLIGHT,
     KEEPS_FAILING_RUNS,
-    MAINTENANCE,
     OK,
-    OPEN,
-    PARKED,
-    PENDING,
-    ROLLOVER,
-    UNAUTHENTICATED,
     WARNING,
     JobFailure,
     JobHealth,
@@ -30,8 +22,6 @@ from outbox.health import (
     judge,
     oldest_due_age,
 )
-from outbox.policy import Gate
-from outbox.schema import State
 from outbox.store import RetryingView, StatusView, WorkerView
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -236,16 +226,6 @@ def test_rows_retrying_long_warn_with_their_answer() -> None:
     assert found.level == WARNING
     assert "1 row retrying over 30 min since first due (oldest 60 min)" in found.summary
     assert "its last answer: UNAVAILABLE" in found.summary
-
-
-def test_the_verdicts_words_are_the_gates_and_states() -> None:
-    assert (OPEN, UNAUTHENTICATED, ROLLOVER, MAINTENANCE) == (
-        GATE_OPEN,
-        Gate.UNAUTHENTICATED,
-        Gate.ROLLOVER,
-        Gate.MAINTENANCE,
-    )
-    assert (PENDING, INFLIGHT, PARKED) == (State.PENDING, State.INFLIGHT, State.PARKED)
 
 
 def test_the_oldest_due_age_is_never_negative() -> None:
