@@ -91,15 +91,19 @@ def release_expired_leases(
     ).all()
     parks = [row for row in rows if row.unknown_attempts + 1 >= max_unknown_attempts]
     resends = [row for row in rows if row.unknown_attempts + 1 < max_unknown_attempts]
-    _release(conn, parks, now, parks=True)
-    released = _release(conn, resends, now, parks=False)
-    return [read_text(row.key, "idempotency_key")[0] for row in resends if row.id in released]
+    lines = _release(conn, parks, now, parks=True) + _release(conn, resends, now, parks=False)
+    add_lines(conn, lines)
+    moved = {line["message_id"] for line in lines}
+    return [read_text(row.key, "idempotency_key")[0] for row in resends if row.id in moved]
 
 
-def _release(conn: Connection, rows: Sequence[Any], now: datetime, *, parks: bool) -> set[int]:
-    """Expired leases: back to pending, or parked ``unknown_outcome``; the ids it moved."""
+def _release(
+    conn: Connection, rows: Sequence[Any], now: datetime, *, parks: bool
+) -> list[dict[str, Any]]:
+    """Expired leases: back to pending, or parked ``unknown_outcome``, in one statement; the
+    history lines of the rows it moved."""
     if not rows:
-        return set()
+        return []
     calls = [_release_call(row, parks=parks) for row in rows]
     params = [
         {"r_id": row.id, "r_owner": row.lease_owner, "r_message": bounded(text), "r_now": now}
@@ -107,13 +111,11 @@ def _release(conn: Connection, rows: Sequence[Any], now: datetime, *, parks: boo
     ]
     done = conn.execute(_PARK_UNKNOWN if parks else _RESEND, params)
     moved = _changed(conn, rows, done.rowcount, _released_by_us)
-    lines = [
+    return [
         history_params(row.id, now, "reaper", line)
         for row, (_text, line) in zip(rows, calls, strict=True)
         if row.id in moved
     ]
-    add_lines(conn, lines)
-    return moved
 
 
 def _release_call(row: Any, *, parks: bool) -> tuple[str, Call]:
