@@ -141,7 +141,7 @@ def _run_daemon_until_idle(config: Config, store: Store) -> None:
 
 
 def _report(store: Store, sim: Simulator, console: Console, show_rows: ShowRows) -> int:
-    rows = list(reversed(store.list_rows(limit=50)))
+    rows = list(reversed(store.list_rows(limit=50).rows))
     show_rows(console, rows)
     console.print(
         f"Recrypt's ledger: {len(sim.ledger)} effects, each key executed once: "

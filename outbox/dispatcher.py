@@ -174,12 +174,14 @@ class Dispatcher:
         return report
 
     def _cycle(self, granted: int, now: datetime, report: CycleReport) -> None:
+        held = self.store.held()  # operators' holds (`outbox hold`), read at most twice a poll
         claims = self.store.claim_due(
             self.worker_id,
             granted,
             self.settings.lease,
             now,
-            exclude_methods=self.gates.excluded_methods(now),
+            exclude_methods=(*self.gates.excluded_methods(now), *held.methods),
+            exclude_lanes=held.lanes,
         )
         report.claimed = len(claims)
         if not claims:

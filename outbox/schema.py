@@ -29,8 +29,10 @@ __all__ = [
     "InflightLane",
     "State",
     "UTCDateTime",
+    "approvals",
     "attempts",
     "due_at_0007",
+    "holds",
     "lanes",
     "messages",
     "metadata",
@@ -250,6 +252,9 @@ messages = sa.Table(
     # When the row may be sent: the later of not_before and next_attempt_at (migration 0007),
     # NULL while it waits behind its lane (0008).
     sa.Column("due_at", UTCDateTime(), DueAt(), nullable=True),
+    # The payload as first claimed (sent), kept when it is later edited: ``outbox show`` of a
+    # ``payload_changed`` row shows what changed (migration 0010; NULL: never claimed since).
+    sa.Column("first_payload", _json(), nullable=True),
     sa.UniqueConstraint("idempotency_key"),
     sa.CheckConstraint(f"state IN ({_state_values})", name="state_valid"),
     # The claim walks due rows in (due_at, id) order, reading only rows it can send: rows
@@ -303,6 +308,8 @@ messages = sa.Table(
     ),
     # Retention and `outbox list --state`: finished rows by age.
     sa.Index("ix_outbox_messages_state_updated", "state", "updated_at"),
+    # `outbox list --reference`, `outbox show REFERENCE` (migration 0010).
+    sa.Index("ix_outbox_messages_reference", "reference"),
 )
 
 attempts = sa.Table(
@@ -371,4 +378,38 @@ lanes = sa.Table(
     "outbox_lanes",
     metadata,
     sa.Column("lane", sa.String(255), primary_key=True),
+)
+
+
+# A lane or a method an operator held (migration 0010): no daemon claims its rows until an
+# operator releases it (``outbox hold``, ``outbox release``). A release deletes the row.
+holds = sa.Table(
+    "outbox_holds",
+    metadata,
+    sa.Column("kind", sa.String(16), primary_key=True),  # a vocabulary.HoldKind
+    sa.Column("value", sa.String(255), primary_key=True),  # the lane, or the full gRPC path
+    sa.Column("actor", sa.String(255), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("held_at", UTCDateTime(), nullable=False),
+    sa.CheckConstraint("kind IN ('lane', 'method')", name="kind_valid"),
+)
+
+# Dual control (migration 0010): an action that needs a second operator ([console]
+# dual_control: cancelling a row that may have executed) is a request here until a different
+# operator approves (the action is then done) or rejects it.
+approvals = sa.Table(
+    "outbox_approvals",
+    metadata,
+    sa.Column("id", _id_type, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),  # a vocabulary.ApprovalAction
+    sa.Column("requested_by", sa.String(255), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("requested_at", UTCDateTime(), nullable=False),
+    sa.Column("decided_by", sa.String(255), nullable=True),
+    sa.Column("decision", sa.String(16), nullable=True),  # NULL: open; approved | rejected
+    sa.Column("decided_at", UTCDateTime(), nullable=True),
+    sa.Column("note", sa.Text(), nullable=True),  # the decider's reason
+    sa.Index("ix_outbox_approvals_decision", "decision", "id"),
+    sa.Index("ix_outbox_approvals_idempotency_key", "idempotency_key"),
 )

@@ -151,3 +151,27 @@ class HistoryDecision(enum.StrEnum):
     REQUEUE = "requeue"  # an operator sent a parked row again
     CANCEL = "cancel"  # an operator cancelled a row that cannot have executed
     CANCEL_FORCED = "cancel_forced"  # an operator cancelled a row that may have executed
+    # dual control ([console] dual_control): a forced cancel is a request a second operator decides
+    CANCEL_REQUESTED = "cancel_requested"  # an operator asked to cancel a maybe-executed row
+    CANCEL_APPROVED = "cancel_approved"  # a second operator approved it: the row was cancelled
+    CANCEL_REJECTED = "cancel_rejected"  # a second operator rejected it: the row stays
+
+
+class HoldKind(enum.StrEnum):
+    """What an operator can hold (``outbox hold``): no daemon claims the rows it covers."""
+
+    LANE = "lane"  # every row of one lane
+    METHOD = "method"  # every row of one gRPC method (its full path)
+
+
+class ApprovalAction(enum.StrEnum):
+    """Actions that need a second operator under dual control (``outbox_approvals.action``)."""
+
+    CANCEL_FORCED = "cancel_forced"  # cancel a row that may have executed at Recrypt
+
+
+class ApprovalDecision(enum.StrEnum):
+    """How a request for a second operator ended (``outbox_approvals.decision``; NULL: open)."""
+
+    APPROVED = "approved"  # done: the action was carried out
+    REJECTED = "rejected"  # not done

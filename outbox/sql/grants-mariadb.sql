@@ -15,6 +15,8 @@ GRANT SELECT, INSERT, DELETE ON `@DATABASE@`.`outbox_attempts` TO '@DAEMON@'@'@H
 GRANT SELECT, INSERT, UPDATE, DELETE ON `@DATABASE@`.`outbox_workers` TO '@DAEMON@'@'@HOST@';  -- DELETE: old worker rows
 GRANT SELECT, INSERT, DELETE ON `@DATABASE@`.`outbox_tombstones` TO '@DAEMON@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_lanes` TO '@DAEMON@'@'@HOST@';
+GRANT SELECT ON `@DATABASE@`.`outbox_holds` TO '@DAEMON@'@'@HOST@';
+GRANT SELECT ON `@DATABASE@`.`outbox_approvals` TO '@DAEMON@'@'@HOST@';
 
 -- The writer: inserts rows and reads them (enqueue refuses a key already used). It reads the
 -- tombstones (a key spent by a purged row is refused) and takes a lane's lock row
@@ -22,6 +24,8 @@ GRANT SELECT ON `@DATABASE@`.`outbox_lanes` TO '@DAEMON@'@'@HOST@';
 GRANT SELECT, INSERT ON `@DATABASE@`.`outbox_messages` TO '@WRITER@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_tombstones` TO '@WRITER@'@'@HOST@';
 GRANT SELECT, INSERT, UPDATE ON `@DATABASE@`.`outbox_lanes` TO '@WRITER@'@'@HOST@';
+GRANT SELECT ON `@DATABASE@`.`outbox_holds` TO '@WRITER@'@'@HOST@';
+GRANT SELECT ON `@DATABASE@`.`outbox_approvals` TO '@WRITER@'@'@HOST@';
 
 -- The reader: everything, read-only.
 GRANT SELECT ON `@DATABASE@`.`outbox_messages` TO '@READER@'@'@HOST@';
@@ -29,10 +33,15 @@ GRANT SELECT ON `@DATABASE@`.`outbox_attempts` TO '@READER@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_workers` TO '@READER@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_tombstones` TO '@READER@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_lanes` TO '@READER@'@'@HOST@';
+GRANT SELECT ON `@DATABASE@`.`outbox_holds` TO '@READER@'@'@HOST@';
+GRANT SELECT ON `@DATABASE@`.`outbox_approvals` TO '@READER@'@'@HOST@';
 
--- The operator: the reader's rights, plus requeue/cancel (a row's state, a history line).
+-- The operator: the reader's rights, plus requeue/cancel (a row's state, a history line),
+-- hold/release (a hold's row) and dual control (a request, its decision).
 GRANT SELECT, UPDATE ON `@DATABASE@`.`outbox_messages` TO '@OPERATOR@'@'@HOST@';
 GRANT SELECT, INSERT ON `@DATABASE@`.`outbox_attempts` TO '@OPERATOR@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_workers` TO '@OPERATOR@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_tombstones` TO '@OPERATOR@'@'@HOST@';
 GRANT SELECT ON `@DATABASE@`.`outbox_lanes` TO '@OPERATOR@'@'@HOST@';
+GRANT SELECT, INSERT, DELETE ON `@DATABASE@`.`outbox_holds` TO '@OPERATOR@'@'@HOST@';
+GRANT SELECT, INSERT, UPDATE ON `@DATABASE@`.`outbox_approvals` TO '@OPERATOR@'@'@HOST@';

@@ -18,6 +18,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_workers TO @DAEMON@;  -- DELETE: 
 -- UPDATE on outbox_tombstones only because the purge locks them (SELECT … FOR UPDATE).
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_tombstones TO @DAEMON@;
 GRANT SELECT ON outbox_lanes TO @DAEMON@;
+-- Operators' holds (it claims no row of a held lane or method) and requests (status shows them).
+GRANT SELECT ON outbox_holds, outbox_approvals TO @DAEMON@;
 
 -- The writer: inserts rows and reads them (enqueue refuses a key already used). It reads the
 -- tombstones (a key spent by a purged row is refused) and takes a lane's lock row, which
@@ -26,14 +28,19 @@ GRANT SELECT, INSERT ON outbox_messages TO @WRITER@;
 GRANT USAGE ON SEQUENCE outbox_messages_id_seq TO @WRITER@;
 GRANT SELECT ON outbox_tombstones TO @WRITER@;
 GRANT SELECT, INSERT, UPDATE ON outbox_lanes TO @WRITER@;
+GRANT SELECT ON outbox_holds, outbox_approvals TO @WRITER@;
 
 -- The reader: everything, read-only.
 GRANT SELECT ON outbox_messages, outbox_attempts, outbox_workers, outbox_tombstones,
-  outbox_lanes TO @READER@;
+  outbox_lanes, outbox_holds, outbox_approvals TO @READER@;
 
--- The operator: the reader's rights, plus requeue/cancel (a row's state, a history line).
+-- The operator: the reader's rights, plus requeue/cancel (a row's state, a history line),
+-- hold/release (a hold's row) and dual control (a request, its decision).
 GRANT SELECT ON outbox_messages, outbox_attempts, outbox_workers, outbox_tombstones,
-  outbox_lanes TO @OPERATOR@;
+  outbox_lanes, outbox_holds, outbox_approvals TO @OPERATOR@;
 GRANT UPDATE ON outbox_messages TO @OPERATOR@;
 GRANT INSERT ON outbox_attempts TO @OPERATOR@;
 GRANT USAGE ON SEQUENCE outbox_attempts_id_seq TO @OPERATOR@;
+GRANT INSERT, DELETE ON outbox_holds TO @OPERATOR@;
+GRANT INSERT, UPDATE ON outbox_approvals TO @OPERATOR@;
+GRANT USAGE ON SEQUENCE outbox_approvals_id_seq TO @OPERATOR@;

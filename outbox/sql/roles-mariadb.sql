@@ -32,3 +32,5 @@ GRANT ALL PRIVILEGES ON `@DATABASE@`.`outbox_attempts` TO '@OWNER@'@'@HOST@';
 GRANT ALL PRIVILEGES ON `@DATABASE@`.`outbox_workers` TO '@OWNER@'@'@HOST@';
 GRANT ALL PRIVILEGES ON `@DATABASE@`.`outbox_tombstones` TO '@OWNER@'@'@HOST@';
 GRANT ALL PRIVILEGES ON `@DATABASE@`.`outbox_lanes` TO '@OWNER@'@'@HOST@';
+GRANT ALL PRIVILEGES ON `@DATABASE@`.`outbox_holds` TO '@OWNER@'@'@HOST@';
+GRANT ALL PRIVILEGES ON `@DATABASE@`.`outbox_approvals` TO '@OWNER@'@'@HOST@';

@@ -10,13 +10,16 @@ The store knows rows and states; it never knows gRPC.
 - ``claims``: the dispatcher's claim; ``record`` and ``transitions``: its outcomes
 - ``heads``: lane heads (which row of a lane may be claimed)
 - ``sweeps``: the reaper, the expirer and retention; ``workers``: the daemons' beats
-- ``operator``: requeue and cancel; ``views``: reading; ``plans``: EXPLAIN
+- ``operator``: requeue, cancel, approve and reject; ``bulk``: the same on many rows;
+  ``approvals``: dual control's requests; ``holds``: held lanes and methods
+- ``views``: reading; ``selection``: filters, pages, finding a row; ``plans``: EXPLAIN
 - ``enqueue``: writers' inserts; ``history``: history lines; ``tx``: transactions, retries
 - ``rows``: the data the operations take and return; ``listener``: PostgreSQL wake-ups
 
 The store may import ``outbox.schema``, ``outbox.payload``, ``outbox.errors``,
 ``outbox.vocabulary``, ``outbox.clock``, ``outbox.health``, ``outbox.logs`` and
-``outbox.backoff``; never gRPC, the dispatcher, the daemon or the CLI.
+``outbox.backoff``, ``outbox.filters`` and ``outbox.operations``; never gRPC, the
+dispatcher, the daemon or the CLI.
 """
 
 from __future__ import annotations
@@ -26,22 +29,31 @@ from datetime import datetime
 
 from sqlalchemy.engine import Engine
 
-from outbox.store import claims, operator, plans, sweeps, views, workers
+from outbox.filters import RowFilter
+from outbox.store import approvals, bulk, claims, holds, operator, plans, selection, sweeps
+from outbox.store import views, workers
 from outbox.store import heads as lane_heads
 from outbox.store import record as recording
 from outbox.store.enqueue import enqueue_row, new_key
+from outbox.store.operator import Act
 from outbox.store.rows import (
+    Approval,
+    BulkResult,
     Call,
     Claim,
     Committed,
     HandedBack,
+    Held,
     HistoryLine,
+    Hold,
     NewRow,
     Outcome,
     Parked,
     Retry,
     RetryingView,
+    RowPage,
     RowView,
+    Skipped,
     StatusView,
     WorkerBeat,
     WorkerView,
@@ -49,17 +61,24 @@ from outbox.store.rows import (
 from outbox.store.tx import lock_lane, read, retry_transient, transient, write
 
 __all__ = [
+    "Approval",
+    "BulkResult",
     "Call",
     "Claim",
     "Committed",
     "HandedBack",
+    "Held",
     "HistoryLine",
+    "Hold",
     "NewRow",
     "Outcome",
     "Parked",
     "Retry",
     "RetryingView",
+    "RowFilter",
+    "RowPage",
     "RowView",
+    "Skipped",
     "StatusView",
     "Store",
     "WorkerBeat",
@@ -81,6 +100,7 @@ class Store:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._claimer = claims.Claimer(engine)
+        self._holds = holds.HoldsCache(self.holds)
 
     # ---- the dispatcher: claims and outcomes (claims.py, record.py)
 
@@ -92,9 +112,17 @@ class Store:
         now: datetime,
         *,
         exclude_methods: Collection[str] = (),
+        exclude_lanes: Collection[str] = (),
     ) -> list[Claim]:
-        """Up to ``batch`` due rows, claimed under a lease for ``worker`` (``claims``)."""
-        return self._claimer.claim_due(worker, batch, lease, now, exclude_methods)
+        """Up to ``batch`` due rows, claimed under a lease for ``worker`` (``claims``), none
+        of ``exclude_methods`` (gates, holds) nor of ``exclude_lanes`` (holds)."""
+        claim = self._claimer.claim_due
+        return claim(worker, batch, lease, now, exclude_methods, exclude_lanes)
+
+    def held(self) -> Held:
+        """The lanes and methods operators hold, for the claim: read at most every
+        ``holds.HOLDS_MAX_AGE`` seconds (well within one poll); changes are logged."""
+        return self._holds.current()
 
     def record(self, outcomes: Sequence[Outcome], now: datetime) -> list[Outcome]:
         """Record a batch of outcomes; returns those whose row was lost to another worker."""
@@ -168,17 +196,98 @@ class Store:
         """The database server's clock (UTC): the one clock every daemon shares."""
         return read(self.engine, views.database_now)
 
-    # ---- operators (operator.py)
+    # ---- operators (operator.py, bulk.py, approvals.py, holds.py)
 
     def requeue(self, key: str, actor: str, reason: str, now: datetime) -> RowView:
-        """parked → pending, same key, due now."""
+        """parked → pending, same key, due now; its unknown outcomes are counted afresh."""
         write(self.engine, operator.requeue, key, actor, reason, now)
         return self.get(key)
 
-    def cancel(self, key: str, actor: str, reason: str, now: datetime, force: bool) -> RowView:
-        """pending/parked → cancelled. Refuses a row that may have executed unless ``force``."""
-        write(self.engine, operator.cancel, key, actor, reason, now, force=force)
+    def cancel(
+        self,
+        key: str,
+        actor: str,
+        reason: str,
+        now: datetime,
+        force: bool,
+        *,
+        dual_control: bool = False,
+    ) -> RowView:
+        """pending/parked → cancelled. Refuses a row that may have executed unless ``force``;
+        under ``dual_control`` a forced one becomes a request (``approve``, ``reject``)."""
+        cancel = operator.cancel
+        write(self.engine, cancel, key, actor, reason, now, force=force, dual_control=dual_control)
         return self.get(key)
+
+    def requeue_keys(
+        self, keys: Sequence[str], actor: str, reason: str, now: datetime, *, dry_run: bool = False
+    ) -> BulkResult:
+        """``requeue`` of each key; a row that cannot be requeued is skipped, with why."""
+        return bulk.by_keys(self.engine, keys, Act("requeue", actor, reason, now), dry_run=dry_run)
+
+    def cancel_keys(
+        self,
+        keys: Sequence[str],
+        actor: str,
+        reason: str,
+        now: datetime,
+        *,
+        force: bool = False,
+        dual_control: bool = False,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """``cancel`` of each key; a row that cannot be cancelled is skipped, with why."""
+        act = Act("cancel", actor, reason, now, force, dual_control)
+        return bulk.by_keys(self.engine, keys, act, dry_run=dry_run)
+
+    def requeue_matching(
+        self, wanted: RowFilter, actor: str, reason: str, now: datetime, *, dry_run: bool = False
+    ) -> BulkResult:
+        """Requeue every parked row matching ``wanted``, in batches (``bulk``)."""
+        act = Act("requeue", actor, reason, now)
+        return bulk.by_filter(self.engine, wanted, act, dry_run=dry_run)
+
+    def cancel_matching(
+        self,
+        wanted: RowFilter,
+        actor: str,
+        reason: str,
+        now: datetime,
+        *,
+        force: bool = False,
+        dual_control: bool = False,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """Cancel every pending or parked row matching ``wanted``, in batches (``bulk``)."""
+        act = Act("cancel", actor, reason, now, force, dual_control)
+        return bulk.by_filter(self.engine, wanted, act, dry_run=dry_run)
+
+    def approve(self, approval_id: int, actor: str, reason: str, now: datetime) -> Approval:
+        """Dual control: a second, different operator approves; the action is carried out."""
+        return write(self.engine, operator.approve, approval_id, actor, reason, now)
+
+    def reject(self, approval_id: int, actor: str, reason: str, now: datetime) -> Approval:
+        """Dual control: a second, different operator rejects; the row stays as it is."""
+        return write(self.engine, operator.reject, approval_id, actor, reason, now)
+
+    def approvals(self, *, open_only: bool = True) -> list[Approval]:
+        """Dual control's requests, newest first (open ones only, unless told)."""
+        return read(self.engine, approvals.list_requests, open_only=open_only)
+
+    def hold(self, kind: str, value: str, actor: str, reason: str, now: datetime) -> Hold:
+        """Hold a lane or a method (``vocabulary.HoldKind``): no daemon claims its rows."""
+        made = write(self.engine, holds.add, kind, value, actor, reason, now)
+        self._holds.forget()
+        return made
+
+    def release(self, kind: str, value: str, actor: str, reason: str) -> Hold:
+        """Release a hold; returns the hold released."""
+        gone = write(self.engine, holds.remove, kind, value, actor, reason)
+        self._holds.forget()
+        return gone
+
+    def holds(self) -> list[Hold]:
+        return read(self.engine, holds.list_holds)
 
     # ---- reading: the CLI, the gauges, ``outbox check`` (views.py)
 
@@ -188,16 +297,20 @@ class Store:
     def history(self, key: str) -> list[HistoryLine]:
         return read(self.engine, views.history, key)
 
+    def find_row(self, text: str) -> RowView:
+        """The row ``text`` names: its key in any case, a unique key prefix (8+ characters)
+        or a reference; several: ``selection.AmbiguousRowError`` with the candidates."""
+        return read(self.engine, selection.find_row, text)
+
     def list_rows(
-        self,
-        *,
-        state: str | None = None,
-        method: str | None = None,
-        lane: str | None = None,
-        limit: int = 50,
-    ) -> list[RowView]:
-        filters = {"state": state, "method": method, "lane": lane}
-        return read(self.engine, views.list_rows, **filters, limit=limit)
+        self, wanted: RowFilter | None = None, *, after: int | None = None, limit: int = 50
+    ) -> RowPage:
+        """A page of rows matching ``wanted``, newest first, below the keyset cursor
+        ``after``; with the total matching and the next page's cursor."""
+        return read(self.engine, selection.list_rows, wanted or RowFilter(), after, limit)
+
+    def count_rows(self, wanted: RowFilter | None = None) -> int:
+        return read(self.engine, selection.count_rows, wanted or RowFilter())
 
     def status(self, now: datetime) -> StatusView:
         return read(self.engine, views.status, now)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -32,13 +33,21 @@ _CLAIMS_KEPT = 16
 _WRITER_TEXT = ("idempotency_key", "method", "payload", "lane")
 
 
+@dataclass(frozen=True)
+class Excluded:
+    """What a claim leaves out: methods (gates, holds) and lanes (holds)."""
+
+    methods: frozenset[str] = frozenset()
+    lanes: frozenset[str] = frozenset()
+
+
 class Claimer:
     """The claims of one store: PostgreSQL's claim statements, built once, and the lane sort's
     pace (``sort_new_lane_rows``)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._statements: dict[frozenset[str], sa.Update] = {}  # PostgreSQL's claims
+        self._statements: dict[Excluded, sa.Update] = {}  # PostgreSQL's claims
         self._next_sort = 0.0  # time.monotonic() when a claim next sorts new lane rows
         self._sorting = False  # the last sort found rows: more may wait
 
@@ -50,6 +59,7 @@ class Claimer:
         lease: float,
         now: datetime,
         exclude_methods: Collection[str] = (),
+        exclude_lanes: Collection[str] = (),
     ) -> list[Claim]:
         """Claim up to ``batch`` due rows under a lease for ``worker``, in the order they are due.
 
@@ -59,13 +69,15 @@ class Claimer:
         SQLite holds the database write lock (``BEGIN IMMEDIATE``) for the transaction.
         The fingerprint of method and payload is stored at the first claim, before any send.
         It never fails on one row's data: what cannot be read is the claim's ``defect``.
+        Rows of ``exclude_methods`` (gates, holds) and ``exclude_lanes`` (holds) stay.
         """
         expires = now + timedelta(seconds=lease)
+        excluded = Excluded(frozenset(exclude_methods), frozenset(exclude_lanes))
         if self.engine.dialect.name == "postgresql":
-            return self._claim_returning(worker, batch, now, expires, exclude_methods)
+            return self._claim_returning(worker, batch, now, expires, excluded)
         with self.engine.begin() as conn:
             self.sort_new_lane_rows(conn)
-            rows = conn.execute(due_query(batch, now, exclude_methods)).all()
+            rows = conn.execute(due_query(batch, now, excluded)).all()
             claims = [claim_from(row, worker) for row in rows]
             _take(conn, claims, worker, expires, now)
         return claims
@@ -84,19 +96,18 @@ class Claimer:
         batch: int,
         now: datetime,
         expires: datetime,
-        exclude_methods: Collection[str],
+        excluded: Excluded,
     ) -> list[Claim]:
         """PostgreSQL: the whole claim in one statement (built once), the fingerprint in SQL."""
         params = {"c_worker": worker, "c_batch": batch, "c_now": now, "c_lease_expires": expires}
         with self.engine.begin() as conn:  # in the claim's order, as the other databases return
             self.sort_new_lane_rows(conn)
-            found = conn.execute(self._statement(exclude_methods), params).all()
+            found = conn.execute(self._statement(excluded), params).all()
             rows = sorted(found, key=lambda row: (row.due_at, row.id))
         return [claim_from(row, worker, current=row.current) for row in rows]
 
-    def _statement(self, exclude_methods: Collection[str]) -> sa.Update:
-        """The claim for one set of excluded methods, built at its first use and kept."""
-        key = frozenset(exclude_methods)
+    def _statement(self, key: Excluded) -> sa.Update:
+        """The claim for one set of excluded methods and lanes, built at its first use, kept."""
         statement = self._statements.get(key)
         if statement is None:
             if len(self._statements) >= _CLAIMS_KEPT:  # gates changed many times: start over
@@ -121,12 +132,18 @@ def _take(
             updated_at=now,
             lane_behind=False,
             payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, sa.bindparam("b_fp")),
+            # the payload as first sent: MariaDB assigns in order, so the claim's own reading
+            # of the fingerprint (not the column just set) says whether this is the first
+            first_payload=sa.case((sa.bindparam("b_first"), m.c.payload), else_=m.c.first_payload),
         ),
-        [{"b_id": c.id, "b_fp": c.fingerprint} for c in claims],
+        [
+            {"b_id": c.id, "b_fp": c.fingerprint, "b_first": c.stored_fingerprint is None}
+            for c in claims
+        ],
     )
 
 
-def build_claim(exclude_methods: Collection[str]) -> sa.Update:
+def build_claim(excluded: Excluded) -> sa.Update:
     """PostgreSQL: ``UPDATE … RETURNING`` of the due rows, its values bound at each claim.
 
     ``payload::text`` of a jsonb value is canonical, so the SHA-256 of the method, a newline
@@ -137,7 +154,7 @@ def build_claim(exclude_methods: Collection[str]) -> sa.Update:
     batch = sa.bindparam("c_batch", type_=sa.Integer())
     # the due rows' selection takes values; bound parameters make it reusable
     due = (
-        due_query(cast(int, batch), cast(datetime, now), exclude_methods)
+        due_query(cast(int, batch), cast(datetime, now), excluded)
         .with_only_columns(m.c.id, m.c.due_at)
         .subquery("due")
     )
@@ -153,14 +170,17 @@ def build_claim(exclude_methods: Collection[str]) -> sa.Update:
             updated_at=now,
             lane_behind=False,
             payload_fingerprint=sa.func.coalesce(m.c.payload_fingerprint, current),
+            first_payload=sa.case(
+                (m.c.payload_fingerprint.is_(None), m.c.payload), else_=m.c.first_payload
+            ),
         )
         .returning(*claim_columns(), current.label("current"), due.c.due_at)
     )
 
 
-def due_query(batch: int, now: datetime, exclude_methods: Collection[str]) -> sa.Select[Any]:
+def due_query(batch: int, now: datetime, excluded: Excluded | None = None) -> sa.Select[Any]:
     """The claim's selection: up to ``batch`` due rows whose lane is free, locked, skipping
-    rows another transaction holds."""
+    rows another transaction holds, and rows of the methods and lanes ``excluded``."""
     query = (
         sa.select(*claim_columns())
         .where(
@@ -172,8 +192,11 @@ def due_query(batch: int, now: datetime, exclude_methods: Collection[str]) -> sa
         .limit(batch)
         .with_for_update(skip_locked=True, of=m)
     )
-    if exclude_methods:
-        query = query.where(m.c.method.not_in(list(exclude_methods)))
+    if excluded and excluded.methods:
+        query = query.where(m.c.method.not_in(sorted(excluded.methods)))
+    if excluded and excluded.lanes:
+        held = m.c.lane.not_in(sorted(excluded.lanes))
+        query = query.where(sa.or_(m.c.lane.is_(None), held))
     return query
 
 

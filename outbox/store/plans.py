@@ -25,7 +25,7 @@ def written(engine: Engine, query: sa.Select[Any] | sa.Select[int, Any]) -> str:
 
 def claim_sql(engine: Engine, batch: int, now: datetime) -> str:
     """The claim's row selection as this database runs it, values written in."""
-    return written(engine, due_query(batch, now, ()).with_only_columns(messages.c.id))
+    return written(engine, due_query(batch, now).with_only_columns(messages.c.id))
 
 
 def oldest_due_sql(engine: Engine, now: datetime) -> str:

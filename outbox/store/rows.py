@@ -125,6 +125,7 @@ class RowView:
     lease_owner: str | None
     payload: Any = None
     response: Any = None
+    first_payload: Any = None  # as first claimed, if kept (``outbox show``: what changed)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,72 @@ class WorkerBeat:
 
 
 @dataclass(frozen=True)
+class RowPage:
+    """One page of ``list_rows``: its rows (newest first), how many rows match in all, and
+    the keyset cursor of the next page (None: this is the last)."""
+
+    rows: list[RowView]
+    total: int
+    next_after: int | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A row a bulk action left alone, and why (it moved meanwhile, its state, maybe executed)."""
+
+    key: str
+    why: str
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What ``requeue_matching`` / ``cancel_matching`` (and their by-key forms) did."""
+
+    action: str  # requeue | cancel
+    matched: int  # rows the filter or keys selected in a state the action takes
+    acted: list[str] = field(default_factory=list)  # keys moved
+    skipped: list[Skipped] = field(default_factory=list)
+    requested: list[tuple[str, int]] = field(default_factory=list)  # dual control: (key, id)
+    dry_run: bool = False
+    sample: list[str] = field(default_factory=list)  # a dry run: the first keys it would take
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A lane or a method an operator held (``outbox_holds``): no daemon claims its rows."""
+
+    kind: str  # a vocabulary.HoldKind
+    value: str
+    actor: str
+    reason: str
+    held_at: datetime
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the claim leaves out: the held lanes and methods (``Store.held``)."""
+
+    lanes: frozenset[str] = frozenset()
+    methods: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A request for a second operator (dual control), open until decided."""
+
+    id: int
+    idempotency_key: str
+    action: str  # a vocabulary.ApprovalAction
+    requested_by: str
+    reason: str
+    requested_at: datetime
+    decided_by: str | None = None
+    decision: str | None = None  # a vocabulary.ApprovalDecision; None: open
+    decided_at: datetime | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
 class StatusView:
     counts: dict[str, int]
     oldest_due_at: datetime | None
@@ -180,6 +247,8 @@ class StatusView:
     workers: list[WorkerView] = field(default_factory=list)
     leases_expired: int = 0  # rows in flight whose lease has run out
     oldest_lease_expired_at: datetime | None = None  # the earliest such lease end
+    holds: list[Hold] = field(default_factory=list)  # lanes and methods operators held
+    approvals_open: int = 0  # dual-control requests waiting for a second operator
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ _VIEW_COLUMNS = [
     "committed_at",
     "lease_owner",
 ]
+
 #: The writers' text columns an operator view reads as written (SQLite may hold any bytes).
 _VIEW_WRITER_TEXT = frozenset({"idempotency_key", "method", "lane", "reference", "payload"})
 #: The view's timestamp columns: only these are read as times (a reference may look like one).
@@ -62,10 +63,10 @@ _VIEW_TIMES = frozenset(c.name for c in m.c if isinstance(c.type, UTCDateTime))
 
 
 def get(conn: Connection, key: str) -> RowView:
-    row = conn.execute(_view_query(with_payload=True).where(m.c.idempotency_key == key)).first()
+    row = conn.execute(view_query(with_payload=True).where(m.c.idempotency_key == key)).first()
     if row is None:
         raise RowNotFoundError(f"no outbox row has idempotency_key {key}")
-    return _view(row)
+    return row_view(row)
 
 
 def history(conn: Connection, key: str) -> list[HistoryLine]:
@@ -79,22 +80,7 @@ def history(conn: Connection, key: str) -> list[HistoryLine]:
     return [HistoryLine(**row._mapping) for row in rows]
 
 
-def list_rows(
-    conn: Connection,
-    *,
-    state: str | None = None,
-    method: str | None = None,
-    lane: str | None = None,
-    limit: int = 50,
-) -> list[RowView]:
-    query = _view_query(with_payload=False).order_by(m.c.id.desc()).limit(limit)
-    for column, value in ((m.c.state, state), (m.c.method, method), (m.c.lane, lane)):
-        if value is not None:
-            query = query.where(column == value)
-    return [_view(row) for row in conn.execute(query)]
-
-
-def _view_query(*, with_payload: bool) -> sa.Select[Any]:
+def view_query(*, with_payload: bool) -> sa.Select[Any]:
     columns: list[Any] = [
         as_written(m.c[name]).label(name) if name in _VIEW_WRITER_TEXT else m.c[name]
         for name in _VIEW_COLUMNS
@@ -103,11 +89,12 @@ def _view_query(*, with_payload: bool) -> sa.Select[Any]:
         columns += [
             as_written(sa.cast(m.c.payload, sa.Text)).label("payload"),
             sa.cast(m.c.response, sa.Text).label("response"),
+            sa.cast(m.c.first_payload, sa.Text).label("first_payload"),
         ]
     return sa.select(*columns)
 
 
-def _view(row: sa.Row[Any]) -> RowView:
+def row_view(row: sa.Row[Any]) -> RowView:
     """A row for operators; never fails on what a column holds (``outbox show`` must work)."""
     data = {k: aware(v) if k in _VIEW_TIMES else v for k, v in row._mapping.items()}
     for name in _VIEW_WRITER_TEXT & data.keys():

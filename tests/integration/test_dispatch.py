@@ -240,7 +240,7 @@ def test_enqueue_rollback_leaves_no_row(engine, store) -> None:
         trans = conn.begin()
         key = outbox.enqueue(conn, TRANSFER, transfer())
         trans.rollback()
-    assert store.list_rows() == []
+    assert store.list_rows().rows == []
     with pytest.raises(Exception, match="no outbox row"):
         store.get(key)
 

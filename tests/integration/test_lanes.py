@@ -476,7 +476,7 @@ def test_migration_0005_hands_back_a_second_row_of_a_lane_in_flight(
             keys = [insert_plain(conn) for _ in range(3)]
             conn.execute(sa.update(messages).values(state="inflight", lease_owner="w"))
         migrate.upgrade(engine)
-        rows = {row.idempotency_key: row for row in Store(engine).list_rows()}
+        rows = {row.idempotency_key: row for row in Store(engine).list_rows().rows}
     finally:
         engine.dispose()
     assert [rows[k].state for k in keys] == ["inflight", "pending", "pending"]

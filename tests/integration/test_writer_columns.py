@@ -239,7 +239,7 @@ def test_outbox_show_never_crashes_on_a_stored_value(sqlite_engine: Engine) -> N
     store = Store(sqlite_engine)
     row = store.get(key)
     assert (row.not_before, row.expires_at) == ("1795420800", "soon")
-    assert [r.idempotency_key for r in store.list_rows()] == [key]
+    assert [r.idempotency_key for r in store.list_rows().rows] == [key]
     shown = run_cli(str(sqlite_engine.url), "show", key, "--json")
     assert json.loads(shown)["row"]["not_before"] == "1795420800"
     assert "1795420800" in run_cli(str(sqlite_engine.url), "show", key)
