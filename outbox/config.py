@@ -190,6 +190,14 @@ class CheckConfig(_Section):
     )
 
 
+class ConsoleConfig(_Section):
+    """The operators' console and the actions it shares with the CLI (issue 14)."""
+
+    dual_control: bool = Field(
+        False, description="true: cancelling a maybe-executed row needs a second operator"
+    )
+
+
 class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     recrypt: RecryptConfig = RecryptConfig()
@@ -201,6 +209,7 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     retention: RetentionConfig = RetentionConfig()
     check: CheckConfig = CheckConfig()
+    console: ConsoleConfig = ConsoleConfig()
     api_key: SecretStr | None = Field(None, exclude=True)
 
     @model_validator(mode="after")

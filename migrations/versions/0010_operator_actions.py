@@ -67,9 +67,7 @@ def _create_approvals() -> None:
         sa.Column("note", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox_approvals")),
     )
-    op.create_index(
-        op.f("ix_outbox_approvals_decision"), "outbox_approvals", ["decision", "id"]
-    )
+    op.create_index(op.f("ix_outbox_approvals_decision"), "outbox_approvals", ["decision", "id"])
     op.create_index(
         op.f("ix_outbox_approvals_idempotency_key"), "outbox_approvals", ["idempotency_key"]
     )

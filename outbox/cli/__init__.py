@@ -13,7 +13,7 @@ verdict is ``outbox.health``'s. Nothing outside this package imports it: it is t
 
 from __future__ import annotations
 
-from outbox.cli import actions, daemon, db, initialise, monitor, rows  # noqa: F401 (registers them)
+from outbox.cli import actions, daemon, db, holds, initialise, monitor, rows  # noqa: F401
 from outbox.cli.app import main
 from outbox.cli.daemon import DEFAULT_SIMULATOR_KEY
 

@@ -14,7 +14,8 @@ from typing import Any
 import click
 
 from outbox.health import liveness, oldest_due_age
-from outbox.store import HistoryLine, RowView, StatusView
+from outbox.operations import payload_diff
+from outbox.store import BulkResult, HistoryLine, RowPage, RowView, StatusView
 
 
 def emit_json(document: dict[str, Any]) -> None:
@@ -50,8 +51,24 @@ def row_json(row: RowView, *, with_payload: bool = True) -> dict[str, Any]:
     data = plain_json(row)
     if with_payload:
         data["payload"], data["response"] = maybe_json(row.payload), maybe_json(row.response)
+        data["first_payload"] = maybe_json(row.first_payload)
     else:
-        del data["payload"], data["response"]
+        del data["payload"], data["response"], data["first_payload"]
+    return data
+
+
+def page_json(page: RowPage) -> dict[str, Any]:
+    """``outbox list --json``: the rows, how many match in all, the next page's cursor."""
+    rows = [row_json(r, with_payload=False) for r in page.rows]
+    cursor = None if page.next_after is None else str(page.next_after)
+    return {"rows": rows, "total": page.total, "next_cursor": cursor}
+
+
+def bulk_json(result: BulkResult) -> dict[str, Any]:
+    """``outbox requeue|cancel --json``: what was done, skipped (and why) or requested."""
+    data = plain_json(result)
+    data["skipped"] = [{"key": s.key, "why": s.why} for s in result.skipped]
+    data["requested"] = [{"key": k, "approval_id": i} for k, i in result.requested]
     return data
 
 
@@ -63,7 +80,9 @@ def plain_json(item: Any) -> dict[str, Any]:
 
 def show_json(row: RowView, history: list[HistoryLine]) -> dict[str, Any]:
     """``outbox show --json``."""
-    return {"row": row_json(row), "history": [plain_json(h) for h in history]}
+    changed = payload_diff(row.first_payload, row.payload)
+    history_json = [plain_json(h) for h in history]
+    return {"row": row_json(row), "history": history_json, "payload_diff": changed}
 
 
 def status_json(view: StatusView, now: datetime, stale_after: float) -> dict[str, Any]:

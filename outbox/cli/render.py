@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from outbox.cli.output import maybe_json, row_json
+from outbox.filters import RowFilter
 from outbox.health import (
     REFUSED_ADVICE,
     STALE,
@@ -30,7 +31,8 @@ from outbox.health import (
     reasons,
     short_method,
 )
-from outbox.store import HistoryLine, RowView, StatusView, WorkerView
+from outbox.operations import payload_diff
+from outbox.store import BulkResult, HistoryLine, RowPage, RowView, StatusView, WorkerView
 
 LIST_MESSAGE_WIDTH = 60
 MAYBE_MARK = "*"
@@ -39,9 +41,9 @@ ROW_HEADERS = ("key", "state", "method", "att", "lane", "code")
 NARROW_MESSAGE_ROOM = 20
 
 
-def console() -> Console:
+def console(*, stderr: bool = False) -> Console:
     """A console on the current stdout (tests swap it); plain, unwrapped text when piped."""
-    return Console(highlight=False)
+    return Console(highlight=False, stderr=stderr)
 
 
 def text(value: Any) -> Text:
@@ -61,12 +63,19 @@ def age(seconds: float | None) -> str:
 # --------------------------------------------------------------------------- list
 
 
-def print_list(out: Console, rows: Sequence[RowView]) -> None:
-    """``outbox list``: the rows, or a line saying none match; the maybe-executed note."""
-    if rows:
-        print_rows(out, rows)
-    else:
+def print_list(out: Console, page: RowPage, wanted: RowFilter | None = None) -> None:
+    """``outbox list``: the rows, or a line saying none match; "50 of N"; the next page's
+    cursor; the maybe-executed note."""
+    rows = page.rows
+    if not rows:
         out.print("no rows match")
+        return
+    print_rows(out, rows)
+    given = wanted is not None and not wanted.is_empty()
+    matched = f" matching {wanted.describe()}" if wanted is not None and given else ""
+    out.print(Text(f"{len(rows)} of {page.total} rows{matched}, newest first"))
+    if page.next_after is not None:
+        out.print(Text(f"next page: add --after {page.next_after}"))
     if any(row.maybe_executed for row in rows):
         out.print(Text(MAYBE_NOTE))
 
@@ -106,6 +115,41 @@ def row_cells(row: RowView) -> list[str]:
     return [key, state, method, att, lane, code, message]
 
 
+# --------------------------------------------------------------------------- actions
+
+_DONE = {"requeue": ("requeued", "pending"), "cancel": ("cancelled", "cancelled")}
+
+
+def print_bulk(out: Console, err: Console, result: BulkResult, actor: str) -> None:
+    """``requeue``/``cancel``: a line per row acted on, requested or skipped (on ``err``),
+    and a count when there were several; a dry run says what it would do."""
+    verb, state = _DONE[result.action]
+    if result.dry_run:
+        out.print(Text(f"dry run: would {result.action} {result.matched} rows (nothing done)"))
+        for key in result.sample:
+            out.print(Text(f"  {key}"))
+    for key in result.acted:
+        out.print(Text(f"{key} {verb} by {actor}: now {state}"))
+    for key, approval_id in result.requested:
+        out.print(
+            Text(
+                f"{key}: cancel requested as #{approval_id} (dual control): a second operator "
+                f"runs `outbox approve {approval_id} --reason …` (or `outbox reject`)"
+            )
+        )
+    for skipped in result.skipped:
+        err.print(Text(f"skipped {skipped.key}: {skipped.why}"))
+    if len(result.acted) + len(result.skipped) + len(result.requested) > 1:
+        out.print(Text(_bulk_counts(result, verb)))
+
+
+def _bulk_counts(result: BulkResult, verb: str) -> str:
+    parts = [f"{verb} {len(result.acted)}", f"skipped {len(result.skipped)}"]
+    if result.requested:
+        parts.append(f"requested {len(result.requested)}")
+    return ", ".join(parts) + f" (of {result.matched} selected)"
+
+
 # --------------------------------------------------------------------------- show
 
 
@@ -115,6 +159,11 @@ def print_show(out: Console, row: RowView, history: Sequence[HistoryLine]) -> No
     for title, value in (("payload", row.payload), ("response", row.response)):
         out.print(Text(f"\n{title}:", style="bold"))
         out.print(text(_pretty(value)))
+    changed = payload_diff(row.first_payload, row.payload)
+    if changed:
+        out.print(Text("\npayload changed since it was first sent:", style="bold"))
+        for line in changed:
+            out.print(text(line))
     out.print(Text("\nhistory:", style="bold"))
     if not history:
         out.print("  (no attempts yet)")

@@ -6,13 +6,17 @@ Each command parses, asks the store, and hands the result to ``render`` (people)
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from outbox.cli.app import Outbox, main, pass_outbox
-from outbox.cli.output import emit_json, row_json, show_json
+from outbox.cli.app import InputError, Outbox, main, pass_outbox
+from outbox.cli.filtering import filter_options, row_filter, watch_option, watching
+from outbox.cli.output import emit_json, page_json, show_json
 from outbox.cli.parse import parse_payload, parse_time
 from outbox.cli.render import console, print_list, print_show
-from outbox.schema import State
+from outbox.filters import parse_cursor
+from outbox.store import AmbiguousRowError
 
 
 @main.command()
@@ -58,27 +62,35 @@ def enqueue(
 
 
 @main.command("list")
-@click.option("--state", type=click.Choice([s.value for s in State]), help="Only this state.")
-@click.option("--method", help="Only this full gRPC path.")
-@click.option("--lane", help="Only this lane.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@filter_options
+@click.option("--after", metavar="CURSOR", help="The next page: the cursor a page printed.")
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document for scripts.")
+@watch_option
 @pass_outbox
 def list_rows(
     obj: Outbox,
+    /,
     *,
-    state: str | None,
-    method: str | None,
-    lane: str | None,
+    after: str | None,
     limit: int,
     as_json: bool,
+    watch: float | None,
+    **options: Any,
 ) -> None:
-    """List rows, newest first."""
-    rows = obj.store().list_rows(state=state, method=method, lane=lane, limit=limit)
-    if as_json:
-        emit_json({"rows": [row_json(r, with_payload=False) for r in rows]})
-    else:
-        print_list(console(), rows)
+    """List rows matching the filters, newest first: a page, and how many match in all."""
+    wanted, cursor = row_filter(options), parse_cursor(after)
+    if watch is not None and as_json:
+        raise InputError("--watch draws for people; scripts poll `outbox list --json` instead")
+
+    def draw() -> None:
+        page = obj.store().list_rows(wanted, after=cursor, limit=limit)
+        if as_json:
+            emit_json(page_json(page))
+        else:
+            print_list(console(), page, wanted)
+
+    watching(watch, draw)
 
 
 @main.command()
@@ -86,9 +98,20 @@ def list_rows(
 @click.option("--json", "as_json", is_flag=True, help="One JSON document for scripts.")
 @pass_outbox
 def show(obj: Outbox, key: str, as_json: bool) -> None:
-    """Show one row (with payload and response) and its attempt history."""
+    """Show one row (payload, response, what changed since first sent) and its history.
+
+    KEY is the idempotency key in any case, a unique start of it (8 characters or more), or
+    a reference; when several rows match, they are listed and nothing is shown.
+    """
     store = obj.store()
-    row, history = store.get(key), store.history(key)
+    try:
+        row = store.find_row(key)
+    except AmbiguousRowError as exc:
+        for found in exc.candidates:
+            shown = (found.idempotency_key, found.state, found.reference or "")
+            click.echo("  " + "  ".join(shown), err=True)
+        raise
+    history = store.history(row.idempotency_key)
     if as_json:
         emit_json(show_json(row, history))
     else:

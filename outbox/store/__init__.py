@@ -30,8 +30,18 @@ from datetime import datetime
 from sqlalchemy.engine import Engine
 
 from outbox.filters import RowFilter
-from outbox.store import approvals, bulk, claims, holds, operator, plans, selection, sweeps
-from outbox.store import views, workers
+from outbox.store import (
+    approvals,
+    bulk,
+    claims,
+    holds,
+    operator,
+    plans,
+    selection,
+    sweeps,
+    views,
+    workers,
+)
 from outbox.store import heads as lane_heads
 from outbox.store import record as recording
 from outbox.store.enqueue import enqueue_row, new_key
@@ -58,9 +68,11 @@ from outbox.store.rows import (
     WorkerBeat,
     WorkerView,
 )
+from outbox.store.selection import AmbiguousRowError
 from outbox.store.tx import lock_lane, read, retry_transient, transient, write
 
 __all__ = [
+    "AmbiguousRowError",
     "Approval",
     "BulkResult",
     "Call",
@@ -116,8 +128,9 @@ class Store:
     ) -> list[Claim]:
         """Up to ``batch`` due rows, claimed under a lease for ``worker`` (``claims``), none
         of ``exclude_methods`` (gates, holds) nor of ``exclude_lanes`` (holds)."""
-        claim = self._claimer.claim_due
-        return claim(worker, batch, lease, now, exclude_methods, exclude_lanes)
+        return self._claimer.claim_due(
+            worker, batch, lease, now, exclude_methods=exclude_methods, exclude_lanes=exclude_lanes
+        )
 
     def held(self) -> Held:
         """The lanes and methods operators hold, for the claim: read at most every
@@ -276,7 +289,7 @@ class Store:
 
     def hold(self, kind: str, value: str, actor: str, reason: str, now: datetime) -> Hold:
         """Hold a lane or a method (``vocabulary.HoldKind``): no daemon claims its rows."""
-        made = write(self.engine, holds.add, kind, value, actor, reason, now)
+        made = write(self.engine, holds.add, Hold(kind, value, actor, reason, now))
         self._holds.forget()
         return made
 

@@ -45,9 +45,8 @@ def request(conn: Connection, row: Any, actor: str, reason: str, now: datetime) 
     )
     approval_id = int(made.inserted_primary_key[0])  # type: ignore[index]
     text = f"request #{approval_id}: {reason} (a second operator must approve: dual control)"
-    add_history(
-        conn, row.id, now, actor, Call(HistoryKind.OPERATOR, HistoryDecision.CANCEL_REQUESTED, None, text)
-    )
+    line = Call(HistoryKind.OPERATOR, HistoryDecision.CANCEL_REQUESTED, None, text)
+    add_history(conn, row.id, now, actor, line)
     return approval_id
 
 
@@ -65,7 +64,7 @@ def open_request(conn: Connection, approval_id: int) -> Approval:
 
 
 def decide(
-    conn: Connection, found: Approval, actor: str, decision: str, note: str, now: datetime
+    conn: Connection, found: Approval, *, actor: str, decision: str, note: str, now: datetime
 ) -> Approval:
     conn.execute(
         a.update()

@@ -58,6 +58,7 @@ class Claimer:
         batch: int,
         lease: float,
         now: datetime,
+        *,
         exclude_methods: Collection[str] = (),
         exclude_lanes: Collection[str] = (),
     ) -> list[Claim]:

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,8 +30,9 @@ HOLDS_MAX_AGE = 0.5
 _WHO = h.c.actor.type.length or 255  # type: ignore[attr-defined]
 
 
-def add(conn: Connection, kind: str, value: str, actor: str, reason: str, now: datetime) -> Hold:
+def add(conn: Connection, hold: Hold) -> Hold:
     """Hold a lane or a method; one already held is refused (it names who holds it)."""
+    kind, value, actor, reason = hold.kind, hold.value, hold.actor, hold.reason
     HoldKind(kind)  # a ValueError for a kind that is not a word of the vocabulary
     found = _get(conn, kind, value)
     if found is not None:
@@ -39,12 +40,17 @@ def add(conn: Connection, kind: str, value: str, actor: str, reason: str, now: d
             f"{kind} {value} is already held by {found.actor} since "
             f"{found.held_at:%Y-%m-%d %H:%M:%S} UTC: {found.reason}"
         )
-    hold = Hold(kind, value, bounded(actor, _WHO), reason, now)
+    hold = replace(hold, actor=bounded(actor, _WHO))
     conn.execute(h.insert().values(**vars(hold)))
     log.warning(
         "event=hold kind=%s value=%s actor=%s reason=%r: no daemon claims its rows until "
         "`outbox release %s %s`",
-        kind, value, actor, reason, kind, value,
+        kind,
+        value,
+        actor,
+        reason,
+        kind,
+        value,
     )
     return hold
 
@@ -57,7 +63,12 @@ def remove(conn: Connection, kind: str, value: str, actor: str, reason: str) -> 
     conn.execute(h.delete().where(h.c.kind == kind, h.c.value == value))
     log.warning(
         "event=release kind=%s value=%s actor=%s reason=%r held_by=%s held_since=%s",
-        kind, value, actor, reason, found.actor, found.held_at.isoformat(),
+        kind,
+        value,
+        actor,
+        reason,
+        found.actor,
+        found.held_at.isoformat(),
     )
     return found
 
@@ -110,7 +121,10 @@ class HoldsCache:
             if (x.kind, x.value) not in self._seen:
                 log.warning(
                     "event=held kind=%s value=%s actor=%s reason=%r: its rows are not sent",
-                    x.kind, x.value, x.actor, x.reason,
+                    x.kind,
+                    x.value,
+                    x.actor,
+                    x.reason,
                 )
         for kind, value in sorted(self._seen - seen):
             log.warning("event=released kind=%s value=%s: its rows are sent again", kind, value)

@@ -163,7 +163,10 @@ def _move(conn: Connection, row: Any, decision: HistoryDecision, act: Act) -> bo
     """The guarded transition: ``WHERE id AND state`` as read; False: the row moved."""
     values = requeued(row) if act.action == "requeue" else cancelled()
     verb = "requeued" if act.action == "requeue" else "cancelled"
-    values |= {"last_message": bounded(f"{verb} by {act.actor}: {act.reason}"), "updated_at": act.now}
+    values |= {
+        "last_message": bounded(f"{verb} by {act.actor}: {act.reason}"),
+        "updated_at": act.now,
+    }
     guarded = m.update().where(m.c.id == row.id, m.c.state == row.state).values(**values)
     if conn.execute(guarded).rowcount != 1:
         return False
@@ -204,7 +207,8 @@ def approve(conn: Connection, approval_id: int, actor: str, reason: str, now: da
     if not _move(conn, row, HistoryDecision.CANCEL_APPROVED, Act("cancel", actor, why, now)):
         raise OperatorActionError(f"row {found.idempotency_key} {MOVED}")
     lane_heads.settle(conn, [row.id])
-    return approvals.decide(conn, found, actor, ApprovalDecision.APPROVED, reason, now)
+    approved = ApprovalDecision.APPROVED
+    return approvals.decide(conn, found, actor=actor, decision=approved, note=reason, now=now)
 
 
 def reject(conn: Connection, approval_id: int, actor: str, reason: str, now: datetime) -> Approval:
@@ -213,7 +217,8 @@ def reject(conn: Connection, approval_id: int, actor: str, reason: str, now: dat
     text = f"request #{found.id} by {found.requested_by} rejected: {reason}"
     line = Call(HistoryKind.OPERATOR, HistoryDecision.CANCEL_REJECTED, None, text)
     add_history(conn, row.id, now, actor, line)
-    return approvals.decide(conn, found, actor, ApprovalDecision.REJECTED, reason, now)
+    rejected = ApprovalDecision.REJECTED
+    return approvals.decide(conn, found, actor=actor, decision=rejected, note=reason, now=now)
 
 
 def _decidable(conn: Connection, approval_id: int, actor: str) -> tuple[Approval, Any]:

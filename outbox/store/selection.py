@@ -22,7 +22,7 @@ from outbox.errors import OutboxError, RowNotFoundError
 from outbox.filters import RowFilter, method_pattern
 from outbox.schema import messages
 from outbox.store.rows import RowPage, RowView
-from outbox.store.views import get, view_query, row_view
+from outbox.store.views import get, row_view, view_query
 
 m = messages
 #: LIKE's escape character: not "/" (which methods hold) nor "\\" (MariaDB's own escape).

@@ -27,10 +27,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from outbox.database import make_engine
+from outbox.filters import RowFilter
 from outbox.payload import MESSAGE_LIMIT
 from outbox.schema import attempts, messages
 from outbox.simulator import TRANSFER
-from outbox.filters import RowFilter
 from outbox.store import Call, Committed, Parked, Store
 
 GOOD = {"fromAccount": "acc-1", "toAccount": "acc-2", "amount": "1.00", "currency": "AUD"}
