@@ -42,7 +42,14 @@ from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.errors import ConfigError
 from outbox.follower import StreamFollower
 from outbox.gates import SENDS_NOTHING, Gates, GateView
-from outbox.health import RECORD, JobHealth, expired_lease_note, failure_note, oldest_due_age
+from outbox.health import (
+    RECORD,
+    JobHealth,
+    expired_lease_note,
+    failure_note,
+    held_names,
+    oldest_due_age,
+)
 from outbox.logs import describe_error, kv, register_secret
 from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
@@ -472,11 +479,13 @@ class Daemon:
         )
         self._expired = (view.leases_expired, view.oldest_lease_expired_at)
         self.metrics.leases_expired.set(view.leases_expired)
+        self.metrics.set_holds(h.kind for h in view.holds)
         gate = self.gates.view(now)
         self.metrics.methods_refused.set(len(gate.refused_methods))
         self.notifier.status(
             f"gate {gate.gate}; pending {view.counts.get(State.PENDING, 0)}; parked {parked}"
             + (f"; {gate.reason}" if gate.reason else "")
+            + (f"; held: {held_names(view.holds)}" if view.holds else "")
         )
 
     def _cycle_done(self) -> None:

@@ -233,8 +233,26 @@ class Worker(Protocol):
     def failing_jobs(self) -> tuple[JobFailure, ...]: ...
 
 
+class HeldThing(Protocol):
+    """A lane or method an operator held (``outbox.store.Hold``)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def value(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def held_at(self) -> datetime: ...
+
+
 class Status(Protocol):
     """The table and the workers (``outbox.store.StatusView``)."""
+
+    @property
+    def holds(self) -> Sequence[HeldThing]: ...
 
     @property
     def counts(self) -> Mapping[str, int]: ...
@@ -377,7 +395,7 @@ def judge(view: Status, rules: Rules, now: datetime, retrying: Retrying | None =
     """
     live = [w for w in view.workers if liveness(w, now, rules.limits.heartbeat_stale) == LIVE]
     alarms = broken(view, live, rules.lease, now)
-    notes = attention(live, retrying, rules, now)
+    notes = attention(live, retrying, rules, now) + hold_notes(view.holds, now)
     if alarms or _critical(view, live, rules.limits, now):
         level = CRITICAL
     elif notes or _warning(view, live, rules.limits, now):
@@ -446,6 +464,22 @@ def attention(
     notes = [_rollover_note(live, c, now), _maintenance_note(live, c, now), _refused_note(live)]
     closed = _closed_notes(live, rules.sends_nothing, now)
     return closed + [n for n in notes if n] + _retrying_notes(retrying, c, now)
+
+
+def held_names(holds: Iterable[HeldThing]) -> str:
+    """``lane acc-1, method Market/PlaceOrder``."""
+    return ", ".join(
+        f"{h.kind} {short_method(h.value) if h.kind == 'method' else h.value}" for h in holds
+    )
+
+
+def hold_notes(holds: Sequence[HeldThing], now: datetime) -> list[str]:
+    """Lanes and methods an operator held: their rows are not sent until released."""
+    return [
+        f"{held_names([h])} held by {h.actor} for {lasted((now - h.held_at).total_seconds())}: "
+        f"{h.reason} (its rows are not sent; `outbox release {h.kind} {h.value} --reason …`)"
+        for h in holds
+    ]
 
 
 def _closed_notes(

@@ -29,7 +29,7 @@ from outbox.errors import ConfigError
 from outbox.gates import GATE_STATES, SENDS_NOTHING
 from outbox.health import JOBS
 from outbox.logs import kv, redact
-from outbox.vocabulary import Code, GateState, ParkReason, RowOutcome, State
+from outbox.vocabulary import Code, GateState, HoldKind, ParkReason, RowOutcome, State
 
 log = logging.getLogger("outbox.metrics")
 
@@ -41,6 +41,7 @@ OUTCOMES: tuple[str, ...] = tuple(RowOutcome)
 STATES: tuple[str, ...] = tuple(State)
 GATES = GATE_STATES
 PARK_REASONS: tuple[str, ...] = tuple(ParkReason)
+HOLD_KINDS: tuple[str, ...] = tuple(HoldKind)
 # A Recrypt call takes milliseconds when healthy and up to the deadline (10 s) when not.
 SUBMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -101,6 +102,12 @@ class Metrics:
         self.lanes_blocked = Gauge(
             "outbox_lanes_blocked", "Lanes held up behind a parked row", registry=r
         )
+        self.holds = Gauge(
+            "outbox_holds",
+            "Lanes and methods an operator held (`outbox hold`): their rows are not sent",
+            ["kind"],
+            registry=r,
+        )
 
     def _declare_daemon(self, r: CollectorRegistry) -> None:
         """The daemon itself: its gate, its jobs, its version."""
@@ -153,6 +160,7 @@ class Metrics:
             self.rows.labels(state=state).set(0)
         for reason in (*PARK_REASONS, OTHER):
             self.parked_by_reason.labels(reason=reason).set(0)
+        self.set_holds(())
         self.set_gate(GateState.OPEN)
         self.set_failing(())
         self.up.labels(version=__version__).set(1)
@@ -201,6 +209,15 @@ class Metrics:
             totals[_fixed(reason, PARK_REASONS)] += count
         for reason, count in totals.items():
             self.parked_by_reason.labels(reason=reason).set(count)
+
+    def set_holds(self, kinds: Iterable[str]) -> None:
+        """How many lanes and methods are held now (one kind per hold)."""
+        counts = dict.fromkeys(HOLD_KINDS, 0)
+        for kind in kinds:
+            if kind in counts:
+                counts[kind] += 1
+        for kind, count in counts.items():
+            self.holds.labels(kind=kind).set(count)
 
     def cycle_done(self, now_ts: float) -> None:
         """A dispatch cycle finished at Unix time ``now_ts`` (alert when this goes stale)."""

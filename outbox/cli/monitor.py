@@ -12,7 +12,8 @@ from datetime import timedelta
 
 import click
 
-from outbox.cli.app import Outbox, describe_failure, main, pass_outbox
+from outbox.cli.app import InputError, Outbox, describe_failure, main, pass_outbox
+from outbox.cli.filtering import watch_option, watching
 from outbox.cli.output import emit_json, status_json
 from outbox.cli.render import console, print_status
 from outbox.clock import utcnow
@@ -22,15 +23,23 @@ from outbox.health import CRITICAL, Rules, Verdict, judge
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document for scripts.")
+@watch_option
 @pass_outbox
-def status(obj: Outbox, as_json: bool) -> None:
-    """Counts per state, the oldest due row, parked rows, blocked lanes and the workers."""
-    now, stale_after = utcnow(), obj.config.check.heartbeat_stale
-    view = obj.store().status(now)
-    if as_json:
-        emit_json(status_json(view, now, stale_after))
-    else:
-        print_status(console(), view, now, stale_after)
+def status(obj: Outbox, as_json: bool, watch: float | None) -> None:
+    """Counts per state, the oldest due row, parked rows, blocked lanes, holds, the workers."""
+    if watch is not None and as_json:
+        raise InputError("--watch draws for people; scripts poll `outbox status --json` instead")
+    stale_after = obj.config.check.heartbeat_stale
+
+    def draw() -> None:
+        now = utcnow()
+        view = obj.store().status(now)
+        if as_json:
+            emit_json(status_json(view, now, stale_after))
+        else:
+            print_status(console(), view, now, stale_after)
+
+    watching(watch, draw)
 
 
 @main.command()

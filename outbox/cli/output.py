@@ -104,5 +104,7 @@ def status_json(view: StatusView, now: datetime, stale_after: float) -> dict[str
         "parked_by_reason": view.parked_by_reason,
         "blocked_lanes": view.blocked_lanes,
         "maybe_executed_open": view.maybe_executed_open,
+        "holds": [plain_json(h) for h in view.holds],
+        "approvals_open": view.approvals_open,
         "workers": workers,
     }

@@ -24,6 +24,7 @@ from outbox.health import (
     STOPPED,
     clip,
     failure_note,
+    hold_notes,
     lasted,
     liveness,
     method_names,
@@ -229,6 +230,11 @@ def attention_lines(view: StatusView, now: datetime) -> list[str]:
         lines.append(f"lanes blocked by a parked row: {', '.join(view.blocked_lanes)}")
     if view.maybe_executed_open:
         lines.append(f"open rows that may have executed: {view.maybe_executed_open}")
+    lines += hold_notes(view.holds, now)
+    if view.approvals_open:
+        lines.append(
+            f"requests waiting for a second operator: {view.approvals_open} (`outbox approvals`)"
+        )
     return lines
 
 

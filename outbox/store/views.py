@@ -19,7 +19,9 @@ from sqlalchemy.engine import Connection
 from outbox.errors import RowNotFoundError
 from outbox.payload import read_text
 from outbox.schema import OPEN_STATES, State, UTCDateTime, attempts, messages, workers
+from outbox.store.approvals import count_open
 from outbox.store.columns import DUE_NOW_AT, INFLIGHT, PENDING, as_written, aware, first_due
+from outbox.store.holds import list_holds
 from outbox.store.rows import (
     HistoryLine,
     RetryingView,
@@ -126,6 +128,8 @@ def status(conn: Connection, now: datetime) -> StatusView:
         workers=list_workers(conn),
         leases_expired=int(expired),
         oldest_lease_expired_at=aware(oldest_expiry),
+        holds=list_holds(conn),
+        approvals_open=count_open(conn),
     )
 
 

@@ -61,7 +61,9 @@ def test_a_held_method_is_not_sent_until_released(db_url: str) -> None:
         daemon.start()
         try:
             operator = Store(engine)
-            operator.hold("method", PLACE_ORDER, "alice@h", "market halted", operator.database_now())
+            operator.hold(
+                "method", PLACE_ORDER, "alice@h", "market halted", operator.database_now()
+            )
             time.sleep(1.0)  # the daemon's holds are at most half a second old
             orders = [_enqueue(engine, PLACE_ORDER, ORDER) for _ in range(2)]
             transfers = [_enqueue(engine, TRANSFER, transfer())]

@@ -18,6 +18,7 @@ from outbox.vocabulary import (
     GateState,
     HistoryDecision,
     HistoryKind,
+    HoldKind,
     ParkReason,
     RowOutcome,
     State,
@@ -33,6 +34,7 @@ SERIES = [
     ("outbox_attempts_total", "code", Code),
     ("outbox_outcomes_total", "outcome", RowOutcome),
     ("outbox_job_failing", "job", JOBS),
+    ("outbox_holds", "kind", HoldKind),
 ]
 
 
