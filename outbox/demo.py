@@ -27,6 +27,7 @@ from outbox.clock import utcnow
 from outbox.config import Config, load
 from outbox.daemon import Daemon
 from outbox.database import make_engine
+from outbox.errors import OutboxError
 from outbox.logs import setup
 from outbox.migrate import upgrade
 from outbox.simulator import PLACE_ORDER, TRANSFER, Fault, Simulator
@@ -39,15 +40,19 @@ DEMO_KEY = "demo-api-key"
 WAIT_SECONDS = 30.0
 
 
-def run_demo(show_rows: ShowRows) -> int:
-    """The demo, start to end; 0 when every row ended committed or parked, as it should."""
+def run_demo(show_rows: ShowRows, database: Path | None = None) -> int:
+    """The demo, start to end; 0 when every row ended committed or parked, as it should.
+
+    Its SQLite database is kept after the demo (``database``, else a new temporary
+    directory), so the ``next:`` hints it prints work: they name it.
+    """
     console = Console()
     setup("INFO", "text")
-    with (
-        tempfile.TemporaryDirectory(prefix="outbox-demo-") as tmp,
-        Simulator(api_keys=[DEMO_KEY], transfer_limit=Decimal("10000")) as sim,
-    ):
-        url = f"sqlite:///{Path(tmp) / 'outbox.db'}"
+    path = database or Path(tempfile.mkdtemp(prefix="outbox-demo-")) / "outbox.db"
+    if path.exists():
+        raise OutboxError(f"{path} exists: the demo starts from a new database (--database)")
+    with Simulator(api_keys=[DEMO_KEY], transfer_limit=Decimal("10000")) as sim:
+        url = f"sqlite:///{path}"
         console.rule("1. schema: outbox db upgrade")
         engine = make_engine(url)
         upgrade(engine)
@@ -57,7 +62,10 @@ def run_demo(show_rows: ShowRows) -> int:
         console.rule("3. the daemon (outbox run) sends them")
         _run_daemon_until_idle(_demo_config(url, sim.target), Store(engine))
         console.rule("4. the state table (outbox list)")
-        return _report(Store(engine), sim, console, show_rows)
+        code = _report(Store(engine), sim, console, show_rows, url)
+        engine.dispose()
+    console.print(f"\nthe demo's database is kept: {path} (delete it when done)")
+    return code
 
 
 def _fail_once(sim: Simulator, flaky: str, console: Console) -> None:
@@ -140,7 +148,7 @@ def _run_daemon_until_idle(config: Config, store: Store) -> None:
     logging.getLogger().handlers.clear()
 
 
-def _report(store: Store, sim: Simulator, console: Console, show_rows: ShowRows) -> int:
+def _report(store: Store, sim: Simulator, console: Console, show_rows: ShowRows, url: str) -> int:
     rows = list(reversed(store.list_rows(limit=50).rows))
     show_rows(console, rows)
     console.print(
@@ -149,18 +157,21 @@ def _report(store: Store, sim: Simulator, console: Console, show_rows: ShowRows)
     )
     for row in rows:
         if row.state == "parked":
-            _next_steps(row, console)
+            _next_steps(row, console, url)
     states = {r.state for r in rows}
     ok = states <= {"committed", "parked"} and "parked" in states
     return 0 if ok else 1
 
 
-def _next_steps(row: RowView, console: Console) -> None:
-    """What an operator does about a parked row."""
+def _next_steps(row: RowView, console: Console, url: str) -> None:
+    """What an operator does about a parked row, on the demo's database (kept)."""
     console.print(
-        f"\n[bold]parked[/] {row.idempotency_key} ({row.park_reason}): {row.last_message}"
+        f"\n[bold]parked[/] {row.idempotency_key} ({row.park_reason}): {row.last_message}",
+        markup=True,
     )
+    key, on = row.idempotency_key, f"OUTBOX_DATABASE_URL={url}"
     console.print(
-        f"  next: outbox show {row.idempotency_key}; then outbox requeue "
-        f"{row.idempotency_key} --reason '...' or outbox cancel ..."
+        f"  next: {on} outbox show {key}; then {on} outbox requeue {key} --reason '...' "
+        "or outbox cancel ...",
+        markup=False,
     )

@@ -6,6 +6,7 @@ grpc, APScheduler and the daemon load only inside these commands, never at the C
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -95,9 +96,14 @@ def simulator(
 
 
 @main.command()
-def demo() -> None:
-    """All of it on SQLite + the simulator, in one command."""
+@click.option(
+    "--database",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to create (and keep) the demo's SQLite file; default: a new temp directory.",
+)
+def demo(database: Path | None) -> None:
+    """All of it on SQLite + the simulator, in one command; its database is kept."""
     from outbox.cli.render import print_rows  # noqa: PLC0415 (rich: only for the table)
     from outbox.demo import run_demo  # noqa: PLC0415 (the demo pulls in everything)
 
-    sys.exit(run_demo(print_rows))
+    sys.exit(run_demo(print_rows, database))
