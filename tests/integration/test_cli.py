@@ -333,6 +333,8 @@ def test_status_json_shape(cli: Cli, engine: Engine, store: Store) -> None:
         "parked_by_reason",
         "blocked_lanes",
         "maybe_executed_open",
+        "holds",
+        "approvals_open",
         "workers",
         "leases_expired",
         "oldest_lease_expired_age_seconds",
