@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine, make_url
 from outbox import install, migrate, roles
 from outbox.clock import utcnow
 from outbox.config import CheckConfig, Config, load
+from outbox.console.commands import console as console_group
 from outbox.database import make_engine, normalise_url
 from outbox.errors import OutboxError
 from outbox.health import expired_lease_note, failure_note, lasted, n_rows
@@ -1017,6 +1018,8 @@ def demo() -> None:
 
     sys.exit(run_demo())
 
+
+main.add_command(console_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -43,6 +43,7 @@ from outbox.schema import (
     tombstones,
     workers,
 )
+from outbox.store import console_views as views
 from outbox.store import heads as lane_heads
 from outbox.store.rows import (
     Call,
@@ -916,6 +917,29 @@ class Store:
             rows = conn.exec_driver_sql(f"{explain} {sql}").all()
             conn.rollback()
         return "\n".join(" ".join(str(part) for part in row) for row in rows)
+
+    # ---- the console's reading (outbox.store.console_views)
+
+    def find_rows(self, wanted: views.RowFilter, limit: int = 50) -> views.RowPage:
+        """One page of rows matching ``wanted``, by keyset (the console's Rows page)."""
+        query = views.find_rows_query(_view_query(with_payload=False), wanted, limit)
+        with self.engine.connect() as conn:
+            return views.page_of([_view(row) for row in conn.execute(query)], limit)
+
+    def activity(self, start: datetime, minutes: int) -> views.Activity:
+        """Committed / parked / retried history lines per minute since ``start``."""
+        with self.engine.connect() as conn:
+            return views.activity(conn, start, minutes)
+
+    def blocked_lanes(self, limit: int = 100) -> list[views.BlockedLane]:
+        """Each lane held by a parked row: that row, and how many rows wait behind it."""
+        with self.engine.connect() as conn:
+            heads = views.blocked_lane_heads(conn, limit)
+            found = conn.execute(
+                _view_query(with_payload=False).where(m.c.id.in_([h for _, h, _ in heads]))
+            ).all()
+        rows = {row.id: row for row in map(_view, found)}
+        return [views.BlockedLane(str(lane), rows[head], n) for lane, head, n in heads]
 
 
 # --------------------------------------------------------------------------- helpers
