@@ -158,6 +158,7 @@ def serving(store: Store, settings: ConsoleSettings) -> Iterator[str]:
         host="127.0.0.1",
         port=0,
         proxy_headers=False,
+        server_header=False,
         log_level="warning",
         lifespan="off",
     )
