@@ -20,7 +20,7 @@ from outbox.config import load
 from outbox.errors import OutboxError
 
 EXTRA_HINT = "pip install 'recrypt-outbox[console]'"
-NEEDED = ("starlette", "jinja2", "uvicorn", "argon2", "itsdangerous", "multipart")
+NEEDED = ("starlette", "jinja2", "uvicorn", "argon2", "itsdangerous", "python_multipart")
 MIN_PASSWORD = 12
 
 

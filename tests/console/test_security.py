@@ -96,9 +96,7 @@ def test_cancel_of_a_maybe_executed_row_needs_force(
     assert store.history(seeded.unknown)[-1].decision == "cancel_forced"
 
 
-def test_dual_control_refuses_a_forced_cancel(
-    store: Store, seeded: Seeded, tmp_path: Path
-) -> None:
+def test_dual_control_refuses_a_forced_cancel(store: Store, seeded: Seeded, tmp_path: Path) -> None:
     with serving(store, settings_for(tmp_path, dual_control=True)) as url:
         client = logged_in(url, "olga")
         token = csrf_of(client.get(f"/row?key={seeded.unknown}").text)
