@@ -52,6 +52,7 @@ def overview(request: Request) -> Response:
         "status": store.status(now),
         "chart": chart(store.activity(start, CHART_HOURS * 60 + 1)),
         "age": age,
+        "hours": CHART_HOURS,
     }
     return render(request, "_overview.html" if _partial(request) else "overview.html", context)
 

@@ -71,10 +71,28 @@ class BlockedLane:
     waiting: int  # open rows behind it
 
 
+#: LIKE's escape character: not "/" (SQLAlchemy's autoescape), which methods hold.
+_ESCAPE = "!"
+
+
+def _literal(value: str) -> str:
+    """``value`` for a LIKE pattern, its wildcards matching only themselves."""
+    for char in (_ESCAPE, "%", "_"):
+        value = value.replace(char, _ESCAPE + char)
+    return value
+
+
+def _starts(column: Any, value: str) -> sa.ColumnElement[bool]:
+    return column.like(_literal(value) + "%", escape=_ESCAPE)  # type: ignore[no-any-return]
+
+
 def _method_clause(value: str) -> sa.ColumnElement[bool]:
     if value.startswith("/"):
         return m.c.method == value
-    return m.c.method.endswith("/" + value, autoescape=True)
+    tail = _literal(value)  # "Market/PlaceOrder" ends "/recrypt.market.v1.Market/PlaceOrder"
+    return sa.or_(
+        m.c.method.like("%." + tail, escape=_ESCAPE), m.c.method.like("%/" + tail, escape=_ESCAPE)
+    )
 
 
 def _criteria(wanted: RowFilter) -> list[sa.ColumnElement[bool]]:
@@ -88,9 +106,9 @@ def _criteria(wanted: RowFilter) -> list[sa.ColumnElement[bool]]:
     if wanted.method:
         found.append(_method_clause(wanted.method))
     if wanted.reference:
-        found.append(m.c.reference.startswith(wanted.reference, autoescape=True))
+        found.append(_starts(m.c.reference, wanted.reference))
     if wanted.key_prefix:
-        found.append(m.c.idempotency_key.startswith(wanted.key_prefix, autoescape=True))
+        found.append(_starts(m.c.idempotency_key, wanted.key_prefix))
     if wanted.since is not None:
         found.append(m.c.created_at >= wanted.since)
     if wanted.until is not None:

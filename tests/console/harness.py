@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from outbox.console.app import make_app
 from outbox.console.settings import ConsoleSettings
 from outbox.console.users import Role, User, hash_password, write_users
 from outbox.schema import attempts, messages
-from outbox.store import Store
+from outbox.store import Store, WorkerBeat
 
 TRANSFER = "/recrypt.wallet.v1.Wallet/Transfer"
 PLACE_ORDER = "/recrypt.market.v1.Market/PlaceOrder"
@@ -176,3 +177,54 @@ def serving(store: Store, settings: ConsoleSettings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def seed_activity(store: Store, hours: int = 3) -> None:
+    """History over the last hours (commits, retries, parks) and one live worker, so the
+    overview's chart and workers table look like a day at work (the screenshot)."""
+    now = store.database_now()
+    with store.engine.begin() as conn:
+        ids = [
+            conn.execute(
+                messages.insert().values(
+                    idempotency_key=str(uuid.UUID(int=n + 1)),
+                    method=TRANSFER,
+                    payload=_transfer(f"batch-{n}"),
+                    state="committed",
+                    attempts=1,
+                    created_at=now - timedelta(minutes=n),
+                    committed_at=now - timedelta(minutes=n),
+                    updated_at=now - timedelta(minutes=n),
+                )
+            ).inserted_primary_key[0]
+            for n in range(hours * 60)
+        ]
+        conn.execute(attempts.insert(), list(_activity_lines(ids, now)))
+    store.heartbeat(
+        WorkerBeat("vm:4242:5b26e73a", "vm", 4242, outbox.__version__, now - timedelta(hours=5)),
+        now,
+    )
+
+
+def _activity_lines(ids: list[int], now: datetime) -> Iterator[dict[str, object]]:
+    for n, row_id in enumerate(ids):
+        at = now - timedelta(minutes=n)
+        wave = 1 + (n % 7 == 0) + (n % 13 == 0) * 2
+        for retry in range(wave - 1):
+            yield _line(row_id, at - timedelta(seconds=30 + retry), "UNAVAILABLE", "retry")
+        yield _line(row_id, at, "OK", "commit")
+        if n % 17 == 5:
+            yield _line(row_id, at, "FAILED_PRECONDITION", "park")
+
+
+def _line(row_id: int, at: datetime, code: str, decision: str) -> dict[str, object]:
+    return {
+        "message_id": row_id,
+        "at": at,
+        "kind": "call",
+        "actor": "vm:4242:5b26e73a",
+        "code": code,
+        "message": None,
+        "decision": decision,
+        "duration_ms": 9.0,
+    }

@@ -171,12 +171,12 @@ def test_login_never_redirects_off_site(base_url: str) -> None:
 def test_a_proxy_header_names_a_known_user_from_loopback(
     store: Store, seeded: Seeded, tmp_path: Path
 ) -> None:
-    with serving(store, settings_for(tmp_path, proxy="X-Forwarded-User")) as url:
-        with httpx.Client(base_url=url) as client:
-            assert client.get("/", headers={"X-Forwarded-User": "vera"}).status_code == 200
-            assert client.get("/", headers={"X-Forwarded-User": "mallory"}).status_code == 303
-            page = client.get(f"/row?key={seeded.marked}", headers={"X-Forwarded-User": "vera"})
-            assert "Requeue" not in page.text
+    settings = settings_for(tmp_path, proxy="X-Forwarded-User")
+    with serving(store, settings) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/", headers={"X-Forwarded-User": "vera"}).status_code == 200
+        assert client.get("/", headers={"X-Forwarded-User": "mallory"}).status_code == 303
+        page = client.get(f"/row?key={seeded.marked}", headers={"X-Forwarded-User": "vera"})
+        assert "Requeue" not in page.text
 
 
 def test_the_console_never_loads_the_api_key() -> None:
