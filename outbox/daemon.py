@@ -42,7 +42,7 @@ from outbox.dispatcher import Dispatcher, DispatchSettings
 from outbox.errors import ConfigError
 from outbox.follower import StreamFollower
 from outbox.gates import SENDS_NOTHING, Gates, GateView
-from outbox.health import RECORD, JobHealth, expired_lease_note, failure_note
+from outbox.health import RECORD, JobHealth, expired_lease_note, failure_note, oldest_due_age
 from outbox.logs import describe_error, kv, register_secret
 from outbox.metrics import HealthServer, Metrics
 from outbox.migrate import ensure_at_head
@@ -465,7 +465,7 @@ class Daemon:
     def table_gauges(self) -> None:
         now = self.clock()
         view = self.store.status(now)
-        age = (now - view.oldest_due_at).total_seconds() if view.oldest_due_at else None
+        age = oldest_due_age(view.oldest_due_at, now)
         parked = view.counts.get("parked", 0)
         self.metrics.set_table(
             view.counts, age, parked, len(view.blocked_lanes), view.parked_by_reason

@@ -3,6 +3,9 @@
 It enqueues a few transfers and orders (one through a plain SQL INSERT, one over the
 transaction limit, one whose first call executes but answers ``UNAVAILABLE vgw-db``), runs the
 daemon until nothing is due, and prints the state table with what an operator would do next.
+
+It must not import ``outbox.cli`` (the CLI imports it): the ``outbox demo`` command hands it
+the CLI's row table as ``show_rows``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -26,13 +30,17 @@ from outbox.database import make_engine
 from outbox.logs import setup
 from outbox.migrate import upgrade
 from outbox.simulator import PLACE_ORDER, TRANSFER, Fault, Simulator
-from outbox.store import Store
+from outbox.store import RowView, Store
+
+#: Draws rows on a console: ``outbox list``'s table (``outbox.cli.render.print_rows``).
+ShowRows = Callable[[Console, Sequence[RowView]], None]
 
 DEMO_KEY = "demo-api-key"
 WAIT_SECONDS = 30.0
 
 
-def run_demo() -> int:
+def run_demo(show_rows: ShowRows) -> int:
+    """The demo, start to end; 0 when every row ended committed or parked, as it should."""
     console = Console()
     setup("INFO", "text")
     with (
@@ -45,67 +53,62 @@ def run_demo() -> int:
         upgrade(engine)
         console.print(f"database {url} at head; simulator listening on {sim.target}")
         console.rule("2. writers enqueue rows inside their own transactions")
-        flaky = _enqueue_examples(engine, console)
-        sim.inject(
-            Fault(
-                grpc.StatusCode.UNAVAILABLE,
-                "vgw-db",
-                execute=True,
-                keys=frozenset([flaky]),
-                times=1,
-            )
-        )
-        console.print(f"fault injected: {flaky} executes, but the answer is UNAVAILABLE vgw-db")
+        _fail_once(sim, _enqueue_examples(engine, console), console)
         console.rule("3. the daemon (outbox run) sends them")
         _run_daemon_until_idle(_demo_config(url, sim.target), Store(engine))
         console.rule("4. the state table (outbox list)")
-        return _report(Store(engine), sim, console)
+        return _report(Store(engine), sim, console, show_rows)
+
+
+def _fail_once(sim: Simulator, flaky: str, console: Console) -> None:
+    """The row ``flaky`` executes at Recrypt, but its first answer is UNAVAILABLE vgw-db."""
+    fault = Fault(
+        grpc.StatusCode.UNAVAILABLE, "vgw-db", execute=True, keys=frozenset([flaky]), times=1
+    )
+    sim.inject(fault)
+    console.print(f"fault injected: {flaky} executes, but the answer is UNAVAILABLE vgw-db")
 
 
 def _enqueue_examples(engine: sa.Engine, console: Console) -> str:
-    def send(amount: str, memo: str) -> str:
-        payload = {
-            "fromAccount": "acme-ops",
-            "toAccount": "supplier-7",
-            "amount": amount,
-            "currency": "AUD",
-            "memo": memo,
-        }
-        return outbox.enqueue(conn, TRANSFER, payload, reference=memo)
-
+    """Four rows with ``outbox.enqueue``, one with a plain SQL INSERT; the key of the one the
+    simulator will answer UNAVAILABLE after executing it."""
     with engine.begin() as conn:
-        send("125.00", "invoice-1001")
-        flaky = send("80.50", "invoice-1002")
-        send("25000.00", "invoice-1003 (over the transaction limit)")
-        outbox.enqueue(
-            conn,
-            PLACE_ORDER,
-            {
-                "account": "acme-trading",
-                "market": "BTC-AUD",
-                "side": "SIDE_BUY",
-                "type": "ORDER_TYPE_LIMIT",
-                "quantity": "0.05",
-                "limitPrice": "95000.00",
-            },
-            lane="acme-trading",
-            reference="order-1",
-        )
+        _transfer(conn, "125.00", "invoice-1001")
+        flaky = _transfer(conn, "80.50", "invoice-1002")
+        _transfer(conn, "25000.00", "invoice-1003 (over the transaction limit)")
+        outbox.enqueue(conn, PLACE_ORDER, ORDER, lane="acme-trading", reference="order-1")
     with engine.begin() as conn:  # a foreign writer: plain SQL, any language
         conn.execute(
             sa.text(
                 "INSERT INTO outbox_messages (idempotency_key, method, payload, reference) "
                 "VALUES (:k, :m, :p, :r)"
             ),
-            {
-                "k": str(uuid.uuid4()),
-                "m": TRANSFER,
-                "r": "plain-sql-1",
-                "p": '{"fromAccount": "acme-ops", "toAccount": "payroll", "amount": "990.00"}',
-            },
+            {"k": str(uuid.uuid4()), "m": TRANSFER, "r": "plain-sql-1", "p": FOREIGN_PAYLOAD},
         )
     console.print("5 rows enqueued: 4 with outbox.enqueue(), 1 with a plain SQL INSERT")
     return flaky
+
+
+def _transfer(conn: sa.Connection, amount: str, memo: str) -> str:
+    payload = {
+        "fromAccount": "acme-ops",
+        "toAccount": "supplier-7",
+        "amount": amount,
+        "currency": "AUD",
+        "memo": memo,
+    }
+    return outbox.enqueue(conn, TRANSFER, payload, reference=memo)
+
+
+ORDER = {
+    "account": "acme-trading",
+    "market": "BTC-AUD",
+    "side": "SIDE_BUY",
+    "type": "ORDER_TYPE_LIMIT",
+    "quantity": "0.05",
+    "limitPrice": "95000.00",
+}
+FOREIGN_PAYLOAD = '{"fromAccount": "acme-ops", "toAccount": "payroll", "amount": "990.00"}'
 
 
 def _demo_config(url: str, target: str) -> Config:
@@ -137,24 +140,27 @@ def _run_daemon_until_idle(config: Config, store: Store) -> None:
     logging.getLogger().handlers.clear()
 
 
-def _report(store: Store, sim: Simulator, console: Console) -> int:
-    from outbox.cli import print_rows  # noqa: PLC0415 - the CLI's own table
-
+def _report(store: Store, sim: Simulator, console: Console, show_rows: ShowRows) -> int:
     rows = list(reversed(store.list_rows(limit=50)))
-    print_rows(console, rows)
-    counts = {r.state for r in rows}
+    show_rows(console, rows)
     console.print(
         f"Recrypt's ledger: {len(sim.ledger)} effects, each key executed once: "
         f"{all(sim.executions(k) == 1 for k in sim.executed_keys())}"
     )
     for row in rows:
         if row.state == "parked":
-            console.print(
-                f"\n[bold]parked[/] {row.idempotency_key} ({row.park_reason}): {row.last_message}"
-            )
-            console.print(
-                f"  next: outbox show {row.idempotency_key}; then outbox requeue "
-                f"{row.idempotency_key} --reason '...' or outbox cancel ..."
-            )
-    ok = counts <= {"committed", "parked"} and any(r.state == "parked" for r in rows)
+            _next_steps(row, console)
+    states = {r.state for r in rows}
+    ok = states <= {"committed", "parked"} and "parked" in states
     return 0 if ok else 1
+
+
+def _next_steps(row: RowView, console: Console) -> None:
+    """What an operator does about a parked row."""
+    console.print(
+        f"\n[bold]parked[/] {row.idempotency_key} ({row.park_reason}): {row.last_message}"
+    )
+    console.print(
+        f"  next: outbox show {row.idempotency_key}; then outbox requeue "
+        f"{row.idempotency_key} --reason '...' or outbox cancel ..."
+    )

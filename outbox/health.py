@@ -1,21 +1,33 @@
-"""Job health: which background job keeps failing, since when, with what error; and what to log.
+"""Health: which background job keeps failing (and what to log), and the monitoring verdict.
 
-Pure (no I/O, ``now`` is given). The daemon tells it each job's result; it answers with the
-one log line to write, if any: the first failure at once, then at most one line per job every
+Pure: no I/O, no SQLAlchemy, grpc, click or rich; ``now`` is always given. Of the project it
+imports only ``outbox.vocabulary``: never ``outbox.store`` (whose row types import this module,
+and which may not know ``outbox.gates``), ``outbox.gates`` or ``outbox.config``; it reads their
+objects through the small protocols below, and is handed the gates that send nothing.
+
+Job health: the daemon tells it each job's result; it answers with the one log line to write,
+if any: the first failure at once, then at most one line per job every
 ``FAILURE_LOG_INTERVAL`` seconds with how often it failed meanwhile, and the recovery once.
 A database outage that fails every poll therefore logs a line a minute, not one a poll.
-
 ``failing()`` is what ``/readyz``, the metrics and the heartbeat row (so ``outbox check`` and
 ``outbox status``, separate processes) report: jobs whose last ``KEEPS_FAILING_RUNS`` runs or
 more all failed.
+
+The verdict (``judge``): what ``outbox check`` answers (Nagios: OK, WARNING, CRITICAL) from the
+status, the ``[check]`` thresholds and the rows retrying; the oldest-due age and a worker's
+liveness, which ``outbox status``, the check and the daemon's gauges share.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
+
+from outbox.vocabulary import GateState, State
 
 FAILURE_LOG_INTERVAL = 60.0  # seconds between two log lines about one job still failing
 KEEPS_FAILING_RUNS = 2  # failed runs in a row before a job is reported as failing
@@ -172,3 +184,339 @@ class JobHealth:
     def _logged(streak: _Streak, now: datetime, line: LogLine) -> LogLine:
         streak.logged_at, streak.unlogged = now, 0
         return line
+
+
+# --------------------------------------------------------------------------- what judge reads
+
+
+class Limits(Protocol):
+    """The ``[check]`` thresholds (``outbox.config.CheckConfig``)."""
+
+    @property
+    def parked_warning(self) -> int: ...
+    @property
+    def parked_critical(self) -> int: ...
+    @property
+    def oldest_due_warning(self) -> float: ...
+    @property
+    def oldest_due_critical(self) -> float: ...
+    @property
+    def heartbeat_stale(self) -> float: ...
+    @property
+    def rollover_warning(self) -> float: ...
+    @property
+    def maintenance_warning(self) -> float: ...
+    @property
+    def retrying_warning(self) -> float: ...
+    @property
+    def attempts_warning(self) -> int: ...
+
+
+class Worker(Protocol):
+    """A worker's heartbeat row (``outbox.store.WorkerView``)."""
+
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def last_beat_at(self) -> datetime: ...
+    @property
+    def stopped_at(self) -> datetime | None: ...
+    @property
+    def gate(self) -> str: ...
+    @property
+    def gate_reason(self) -> str | None: ...
+    @property
+    def gate_since(self) -> datetime | None: ...
+    @property
+    def refused_methods(self) -> tuple[str, ...]: ...
+    @property
+    def failing_jobs(self) -> tuple[JobFailure, ...]: ...
+
+
+class Status(Protocol):
+    """The table and the workers (``outbox.store.StatusView``)."""
+
+    @property
+    def counts(self) -> Mapping[str, int]: ...
+    @property
+    def oldest_due_at(self) -> datetime | None: ...
+    @property
+    def parked_by_reason(self) -> Mapping[str, int]: ...
+    @property
+    def workers(self) -> Sequence[Worker]: ...
+    @property
+    def leases_expired(self) -> int: ...
+    @property
+    def oldest_lease_expired_at(self) -> datetime | None: ...
+
+
+class Retrying(Protocol):
+    """Pending rows a human should look at (``outbox.store.RetryingView``)."""
+
+    @property
+    def rows(self) -> int: ...
+    @property
+    def long(self) -> int: ...
+    @property
+    def first_due_at(self) -> datetime | None: ...
+    @property
+    def many(self) -> int: ...
+    @property
+    def most_attempts(self) -> int: ...
+    @property
+    def code(self) -> str | None: ...
+    @property
+    def code_rows(self) -> int: ...
+    @property
+    def message(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the verdict is judged against: the ``[check]`` thresholds, the ``[worker]`` lease
+    (rows in flight whose lease expired longer ago are not being released), and the gates under
+    which nothing is sent (``outbox.gates.SENDS_NOTHING``)."""
+
+    limits: Limits
+    lease: float
+    sends_nothing: Collection[str]
+
+
+# --------------------------------------------------------------------------- shared measures
+
+
+#: A worker's liveness, as ``outbox status`` shows it (``stale``: no heartbeat lately, dead?).
+LIVE, STALE, STOPPED = "live", "stale", "stopped"
+#: Gates ``judge`` times against a ``[check]`` threshold. Any other closed gate warns at once.
+TIMED_GATES = (GateState.ROLLOVER, GateState.MAINTENANCE)
+CHECK_MESSAGE_WIDTH = 160  # characters of a row's last message in the check line
+REFUSED_ADVICE = (
+    "check the API key's permissions (key_access in the protos, recrypt.net/api), "
+    "then systemctl reload outbox"
+)
+
+
+def liveness(worker: Worker, now: datetime, stale_after: float) -> str:
+    """``live``, ``stale`` (no heartbeat for ``stale_after`` s: dead?) or ``stopped``."""
+    if worker.stopped_at is not None:
+        return STOPPED
+    return LIVE if (now - worker.last_beat_at).total_seconds() <= stale_after else STALE
+
+
+def oldest_due_age(oldest_due_at: datetime | None, now: datetime) -> float | None:
+    """Seconds the oldest due row has waited (never below 0); None when no row is due."""
+    if oldest_due_at is None:
+        return None
+    return max(0.0, (now - oldest_due_at).total_seconds())
+
+
+def gate_age(live: Sequence[Worker], gate: str, now: datetime) -> float | None:
+    """Seconds the longest-closed live worker in ``gate`` has had it closed; None if none is
+    in it; ``math.inf`` if one does not say since when (a daemon older than migration 0006)."""
+    ages = [
+        math.inf if w.gate_since is None else (now - w.gate_since).total_seconds()
+        for w in live
+        if w.gate == gate
+    ]
+    return max(ages, default=None)
+
+
+# --------------------------------------------------------------------------- words
+
+
+def short_method(method: str) -> str:
+    """``/recrypt.wallet.v1.Wallet/Transfer`` → ``Wallet/Transfer``."""
+    service, _, name = method.rpartition("/")
+    return f"{service.rpartition('.')[2]}/{name}" if service else method
+
+
+def method_names(methods: Iterable[str], most: int = 5) -> str:
+    """``Market/PlaceOrder, Wallet/Transfer`` (sorted; ``and N more`` past ``most``)."""
+    names = sorted(set(methods))
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(short_method(name) for name in names[:most]) + more
+
+
+def clip(value: str | None, width: int) -> str:
+    """One line of at most ``width`` characters (``…`` where it was cut)."""
+    value = " ".join((value or "").split())
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def reasons(by_reason: Mapping[str, int]) -> str:
+    """``limit=3, account=1``: most first, then by name."""
+    ordered = sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{reason}={n}" for reason, n in ordered)
+
+
+def threshold(seconds: float) -> str:
+    """A configured duration as written: ``3 min`` when whole minutes, else ``90.5 s``."""
+    return f"{seconds / 60:g} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g} s"
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+OK, WARNING, CRITICAL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Verdict:
+    level: int
+    summary: str
+
+    def line(self) -> str:
+        return f"{('OK', 'WARNING', 'CRITICAL')[self.level]}: {self.summary}"
+
+
+def judge(view: Status, rules: Rules, now: datetime, retrying: Retrying | None = None) -> Verdict:
+    """The monitoring verdict from the status and the rules.
+
+    Besides the counts, it warns on what the guide says a human must look at (``attention``),
+    each with what to do; those are warnings, never critical.
+    """
+    live = [w for w in view.workers if liveness(w, now, rules.limits.heartbeat_stale) == LIVE]
+    alarms = broken(view, live, rules.lease, now)
+    notes = attention(live, retrying, rules, now)
+    if alarms or _critical(view, live, rules.limits, now):
+        level = CRITICAL
+    elif notes or _warning(view, live, rules.limits, now):
+        level = WARNING
+    else:
+        level = OK
+    return Verdict(level, "; ".join([check_summary(view, now, live), *alarms, *notes]))
+
+
+def _critical(view: Status, live: Sequence[Worker], c: Limits, now: datetime) -> bool:
+    """Too many parked rows, a due row waiting too long, rows and nobody to send them, or a
+    worker whose API key Recrypt refuses."""
+    return (
+        view.counts.get(State.PARKED, 0) >= max(c.parked_critical, 1)
+        or (oldest_due_age(view.oldest_due_at, now) or 0.0) >= c.oldest_due_critical
+        or (not live and _waiting(view) > 0)
+        or any(w.gate == GateState.UNAUTHENTICATED for w in live)
+    )
+
+
+def _warning(view: Status, live: Sequence[Worker], c: Limits, now: datetime) -> bool:
+    """Parked rows, a due row waiting, or a live worker's gate closed (other than timed)."""
+    return (
+        view.counts.get(State.PARKED, 0) >= max(c.parked_warning, 1)
+        or (oldest_due_age(view.oldest_due_at, now) or 0.0) >= c.oldest_due_warning
+        or any(w.gate not in (GateState.OPEN, *TIMED_GATES) for w in live)
+    )
+
+
+def _waiting(view: Status) -> int:
+    return view.counts.get(State.PENDING, 0) + view.counts.get(State.INFLIGHT, 0)
+
+
+def broken(view: Status, live: Sequence[Worker], lease: float, now: datetime) -> list[str]:
+    """What is broken now (critical), each with what to do: a job that keeps failing on a live
+    worker, rows in flight whose lease ran out over a lease ago (issue 12)."""
+    alarms = [failure_note(f, now, f" on {w.worker_id}") for w in live for f in w.failing_jobs]
+    expired = expired_lease_note(view.leases_expired, view.oldest_lease_expired_at, now, lease)
+    return alarms + ([expired] if expired else [])
+
+
+def check_summary(view: Status, now: datetime, live: Sequence[Worker]) -> str:
+    """``3 parked (limit=3); oldest due row 12 s; 1 live worker (gate open)``."""
+    parked = view.counts.get(State.PARKED, 0)
+    parts = [f"{parked} parked" + (f" ({reasons(view.parked_by_reason)})" if parked else "")]
+    oldest = oldest_due_age(view.oldest_due_at, now)
+    parts.append("no due rows" if oldest is None else f"oldest due row {oldest:.0f} s")
+    gates = sorted({w.gate for w in live})
+    if live:
+        noun = "worker" if len(live) == 1 else "workers"
+        label = "gate" if len(gates) == 1 else "gates"
+        parts.append(f"{len(live)} live {noun} ({label} {', '.join(gates)})")
+    else:
+        parts.append(f"no live worker ({_waiting(view)} rows pending or in flight)")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(
+    live: Sequence[Worker], retrying: Retrying | None, rules: Rules, now: datetime
+) -> list[str]:
+    """What a human must look at, one sentence each, with what to do (issue 10)."""
+    c = rules.limits
+    notes = [_rollover_note(live, c, now), _maintenance_note(live, c, now), _refused_note(live)]
+    closed = _closed_notes(live, rules.sends_nothing, now)
+    return closed + [n for n in notes if n] + _retrying_notes(retrying, c, now)
+
+
+def _closed_notes(
+    live: Sequence[Worker], sends_nothing: Collection[str], now: datetime
+) -> list[str]:
+    """Gates under which nothing is sent, other than the timed ones: say why, and what to do
+    (the worker's gate reason says both)."""
+    return [
+        f"gate {w.gate} on {w.worker_id} "
+        + (f"for {lasted((now - w.gate_since).total_seconds())}" if w.gate_since else "")
+        + f": {w.gate_reason or 'see outbox status'}"
+        for w in live
+        if w.gate in sends_nothing and w.gate not in TIMED_GATES
+    ]
+
+
+def _rollover_note(live: Sequence[Worker], c: Limits, now: datetime) -> str | None:
+    closed = gate_age(live, GateState.ROLLOVER, now)
+    if closed is None or closed < c.rollover_warning:
+        return None
+    how_long = (
+        "since an unknown time"
+        if closed == math.inf
+        else f"for {lasted(closed)}, over {threshold(c.rollover_warning)}"
+    )
+    return f"rollover (UNAVAILABLE vgw-db) {how_long}: check recrypt.net for a notice"
+
+
+def _maintenance_note(live: Sequence[Worker], c: Limits, now: datetime) -> str | None:
+    closed = gate_age(live, GateState.MAINTENANCE, now)
+    if closed is None or closed < c.maintenance_warning:
+        return None
+    paused = "for an unknown time" if closed == math.inf else lasted(closed)
+    return f"Recrypt maintenance (PERMISSION_DENIED): paused {paused}; see https://x.com/RecryptCS"
+
+
+def _refused_note(live: Sequence[Worker]) -> str | None:
+    held = [method for w in live for method in w.refused_methods]
+    if not held:
+        return None
+    return (
+        f"Recrypt refused {method_names(held)} outside maintenance (PERMISSION_DENIED), "
+        f"held: {REFUSED_ADVICE}"
+    )
+
+
+def _retrying_notes(r: Retrying | None, c: Limits, now: datetime) -> list[str]:
+    if r is None:
+        return []
+    notes = []
+    if r.long:
+        first = r.first_due_at
+        oldest = f" (oldest {lasted((now - first).total_seconds())})" if first else ""
+        since = f"retrying over {threshold(c.retrying_warning)} since first due"
+        notes.append(f"{n_rows(r.long)} {since}{oldest}")
+    if r.many:
+        notes.append(
+            f"{n_rows(r.many)} with {c.attempts_warning} or more attempts (most {r.most_attempts})"
+        )
+    if r.rows:
+        notes += [_answer(r), "see outbox list --state pending"]
+    return notes
+
+
+def _answer(r: Retrying) -> str:
+    """The commonest last answer among the rows, with the start of one's message."""
+    said = r.code or "no code"
+    if r.message:
+        said += f' "{clip(r.message, CHECK_MESSAGE_WIDTH)}"'
+    if r.rows == 1:
+        return f"its last answer: {said}"
+    if r.code_rows == r.rows:
+        return f"rows keep getting the same answer: {said}"
+    return f"commonest last answer ({r.code_rows} of {r.rows} rows): {said}"

@@ -47,7 +47,7 @@ def fingerprint(method: Any, payload: Any) -> str:
     Stored at the first claim and compared before every resend, so neither the method nor the
     payload can change under a key that may have executed. It never raises: a value that is
     not text or not JSON is hashed as it is (such a row is parked anyway). PostgreSQL computes
-    the same binding in SQL over ``payload::text`` (``Store._claim_returning``).
+    the same binding in SQL over ``payload::text`` (``outbox.store.claims.build_claim``).
     """
     digest = hashlib.sha256(_bytes(method))
     digest.update(b"\n")

@@ -51,7 +51,7 @@ def _pg_sha256(text: Any) -> Any:
     return sa.func.encode(sa.func.sha256(sa.func.convert_to(text, "UTF8")), "hex")
 
 
-# PostgreSQL's claim hashes ``payload::text``, jsonb's canonical text (Store._claim_returning).
+# PostgreSQL's claim hashes ``payload::text``, jsonb's canonical text (store.claims.build_claim).
 PG_PAYLOAD_ONLY = _pg_sha256(sa.cast(rows.c.payload, sa.Text))
 PG_METHOD_AND_PAYLOAD = _pg_sha256(rows.c.method + "\n" + sa.cast(rows.c.payload, sa.Text))
 
@@ -95,7 +95,7 @@ def _rebind(pg_old: Any, pg_new: Any, old: Formula, new: Formula) -> None:
 def _rebind_in_python(old: Formula, new: Formula) -> None:
     bind = op.get_bind()
     as_read = rows.c.method, rows.c.payload
-    if bind.dialect.name == "sqlite":  # the bytes, as the claim reads them (Store._as_written)
+    if bind.dialect.name == "sqlite":  # the bytes, as the claim reads them (columns.as_written)
         as_read = sa.cast(rows.c.method, sa.LargeBinary), sa.cast(rows.c.payload, sa.LargeBinary)
     page = (
         sa.select(rows.c.id, as_read[0].label("method"), as_read[1].label("payload"))

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from outbox.schema import State, attempts, messages
 from outbox.store.rows import RowView
+from outbox.store.views import row_view, view_query
 from outbox.vocabulary import HistoryDecision
 
 m = messages
@@ -176,3 +177,19 @@ def blocked_lane_heads(conn: Connection, limit: int) -> list[tuple[str, int, int
         ).all()
     )
     return [(lane, int(head), int(waiting.get(lane, 0))) for lane, head in heads]
+
+
+def find_rows(conn: Connection, wanted: RowFilter, limit: int) -> RowPage:
+    """One page of rows matching ``wanted``, by keyset (the console's Rows page)."""
+    query = find_rows_query(view_query(with_payload=False), wanted, limit)
+    return page_of([row_view(row) for row in conn.execute(query)], limit)
+
+
+def blocked_lanes(conn: Connection, limit: int) -> list[BlockedLane]:
+    """Each lane held by a parked row: that row, and how many rows wait behind it."""
+    heads = blocked_lane_heads(conn, limit)
+    found = conn.execute(
+        view_query(with_payload=False).where(m.c.id.in_([h for _, h, _ in heads]))
+    ).all()
+    rows = {row.id: row for row in map(row_view, found)}
+    return [BlockedLane(str(lane), rows[head], n) for lane, head, n in heads]

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from outbox import cli as outbox_cli
+from outbox import health
 from outbox.config import load
 from outbox.daemon import Daemon
 from outbox.gates import GATE_STATES
@@ -379,8 +379,8 @@ def test_check_threshold_defaults() -> None:
 
 
 def test_the_gates_check_judges_are_gates() -> None:
-    assert {outbox_cli.ROLLOVER, outbox_cli.MAINTENANCE} <= set(GATE_STATES)
-    assert {outbox_cli.ROLLOVER, outbox_cli.MAINTENANCE} == {Gate.ROLLOVER, Gate.MAINTENANCE}
+    assert set(health.TIMED_GATES) <= set(GATE_STATES)
+    assert set(health.TIMED_GATES) == {Gate.ROLLOVER, Gate.MAINTENANCE}
 
 
 # --------------------------------------------------------------------------- status, store

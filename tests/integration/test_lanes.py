@@ -33,6 +33,7 @@ from outbox.database import make_engine
 from outbox.schema import messages, metadata
 from outbox.simulator import TRANSFER
 from outbox.store import Call, Claim, Committed, Store
+from outbox.store.claims import due_query
 
 LANE = "acme-trading"
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
@@ -452,7 +453,7 @@ def is_postgres(conn: Connection) -> bool:
 
 def claim_plan(engine: Engine) -> dict[str, str]:
     """The claim's plan for each table alias (MariaDB: the index it reads)."""
-    query = Store(engine)._due_query(64, NOW, ()).with_only_columns(messages.c.id)
+    query = due_query(64, NOW, ()).with_only_columns(messages.c.id)
     sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
     with engine.connect() as conn:
         if not is_postgres(conn):

@@ -21,7 +21,8 @@ import sqlalchemy as sa
 
 from outbox import migrate
 from outbox.database import make_engine, normalise_url
-from tests.torture.harness import backend_of, run_torture
+from tests.torture.harness import run_torture
+from tests.torture.vocabulary import backend_of
 
 SERVERS = {
     "postgresql": "postgresql://postgres@127.0.0.1:5432/postgres",
@@ -64,7 +65,7 @@ def drop_database(url: str, name: str) -> None:
         conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{force}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.torture", description=__doc__)
     parser.add_argument("--minutes", type=float, default=10.0, help="chaos duration")
     parser.add_argument(
@@ -84,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         metavar="ACTION,...",
         help="leave these chaos actions out (e.g. poison, to see what else breaks when a "
-        "poison row stops everything); names as in harness.Chaos.actions",
+        "poison row stops everything); names as in chaos.Chaos.actions",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     workdir = Path(tempfile.mkdtemp(prefix=f"outbox-torture-{seed}-"))
     url, name = create_database(args.db, seed, workdir)
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for violation in report.violations:
         print(f"VIOLATION: {violation}")
+    print(report.promises_line())
     print(report.line())
     if report.violations or args.keep:
         print(f"kept for inspection: {url} and {workdir}")

@@ -9,7 +9,7 @@
   windows send that SIGHUP while the method is held; a third start with Transfer refused once
   and a SIGHUP before the daemon's probe (the reload must forget it). The chaos thread waits
   for a quiet moment (every daemon up, its gate open) and stays in the window while it lasts,
-  so what it sees there is the daemon's doing; the end checks (``checks.check_refusals``)
+  so what it sees there is the daemon's doing; the end checks (``promises.refused_methods_held``)
   judge every window's refusals, whatever else happened.
 - ``failed_to_connect_row``: a row whose first call executes and is answered UNAVAILABLE
   "failed to connect to all addresses …" by the server, then more of the same (unexecuted):
@@ -23,7 +23,9 @@
   start of every run (``start``), more now and then while there is time for them to run out.
 
 Rate-limit texts with digits and a server-sent "failed to connect" on any row are general
-faults (``parts.GENERAL``). Violations seen while running go to ``found``.
+faults (``faults.GENERAL``). Violations seen while running go to ``found``.
+
+Injected by ``chaos``: must not import the chaos loop nor the checks (``promises``).
 """
 
 from __future__ import annotations
@@ -36,26 +38,16 @@ from random import Random
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.errors import OperatorActionError
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, Fault
 from tests.torture.daemons import Daemons
 from tests.torture.database import Database
-from tests.torture.parts import (
-    FAILED_TO_CONNECT,
-    HOLD_S,
-    VGW_DB_DEADLINE,
-    WRITES,
-    C,
-    ChaosFault,
-    RefusalWindow,
-    Report,
-    RowSpec,
-    TortureSimulator,
-    UnknownBudget,
-    utcnow,
-    wait_until,
-)
-from tests.torture.writer import Writer, new_key, payload_for
+from tests.torture.faults import FAILED_TO_CONNECT, VGW_DB_DEADLINE, ChaosFault, UnknownBudget
+from tests.torture.observed import RefusalWindow
+from tests.torture.simulator import TortureSimulator
+from tests.torture.vocabulary import HOLD_S, WRITES, C, Report, RowSpec, wait_until
+from tests.torture.writers import Writer, new_key, payload_for
 
 Later = Callable[[float, str, Callable[[], None]], None]
 #: A SIGHUP releases a held method at once: its rows are sent again within this (seconds).

@@ -3,6 +3,8 @@
 Each process gets its own API key (``API_KEY-<slot>-<generation>``, accepted by the simulator),
 so a call at the simulator names the process that sent it; ``killed_at`` says when each was
 SIGKILLed (an answer it received before then may have died with it).
+
+Part of the world (``world``): must not import the chaos, the writers nor the checks.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from tests.torture.parts import (
+from outbox.clock import utcnow
+from tests.torture.observed import Reload
+from tests.torture.vocabulary import (
     API_KEY,
     DEADLINE_S,
     HOLD_S,
@@ -25,9 +29,8 @@ from tests.torture.parts import (
     MAX_BACKOFF_S,
     MAX_UNKNOWN,
     POLL_S,
-    Reload,
     Report,
-    utcnow,
+    wait_until,
 )
 
 
@@ -158,6 +161,9 @@ class Daemons:
             self.report.restarts += 1
 
     def stop_all(self) -> None:
+        """SIGTERM every daemon, each once its handlers are installed: a daemon restarted in
+        the settle phase may still be starting, and SIGTERM before that kills it (-15)."""
+        wait_until(lambda: all(self.is_started(s) for s in self.running()), 30)
         for slot in self.running():
             assert slot.proc is not None
             slot.proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,8 @@ Outages (``refusing``) are the database saying no while the daemons hold answers
 - MariaDB: every session on the test database except the harness's own is ``KILL``ed, again
   and again, while the outage lasts.
 - SQLite: an exclusive lock on the file for as long as the outage lasts.
+
+Part of the world (``world``): must not import the chaos, the writers nor the checks.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any
 import sqlalchemy as sa
 
 import outbox
+from outbox.clock import utcnow
 from outbox.database import make_engine, normalise_url
 from outbox.schema import tombstones
 from outbox.store import Store
-from tests.torture.parts import OPEN, RowSpec, backend_of, utcnow
+from tests.torture.vocabulary import OPEN, RowSpec, backend_of
 
 ROW_COLUMNS = (
     "id, idempotency_key, method, state, park_reason, maybe_executed, attempts, "

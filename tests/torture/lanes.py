@@ -17,8 +17,10 @@ daemons' sorting of new rows (``outbox.store.heads``) races the finish:
 
 Then (after a requeue: once the head has committed) the lane is read: a row marked waiting
 (``lane_behind``) with no open row before it waits behind a finished row, and nothing but a
-LaneKeeper run would ever send it: a violation (``found``). At the end, ``checks`` wants every
+LaneKeeper run would ever send it: a violation (``found``). At the end, ``promises`` wants every
 row of the lane sent once, in id order, and none left pending (``RowSpec.unblocked``).
+
+Injected by ``chaos``: must not import the chaos loop nor the checks (``promises``).
 """
 
 from __future__ import annotations
@@ -30,21 +32,15 @@ from random import Random
 
 import sqlalchemy as sa
 
+from outbox.clock import utcnow
 from outbox.errors import OperatorActionError
 from outbox.services import LaneKeeper
 from tests.torture.database import Database
-from tests.torture.parts import (
-    DOOMS,
-    POLL_S,
-    ChaosFault,
-    Report,
-    RowSpec,
-    TortureSimulator,
-    utcnow,
-    wait_until,
-)
+from tests.torture.faults import DOOMS, ChaosFault
 from tests.torture.seams import Later, insert_logged, lane_row
-from tests.torture.writer import Writer
+from tests.torture.simulator import TortureSimulator
+from tests.torture.vocabulary import POLL_S, Report, RowSpec, wait_until
+from tests.torture.writers import Writer
 
 OPERATOR_WAYS = ("cancel", "requeue")  # lane_unblock; head_by_hand is "sql"
 PRECONDITION = next(d for d in DOOMS if d[0] == "precondition")

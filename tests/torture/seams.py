@@ -17,6 +17,8 @@
 - ``operator_cancel``: ``cancel`` without ``--force`` of a pending row (it must then never run).
 
 Violations seen while running (rather than in the end state) go to ``found``.
+
+Injected by ``chaos``: must not import the chaos loop nor the checks (``promises``).
 """
 
 from __future__ import annotations
@@ -31,23 +33,15 @@ from random import Random
 import sqlalchemy as sa
 
 import outbox
+from outbox.clock import utcnow
 from outbox.errors import OperatorActionError
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, Fault
 from tests.torture.daemons import Daemons, Slot
 from tests.torture.database import Database, text_key, with_decimals
-from tests.torture.parts import (
-    LEASE_S,
-    POLL_S,
-    WRITES,
-    C,
-    ChaosFault,
-    Report,
-    RowSpec,
-    TortureSimulator,
-    utcnow,
-    wait_until,
-)
-from tests.torture.writer import Writer, new_key, payload_for, transfer_payload
+from tests.torture.faults import ChaosFault
+from tests.torture.simulator import TortureSimulator
+from tests.torture.vocabulary import LEASE_S, POLL_S, WRITES, C, Report, RowSpec, wait_until
+from tests.torture.writers import Writer, new_key, payload_for, transfer_payload
 
 LONG_NAME = 70_000  # characters in the poison field name: over MariaDB's 64 kB TEXT
 Later = Callable[[float, str, Callable[[], None]], None]
@@ -223,6 +217,21 @@ class Seams:
         writer = threading.Thread(
             target=insert_logged, args=(self.db, second, self.note), daemon=True
         )
+        serialised = self._commit_late(first, writer, hold)
+        arrived = hold.hits >= 1
+        if arrived:
+            self._watch_lane(lane)
+        writer.join(timeout=130)
+        for spec in (first, second):
+            self.writer.register(spec)
+        self.report.faults["lane_race"] += 1
+        self.report.extra["lane_race_in_flight"] += int(arrived)
+        self.report.extra["lane_race_serialised"] += int(serialised)
+        self.note(f"lane race {lane}: B held={arrived} serialised={serialised}")
+
+    def _commit_late(self, first: RowSpec, writer: threading.Thread, hold: Fault) -> bool:
+        """T1 writes A, starts T2 (``writer``, B) and commits once B was sent or T2 has waited
+        a second; True if T2 waited for T1 (the lane's writers serialised)."""
         try:
             with self.db.engine.connect() as t1:
                 late = t1.begin()
@@ -237,16 +246,7 @@ class Seams:
             self.note(f"lane race: T1 failed ({type(exc).__name__}); inserting A again")
             serialised = False
             self.db.insert(first)
-        arrived = hold.hits >= 1
-        if arrived:
-            self._watch_lane(lane)
-        writer.join(timeout=130)
-        for spec in (first, second):
-            self.writer.register(spec)
-        self.report.faults["lane_race"] += 1
-        self.report.extra["lane_race_in_flight"] += int(arrived)
-        self.report.extra["lane_race_serialised"] += int(serialised)
-        self.note(f"lane race {lane}: B held={arrived} serialised={serialised}")
+        return serialised
 
     def _lane_row(self, lane: str) -> RowSpec:
         return lane_row(self.rng, self.writer, lane)

@@ -1,4 +1,5 @@
-"""The CI-sized torture run on SQLite, PostgreSQL and MariaDB (see ``harness``).
+"""The CI-sized torture run on SQLite, PostgreSQL and MariaDB (see ``harness``), and the
+promises (``promises``) shown to catch each violation, one test id per promise and case.
 
 The seed is printed with the figures; ``OUTBOX_TORTURE_SEED`` replays one. The long run is
 ``python -m tests.torture --minutes 10 --db postgresql --restart-postgres --seed N``.
@@ -9,31 +10,28 @@ from __future__ import annotations
 import os
 import random
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 
 import pytest
 
 from outbox.descriptors import Catalog
 from outbox.simulator import CANCEL_ORDER, PLACE_ORDER, TRANSFER, LedgerEntry
 from tests.torture.answers import refused_since_reload
-from tests.torture.checks import Observed, Table, check, check_refusals, expected_request
 from tests.torture.database import Database
-from tests.torture.harness import run_torture
-from tests.torture.parts import (
-    API_KEY,
+from tests.torture.faults import (
     FAILED_TO_CONNECT,
     VGW_DB_DEADLINE,
-    C,
     ChaosFault,
-    Probe,
-    RefusalWindow,
-    Reload,
-    RowSpec,
-    Span,
     UnknownBudget,
     counts_unknown,
 )
+from tests.torture.harness import run_torture
+from tests.torture.observed import Observed, Probe, RefusalWindow, Reload, Span, Table
+from tests.torture.promises import check, expected_request, promise_names
 from tests.torture.seams import poison_kinds
+from tests.torture.vocabulary import API_KEY, C, RowSpec
 
 SEED = int(os.environ.get("OUTBOX_TORTURE_SEED") or random.SystemRandom().randrange(10**6))
 DURATION_S = float(os.environ.get("OUTBOX_TORTURE_SECONDS", "20"))
@@ -50,7 +48,7 @@ LANE_HEADS = ("lane_unblock", "head_by_hand")
 #: loaded machine other faults can keep a gate closed throughout (seen once in CI, MariaDB,
 #: seed 835700, violations=0): its coverage is the long run's, not every short run's.
 WINDOWED = frozenset({"refused_method_window"})
-#: The answers of issue 10 (``answers`` and ``parts.GENERAL``): each in every CI-sized run.
+#: The answers of issue 10 (``answers`` and ``faults.GENERAL``): each in every CI-sized run.
 ANSWERS = (
     "refused_method_window",
     "server_failed_to_connect",
@@ -73,6 +71,7 @@ def test_torture_keeps_the_promise(db_url, tmp_path) -> None:
         max_unknown=MAX_UNKNOWN,
         max_backoff=MAX_BACKOFF_S,
     )
+    print(report.promises_line())
     print(report.line())
     assert report.violations == [], (
         f"{report.line()}\nreplay: OUTBOX_TORTURE_SEED={SEED} (logs in {tmp_path})\n"
@@ -103,6 +102,7 @@ def test_torture_keeps_the_promise(db_url, tmp_path) -> None:
 
 NOW = datetime.now(UTC)
 BODY = {"fromAccount": "a", "toAccount": "b", "amount": "1.00"}
+K = [str(uuid.UUID(int=i + 1, version=4)) for i in range(12)]  # keys the cases can name
 
 
 def _entry(
@@ -137,96 +137,432 @@ def _span(key: str, start: float, end: float, method: str = TRANSFER, **more: ob
     return Span(key, method, at, NOW + timedelta(seconds=end), **fields)  # type: ignore[arg-type]
 
 
-def test_the_checks_catch_each_broken_promise() -> None:
-    catalog = Catalog.load()
-    keys = [str(uuid.uuid4()) for _ in range(6)]
+def _line(code: str, decision: str, said: str) -> dict[str, object]:
+    return {"code": code, "decision": decision, "message": f"explanation; Recrypt said: {said}"}
+
+
+def _storm_history(count: int) -> list[dict[str, object]]:
+    retries = [_line("DEADLINE_EXCEEDED", "retry", VGW_DB_DEADLINE)] * (count - 1)
+    return [*retries, _line("DEADLINE_EXCEEDED", "park", VGW_DB_DEADLINE)]
+
+
+@dataclass
+class Scene:
+    """What a run might have left: its rows as written, the table, what Recrypt saw."""
+
+    specs: list[RowSpec]
+    table: Table
+    observed: Observed = field(default_factory=lambda: Observed([]))
+    max_unknown: int = 50
+
+
+def _broken_promises(catalog: Catalog) -> Scene:
+    """Rows each breaking one of the plain promises."""
     specs = [
-        RowSpec(0, keys[0], TRANSFER, BODY, "lane", "sql", lane="L"),
-        RowSpec(1, keys[1], TRANSFER, BODY, "lane", "api", lane="L"),
-        RowSpec(2, keys[2], TRANSFER, BODY, "doom:precondition", "api", park="precondition"),
-        RowSpec(3, keys[3], TRANSFER, BODY, "plain", "sql"),
-        RowSpec(4, keys[4], TRANSFER, BODY, "plain", "sql"),
-        RowSpec(5, keys[5], TRANSFER, BODY, "plain", "sql"),
+        RowSpec(0, K[0], TRANSFER, BODY, "lane", "sql", lane="L"),
+        RowSpec(1, K[1], TRANSFER, BODY, "lane", "api", lane="L"),
+        RowSpec(2, K[2], TRANSFER, BODY, "doom:precondition", "api", park="precondition"),
+        RowSpec(3, K[3], TRANSFER, BODY, "plain", "sql"),
+        RowSpec(4, K[4], TRANSFER, BODY, "plain", "sql"),
+        RowSpec(5, K[5], TRANSFER, BODY, "plain", "sql"),
+        RowSpec(6, K[6], TRANSFER, BODY, "plain", "sql", refused="CHECK constraint failed"),
+        RowSpec(7, K[7], TRANSFER, BODY, "plain", "api"),
+        RowSpec(8, K[8], "/nope", BODY, "bad_method", "sql", park="bad_row"),
     ]
     rows = {
-        keys[0]: _row(1, "committed"),
-        keys[1]: _row(2, "committed"),
-        keys[2]: _row(3, "committed"),  # should have parked
-        keys[3]: _row(4, "committed"),  # committed without an effect
-        keys[4]: _row(5, "committed"),  # executed with another payload
-    }  # keys[5]: lost
-    observed = Observed(
-        [
-            _entry(catalog, keys[1], BODY),  # lane out of order
-            _entry(catalog, keys[0], BODY),
-            _entry(catalog, keys[2], BODY),
-            _entry(catalog, keys[4], {**BODY, "amount": "2.00"}),
-        ]
-    )
-    found = "\n".join(check(specs, Table(rows), observed, catalog))
-    assert "out of order" in found
-    assert f"{keys[2]!r} (doom:precondition" in found and "must be parked precondition" in found
-    assert f"{keys[3]!r} (plain" in found and "executions=0" in found
-    assert "another payload" in found
-    assert f"{keys[5]!r} (plain, sql, lane=None): lost" in found
+        K[0]: _row(1, "committed"),
+        K[1]: _row(2, "committed"),
+        K[2]: _row(3, "committed"),  # should have parked
+        K[3]: _row(4, "committed"),  # committed without an effect
+        K[4]: _row(5, "committed"),  # executed with another payload
+        K[7]: _row(8, "committed"),  # executed twice
+        K[8]: _row(9, "parked", "bad_row"),  # but it was sent
+    }  # K[5]: lost; K[6]: refused, though a plain row
+    ledger = [
+        _entry(catalog, K[1], BODY),  # lane out of order
+        _entry(catalog, K[0], BODY),
+        _entry(catalog, K[2], BODY),
+        _entry(catalog, K[4], {**BODY, "amount": "2.00"}),
+        _entry(catalog, K[7], BODY),
+        _entry(catalog, K[7], BODY, at=1.0),
+        _entry(catalog, K[11], BODY),  # no row has this key
+    ]
+    return Scene(specs, Table(rows), Observed(ledger, [_span(K[8], 0.0, 0.1, "/nope")]))
 
 
-def test_the_checks_catch_each_broken_seam() -> None:
-    catalog = Catalog.load()
-    k = [str(uuid.uuid4()) for _ in range(9)]
-    late = RowSpec(0, k[0], TRANSFER, BODY, "lane", "sql", lane="R", visible_at=NOW)
-    early = RowSpec(1, k[1], TRANSFER, BODY, "lane", "sql", lane="R", visible_at=NOW)
-    edited = RowSpec(2, k[2], PLACE_ORDER, {"account": "t"}, "method_edit", "sql")
+def _broken_seams(catalog: Catalog) -> Scene:
+    """The seams of issue 9, each broken."""
+    late = RowSpec(0, K[0], TRANSFER, BODY, "lane", "sql", lane="R", visible_at=NOW)
+    early = RowSpec(1, K[1], TRANSFER, BODY, "lane", "sql", lane="R", visible_at=NOW)
+    edited = RowSpec(2, K[2], PLACE_ORDER, {"account": "t"}, "method_edit", "sql")
     edited.edited_to, edited.edited_after_send = CANCEL_ORDER, True
-    reused = RowSpec(3, k[3], TRANSFER, {**BODY, "amount": "3.00"}, "key_reuse", "sql")
+    reused = RowSpec(3, K[3], TRANSFER, {**BODY, "amount": "3.00"}, "key_reuse", "sql")
     reused.reused_from = 4
-    original = RowSpec(4, k[3], TRANSFER, BODY, "plain", "sql")
-    expired = RowSpec(5, k[5], TRANSFER, BODY, "expires", "api")
-    poison = RowSpec(6, k[6], TRANSFER, "{}", "poison_surrogate", "sql", park="bad_row")
-    answered = RowSpec(7, k[7], TRANSFER, BODY, "plain", "api")
-    cancelled = RowSpec(8, k[8], TRANSFER, BODY, "plain", "api", cancelled=True)
+    original = RowSpec(4, K[3], TRANSFER, BODY, "plain", "sql")
+    expired = RowSpec(5, K[5], TRANSFER, BODY, "expires", "api")
+    poison = RowSpec(6, K[6], TRANSFER, "{}", "poison_surrogate", "sql", park="bad_row")
+    answered = RowSpec(7, K[7], TRANSFER, BODY, "plain", "api")
+    cancelled = RowSpec(8, K[8], TRANSFER, BODY, "plain", "api", cancelled=True)
     specs = [late, early, edited, reused, original, expired, poison, answered, cancelled]
     rows = {
-        k[0]: _row(1, "committed"),
-        k[1]: _row(2, "committed"),
-        k[2]: _row(3, "parked", "precondition"),  # sent to the edited method instead
-        k[3]: _row(9, "committed"),  # the reused key committed on ALREADY_EXISTS
-        k[5]: _row(5, "expired"),  # but it executed
-        k[6]: _row(6, "pending"),  # the poison row never parked
-        k[7]: _row(7, "committed"),  # without the response it was answered
-        k[8]: _row(8, "cancelled"),  # but it executed
+        K[0]: _row(1, "committed"),
+        K[1]: _row(2, "committed"),
+        K[2]: _row(3, "parked", "precondition"),  # sent to the edited method instead
+        K[3]: _row(9, "committed"),  # the reused key committed on ALREADY_EXISTS
+        K[5]: _row(5, "expired"),  # but it executed
+        K[6]: _row(6, "pending"),  # the poison row never parked
+        K[7]: _row(7, "committed"),  # without the response it was answered
+        K[8]: _row(8, "cancelled"),  # but it executed
     }
-    purged = {k[3]: [_row(4, "committed")]}
-    observed = Observed(
-        [
-            _entry(catalog, k[0], BODY, at=0.3),
-            _entry(catalog, k[1], BODY, at=0.6),
-            _entry(catalog, k[3], BODY),
-            _entry(catalog, k[5], BODY),
-            _entry(catalog, k[7], BODY, transfer_id="t-7"),
-            _entry(catalog, k[8], BODY),
+    purged = {K[3]: [_row(4, "committed")]}
+    return Scene(specs, Table(rows, purged), _broken_seams_observed(catalog))
+
+
+def _broken_seams_observed(catalog: Catalog) -> Observed:
+    ledger = [
+        _entry(catalog, K[0], BODY, at=0.3),
+        _entry(catalog, K[1], BODY, at=0.6),
+        _entry(catalog, K[3], BODY),
+        _entry(catalog, K[5], BODY),
+        _entry(catalog, K[7], BODY, transfer_id="t-7"),
+        _entry(catalog, K[8], BODY),
+    ]
+    spans = [
+        _span(K[1], 0.0, 0.6),  # the later row held...
+        _span(K[0], 0.2, 0.3),  # ...while the earlier one (committed late) was sent
+        _span(K[2], 1.0, 1.1, PLACE_ORDER, code="DEADLINE_EXCEEDED"),
+        _span(K[2], 2.0, 2.1, CANCEL_ORDER, code="FAILED_PRECONDITION", request={}),
+        _span(K[7], 3.0, 3.1, executed=True),
+    ]
+    return Observed(ledger, spans)
+
+
+def _wrong_answers(catalog: Catalog) -> Scene:
+    """What the daemon did before issue 10, row by row, and the right behaviour next to it
+    (rows 5, 6 and 8)."""
+    storm = "storm_doomed_executed"
+    specs = [
+        RowSpec(0, K[0], TRANSFER, BODY, "plain", "sql"),  # got "429 Too Many Requests"
+        RowSpec(1, K[1], TRANSFER, BODY, "failed_to_connect", "api"),
+        RowSpec(2, K[2], TRANSFER, BODY, "failed_to_connect_expires", "api"),
+        RowSpec(3, K[3], TRANSFER, BODY, storm, "sql", park="unknown_outcome"),
+        RowSpec(4, K[4], TRANSFER, BODY, "storm_doomed", "sql", park="unknown_outcome"),
+        RowSpec(5, K[5], TRANSFER, BODY, storm, "api", park="unknown_outcome"),  # right
+        RowSpec(6, K[6], TRANSFER, BODY, "failed_to_connect", "sql"),  # right
+        RowSpec(7, K[7], PLACE_ORDER, {"account": "t"}, "refused_method", "api"),
+        RowSpec(8, K[8], TRANSFER, BODY, "plain", "api"),  # got "rate limit ..., retry in 1s"
+    ]
+    maybe = {"maybe_executed": True}
+    rows = {
+        K[0]: _row(1, "parked", "object_limit", last_code="RESOURCE_EXHAUSTED"),
+        K[1]: _row(2, "committed"),  # handed back as never sent, then "key used before"
+        K[2]: _row(3, "expired"),  # handed back as never sent, then expired
+        K[3]: _row(4, "pending", **maybe),  # vgw-db deadlines not counted: never parks
+        K[4]: _row(5, "parked", "unknown_outcome", **maybe),  # parked one too early
+        K[5]: _row(6, "parked", "unknown_outcome", **maybe),
+        K[6]: _row(7, "committed", **maybe),
+        K[7]: _row(8, "committed"),
+        K[8]: _row(9, "committed"),
+    }
+    table = Table(rows, {}, _wrong_answers_history())
+    return Scene(specs, table, _wrong_answers_observed(catalog), max_unknown=12)
+
+
+def _wrong_answers_history() -> dict[str, list[dict[str, object]]]:
+    return {
+        K[0]: [_line("RESOURCE_EXHAUSTED", "park", "429 Too Many Requests")],
+        K[1]: [
+            _line("UNAVAILABLE", "hand_back", FAILED_TO_CONNECT),
+            _line("ALREADY_EXISTS", "commit_key_used_before", "already used"),
         ],
+        K[3]: [
+            *[_line("DEADLINE_EXCEEDED", "retry", VGW_DB_DEADLINE)] * 20,
+            _line("DEADLINE_EXCEEDED", "hand_back", VGW_DB_DEADLINE),  # as if a rollover
+        ],
+        K[4]: _storm_history(11),
+        K[5]: _storm_history(12),
+        K[6]: [
+            _line("UNAVAILABLE", "retry", FAILED_TO_CONNECT),
+            _line("ALREADY_EXISTS", "commit", "already used"),
+        ],
+        K[7]: [_line("PERMISSION_DENIED", "retry", "may not call PlaceOrder")],
+        K[8]: [
+            _line("RESOURCE_EXHAUSTED", "hand_back", "rate limit exceeded, retry in 1s"),
+            _line("OK", "commit", ""),
+        ],
+    }
+
+
+def _wrong_answers_observed(catalog: Catalog) -> Observed:
+    ftc = {"code": "UNAVAILABLE", "message": FAILED_TO_CONNECT, "executed": True}
+    storms = (
+        _span(key, 0.0, 0.1, code="DEADLINE_EXCEEDED", message=VGW_DB_DEADLINE)
+        for key in (K[3], K[4], K[5])
+    )
+    return Observed(
+        [_entry(catalog, key, BODY) for key in (K[1], K[2], K[5], K[6], K[8])],
         [
-            _span(k[1], 0.0, 0.6),  # the later row held...
-            _span(k[0], 0.2, 0.3),  # ...while the earlier one (committed late) was sent
-            _span(k[2], 1.0, 1.1, PLACE_ORDER, code="DEADLINE_EXCEEDED"),
-            _span(k[2], 2.0, 2.1, CANCEL_ORDER, code="FAILED_PRECONDITION", request={}),
-            _span(k[7], 3.0, 3.1, executed=True),
+            _span(K[0], 0.0, 0.1, code="RESOURCE_EXHAUSTED", message="429 Too Many Requests"),
+            _span(K[1], 0.0, 0.1, **ftc),
+            _span(K[2], 0.0, 0.1, **ftc),
+            _span(K[6], 0.0, 0.1, **ftc),
+            *storms,
         ],
     )
-    found = "\n".join(check(specs, Table(rows, purged), observed, catalog))
-    assert "lane R: rows 1 and 0 in flight at once" in found
-    assert "out of order" not in found  # row 0 was not visible yet when row 1 was sent
-    assert "one key sent to 2 methods" in found and "one key sent with 2 different" in found
-    assert "method edited" in found
-    assert "reuses the key of purged committed row 4" in found
-    assert f"row 4 {k[3]!r}" not in found  # the purged original is fine
-    assert f"row 5 {k[5]!r} (expires, api, lane=None): executed at Recrypt but ended expired" in (
-        found
+
+
+def _finished_heads(catalog: Catalog) -> Scene:
+    """Lanes whose parked head an operator finished (``lanes``): each must move on. A row of
+    it still pending at the end waits behind a finished row; a lane whose head is still
+    parked holds its rows, as before."""
+    lanes = ["U", "U", "U", "V", "V", "H", "H", "P", "P"]
+    specs = [
+        RowSpec(i, K[i], TRANSFER, BODY, "behind_head", "sql", lane=lane, visible_at=NOW)
+        for i, lane in enumerate(lanes)
+    ]
+    for i, how in ((0, "cancel"), (3, "requeue"), (5, "sql"), (7, None)):
+        specs[i].kind, specs[i].park, specs[i].unblocked = "lane_head", "precondition", how
+    rows = {
+        K[0]: _row(1, "cancelled"),
+        K[1]: _row(2, "committed"),
+        K[2]: _row(3, "pending"),  # waits behind the cancelled head
+        K[3]: _row(4, "committed"),  # requeued with the fault cleared: committed
+        K[4]: _row(5, "committed"),
+        K[5]: _row(6, "cancelled"),  # by hand
+        K[6]: _row(7, "pending"),  # no LaneKeeper released it
+        K[7]: _row(8, "parked", "precondition"),
+        K[8]: _row(9, "pending"),  # behind a parked head: fine
+    }
+    return Scene(
+        specs, Table(rows), Observed([_entry(catalog, K[i], BODY, at=i) for i in (1, 3, 4)])
     )
-    assert f"row 6 {k[6]!r} (poison_surrogate" in found
-    assert "the answer's response was lost" in found
-    assert f"row 8 {k[8]!r} (plain, api, lane=None): executed at Recrypt but cancelled" in found
+
+
+def _refusals(_catalog: Catalog) -> Scene:
+    """Held for HOLD_S after a refusal unless something let it go: a daemon that resends the
+    method as soon as its MaintenanceCheck says "no maintenance" (it looped) is caught."""
+    window = RefusalWindow(PLACE_ORDER, "may not call PlaceOrder", NOW, NOW + timedelta(9))
+    looped, held, reloaded, unsure = (f"{API_KEY}-{i}-1" for i in range(4))
+
+    def refused(caller: str, at: float) -> Span:
+        return _span(
+            str(uuid.uuid4()), at, at + 0.01, PLACE_ORDER, code="PERMISSION_DENIED",
+            message=window.message, caller=caller,
+        )  # fmt: skip
+
+    def probe(caller: str, at: float, code: str = "OK") -> Probe:
+        return Probe(caller, NOW + timedelta(seconds=at), code, maintenance=False)
+
+    spans = [
+        *(refused(looped, at) for at in (0.0, 0.01, 1.1, 2.2)),  # one batch, then a loop
+        *(refused(held, at) for at in (0.0, 3.0, 6.1)),
+        *(refused(reloaded, at) for at in (0.0, 1.0)),
+        *(refused(unsure, at) for at in (0.0, 1.0)),
+    ]
+    probes = [probe(looped, 0.9), probe(looped, 2.0), probe(held, 0.9)]
+    probes.append(probe(unsure, 0.9, "UNAVAILABLE"))
+    reloads = [Reload(NOW + timedelta(seconds=0.5), frozenset({reloaded}))]
+    observed = Observed([], spans, probes=probes, reloads=reloads, windows=[window])
+    return Scene([], Table({}), observed)
+
+
+SCENES = {
+    "promises": _broken_promises,
+    "seams": _broken_seams,
+    "answers": _wrong_answers,
+    "finished_heads": _finished_heads,
+    "refusals": _refusals,
+}
+
+
+@cache
+def _found(scene: str) -> tuple[str, ...]:
+    """Every violation line the checks find in a scene."""
+    catalog = Catalog.load()
+    s = SCENES[scene](catalog)
+    return tuple(check(s.specs, s.table, s.observed, catalog, s.max_unknown))
+
+
+def _said_by(scene: str, promise: str) -> list[str]:
+    """The lines of one promise, without its name."""
+    prefix = f"{promise}: "
+    return [line.removeprefix(prefix) for line in _found(scene) if line.startswith(prefix)]
+
+
+def _caught(scene: str, promise: str, expected: str) -> None:
+    lines = _said_by(scene, promise)
+    assert any(expected in line for line in lines), (promise, expected, _found(scene))
+
+
+#: (case, scene, the promise broken there, what it must say): one test id each.
+PROMISE_CASES = [
+    ("lost", "promises", "no_row_lost", f"row 5 {K[5]!r} (plain, sql, lane=None): lost"),
+    (
+        "refused_plain_row",
+        "promises",
+        "refused_only_when_allowed",
+        "the database refused its INSERT: CHECK",
+    ),
+    (
+        "executed_twice",
+        "promises",
+        "no_key_executed_twice",
+        f"row 7 {K[7]!r} (plain, api, lane=None): executed 2",
+    ),
+    (
+        "stranger_key",
+        "promises",
+        "nothing_executed_unasked",
+        f"keys executed that no row has: [{K[11]!r}]",
+    ),
+    (
+        "doomed_row_committed",
+        "promises",
+        "every_row_ends_where_its_kind_says",
+        "must be parked precondition",
+    ),
+    (
+        "committed_without_effect",
+        "promises",
+        "every_row_ends_where_its_kind_says",
+        f"{K[3]!r} (plain, sql, lane=None): must",
+    ),
+    ("another_payload", "promises", "executed_as_written", "executed with another payload"),
+    (
+        "bad_row_sent",
+        "promises",
+        "bad_rows_never_sent",
+        f"bad row 8 {K[8]!r} (bad_method) was sent",
+    ),
+    ("lane_out_of_order", "promises", "lanes_in_order", "lane L executed out of order: row 1"),
+    (
+        "lane_behind_finished_head",
+        "finished_heads",
+        "lanes_move_on_after_a_finished_head",
+        f"row 2 {K[2]!r} (behind_head",
+    ),
+    ("refused_method_resent", "refusals", "refused_methods_held", "sent again by daemon 0-1"),
+]
+#: The seams of issue 9, each broken.
+SEAM_CASES = [
+    ("lane_race", "one_row_of_a_lane_in_flight", "lane R: rows 1 and 0 in flight at once"),
+    ("method_edit", "one_method_per_key", "one key sent to 2 methods"),
+    ("method_edit", "one_request_per_key", "one key sent with 2 different"),
+    ("method_edit", "every_row_ends_where_its_kind_says", "method edited"),
+    ("key_reuse", "every_row_ends_where_its_kind_says", "reuses the key of purged committed row 4"),
+    (
+        "expired_after_executing",
+        "nothing_executed_then_dropped",
+        f"row 5 {K[5]!r} (expires, api, lane=None): executed at Recrypt but ended expired",
+    ),
+    ("poison", "every_row_ends_where_its_kind_says", f"row 6 {K[6]!r} (poison_surrogate"),
+    ("response", "every_response_kept", "the answer's response was lost"),
+    (
+        "operator_cancel",
+        "nothing_executed_then_dropped",
+        f"row 8 {K[8]!r} (plain, api, lane=None): executed at Recrypt but cancelled",
+    ),
+]
+#: The answers of issue 10, each misread as before it.
+ANSWER_CASES = [
+    ("429_parked", "every_row_ends_where_its_kind_says", "parked object_limit, but Recrypt's"),
+    (
+        "429_parked",
+        "every_answer_read_as_the_policy_says",
+        "'429 Too Many Requests' and the daemon recorded park; the policy says hand_back",
+    ),
+    (
+        "failed_to_connect",
+        "errors_after_effect_marked_maybe_executed",
+        f"row 1 {K[1]!r} (failed_to_connect, api, lane=None): executed at Recrypt on a ",
+    ),
+    (
+        "failed_to_connect",
+        "every_answer_read_as_the_policy_says",
+        "recorded hand_back; the policy says park or retry",
+    ),
+    ("failed_to_connect", "no_new_key_committed_as_used_before", "committed as 'key used before'"),
+    (
+        "failed_to_connect_expires",
+        "errors_after_effect_marked_maybe_executed",
+        f"row 2 {K[2]!r} (failed_to_connect_expires, api, lane=None): executed at Recrypt ",
+    ),
+    (
+        "storm_uncounted",
+        "every_row_ends_where_its_kind_says",
+        f"{K[3]!r} (storm_doomed_executed, sql, lane=None): DEADLINE_EXCEEDED vgw-db on every",
+    ),
+    (
+        "storm_uncounted",
+        "every_answer_read_as_the_policy_says",
+        "'vgw-db transaction timed out' and the daemon recorded hand_back",
+    ),
+    ("storm_parked_early", "every_row_ends_where_its_kind_says", "after 11 unknown outcomes"),
+    (
+        "refused_retried",
+        "every_answer_read_as_the_policy_says",
+        "PERMISSION_DENIED 'may not call PlaceOrder' and the daemon recorded retry",
+    ),
+]
+
+
+def _ids(cases: list[tuple[str, ...]]) -> list[str]:
+    return [f"{case[0]}-{case[-2]}" for case in cases]
+
+
+@pytest.mark.parametrize(
+    ("case", "scene", "promise", "expected"), PROMISE_CASES, ids=_ids(PROMISE_CASES)
+)
+def test_the_checks_catch_each_broken_promise(
+    case: str, scene: str, promise: str, expected: str
+) -> None:
+    del case  # the test id's
+    _caught(scene, promise, expected)
+
+
+@pytest.mark.parametrize(("seam", "promise", "expected"), SEAM_CASES, ids=_ids(SEAM_CASES))
+def test_the_checks_catch_each_broken_seam(seam: str, promise: str, expected: str) -> None:
+    del seam  # the test id's
+    _caught("seams", promise, expected)
+
+
+@pytest.mark.parametrize(("answer", "promise", "expected"), ANSWER_CASES, ids=_ids(ANSWER_CASES))
+def test_the_checks_catch_each_wrong_answer(answer: str, promise: str, expected: str) -> None:
+    del answer  # the test id's
+    _caught("answers", promise, expected)
+
+
+def test_every_promise_has_a_case_that_breaks_it() -> None:
+    broken = {case[-2] for case in [*PROMISE_CASES, *SEAM_CASES, *ANSWER_CASES]}
+    assert set(promise_names()) == broken
+
+
+def test_the_checks_let_the_right_behaviour_be() -> None:
+    """What is right next to each broken seam and answer is not caught."""
+    seams = "\n".join(_found("seams"))
+    assert "out of order" not in seams  # row 0 was not visible yet when row 1 was sent
+    assert f"row 4 {K[3]!r}" not in seams  # the purged original is fine
+    answers = _found("answers")
+    assert not [line for line in answers if {K[5], K[6], K[8]} & set(line.split("'"))], answers
+
+
+def test_a_lane_moves_on_behind_its_finished_head_only() -> None:
+    """Two lanes wait behind a finished row (cancelled, or cancelled by hand without a
+    LaneKeeper run); the requeued head's lane moved on, the parked head's lane waits."""
+    found = _found("finished_heads")
+    text = "\n".join(found)
+    assert f"row 2 {K[2]!r} (behind_head, sql, lane=U): waits behind a finished row" in text
+    assert "its lane's parked head was finished: row 0, cancel;" in text
+    assert f"row 6 {K[6]!r} (behind_head, sql, lane=H): waits behind a finished row" in text
+    assert len(found) == 2, found
+
+
+def test_a_refused_method_resent_at_every_probe_is_caught() -> None:
+    """Only the daemon that looped is caught: not the one that held the method, nor the one
+    a SIGHUP released, nor the one whose probe failed."""
+    found = _found("refusals")
+    assert len(found) == 2, found
+    assert all("sent again by daemon 0-1" in line for line in found), found
 
 
 def test_a_call_left_over_after_its_key_executed_holds_no_lane() -> None:
@@ -248,39 +584,6 @@ def test_a_call_left_over_after_its_key_executed_holds_no_lane() -> None:
     )
     found = check(specs, Table(rows), observed, catalog)
     assert not [line for line in found if "in flight at once" in line], found
-
-
-def test_the_checks_catch_a_lane_left_behind_its_finished_head() -> None:
-    """A parked lane head an operator finished (``lanes``): its lane must move on. A row of
-    it still pending at the end waits behind a finished row; a lane whose head is still
-    parked holds its rows, as before."""
-    catalog = Catalog.load()
-    k = [str(uuid.uuid4()) for _ in range(9)]
-    lanes = ["U", "U", "U", "V", "V", "H", "H", "P", "P"]
-    specs = [
-        RowSpec(i, k[i], TRANSFER, BODY, "behind_head", "sql", lane=lane, visible_at=NOW)
-        for i, lane in enumerate(lanes)
-    ]
-    for i, how in ((0, "cancel"), (3, "requeue"), (5, "sql"), (7, None)):
-        specs[i].kind, specs[i].park, specs[i].unblocked = "lane_head", "precondition", how
-    rows = {
-        k[0]: _row(1, "cancelled"),
-        k[1]: _row(2, "committed"),
-        k[2]: _row(3, "pending"),  # waits behind the cancelled head
-        k[3]: _row(4, "committed"),  # requeued with the fault cleared: committed
-        k[4]: _row(5, "committed"),
-        k[5]: _row(6, "cancelled"),  # by hand
-        k[6]: _row(7, "pending"),  # no LaneKeeper released it
-        k[7]: _row(8, "parked", "precondition"),
-        k[8]: _row(9, "pending"),  # behind a parked head: fine
-    }
-    observed = Observed([_entry(catalog, k[i], BODY, at=i) for i in (1, 3, 4)])
-    found = check(specs, Table(rows), observed, catalog)
-    text = "\n".join(found)
-    assert f"row 2 {k[2]!r} (behind_head, sql, lane=U): waits behind a finished row" in text
-    assert "its lane's parked head was finished: row 0, cancel;" in text
-    assert f"row 6 {k[6]!r} (behind_head, sql, lane=H): waits behind a finished row" in text
-    assert len(found) == 2, found
 
 
 class _RaceDuringPurge(Database):
@@ -315,139 +618,6 @@ def test_a_row_purged_unseen_is_not_lost(sqlite_url: str) -> None:
     assert gone.get(late.key, {}).get("state") == "purged", gone
     found = check([late], Table({}, {late.key: [gone[late.key]]}), Observed([]), Catalog.load())
     assert found == [], found
-
-
-# --------------------------------------------------------------------------- issue 10's answers
-
-
-def _line(code: str, decision: str, said: str) -> dict[str, object]:
-    return {"code": code, "decision": decision, "message": f"explanation; Recrypt said: {said}"}
-
-
-def _storm_history(count: int) -> list[dict[str, object]]:
-    retries = [_line("DEADLINE_EXCEEDED", "retry", VGW_DB_DEADLINE)] * (count - 1)
-    return [*retries, _line("DEADLINE_EXCEEDED", "park", VGW_DB_DEADLINE)]
-
-
-def test_the_checks_catch_each_wrong_answer() -> None:
-    """What the daemon did before issue 10, row by row: each is caught, and the right
-    behaviour next to it is not."""
-    catalog = Catalog.load()
-    k = [str(uuid.uuid4()) for _ in range(9)]
-    storm = "storm_doomed_executed"
-    specs = [
-        RowSpec(0, k[0], TRANSFER, BODY, "plain", "sql"),  # got "429 Too Many Requests"
-        RowSpec(1, k[1], TRANSFER, BODY, "failed_to_connect", "api"),
-        RowSpec(2, k[2], TRANSFER, BODY, "failed_to_connect_expires", "api"),
-        RowSpec(3, k[3], TRANSFER, BODY, storm, "sql", park="unknown_outcome"),
-        RowSpec(4, k[4], TRANSFER, BODY, "storm_doomed", "sql", park="unknown_outcome"),
-        RowSpec(5, k[5], TRANSFER, BODY, storm, "api", park="unknown_outcome"),  # right
-        RowSpec(6, k[6], TRANSFER, BODY, "failed_to_connect", "sql"),  # right
-        RowSpec(7, k[7], PLACE_ORDER, {"account": "t"}, "refused_method", "api"),
-        RowSpec(8, k[8], TRANSFER, BODY, "plain", "api"),  # got "rate limit ..., retry in 1s"
-    ]
-    maybe = {"maybe_executed": True}
-    rows = {
-        k[0]: _row(1, "parked", "object_limit", last_code="RESOURCE_EXHAUSTED"),
-        k[1]: _row(2, "committed"),  # handed back as never sent, then "key used before"
-        k[2]: _row(3, "expired"),  # handed back as never sent, then expired
-        k[3]: _row(4, "pending", **maybe),  # vgw-db deadlines not counted: never parks
-        k[4]: _row(5, "parked", "unknown_outcome", **maybe),  # parked one too early
-        k[5]: _row(6, "parked", "unknown_outcome", **maybe),
-        k[6]: _row(7, "committed", **maybe),
-        k[7]: _row(8, "committed"),
-        k[8]: _row(9, "committed"),
-    }
-    history = {
-        k[0]: [_line("RESOURCE_EXHAUSTED", "park", "429 Too Many Requests")],
-        k[1]: [
-            _line("UNAVAILABLE", "hand_back", FAILED_TO_CONNECT),
-            _line("ALREADY_EXISTS", "commit_key_used_before", "already used"),
-        ],
-        k[3]: [
-            *[_line("DEADLINE_EXCEEDED", "retry", VGW_DB_DEADLINE)] * 20,
-            _line("DEADLINE_EXCEEDED", "hand_back", VGW_DB_DEADLINE),  # as if a rollover
-        ],
-        k[4]: _storm_history(11),
-        k[5]: _storm_history(12),
-        k[6]: [
-            _line("UNAVAILABLE", "retry", FAILED_TO_CONNECT),
-            _line("ALREADY_EXISTS", "commit", "already used"),
-        ],
-        k[7]: [_line("PERMISSION_DENIED", "retry", "may not call PlaceOrder")],
-        k[8]: [
-            _line("RESOURCE_EXHAUSTED", "hand_back", "rate limit exceeded, retry in 1s"),
-            _line("OK", "commit", ""),
-        ],
-    }
-    ftc = {"code": "UNAVAILABLE", "message": FAILED_TO_CONNECT, "executed": True}
-    observed = Observed(
-        [_entry(catalog, key, BODY) for key in (k[1], k[2], k[5], k[6], k[8])],
-        [
-            _span(k[0], 0.0, 0.1, code="RESOURCE_EXHAUSTED", message="429 Too Many Requests"),
-            _span(k[1], 0.0, 0.1, **ftc),
-            _span(k[2], 0.0, 0.1, **ftc),
-            _span(k[6], 0.0, 0.1, **ftc),
-            *(
-                _span(key, 0.0, 0.1, code="DEADLINE_EXCEEDED", message=VGW_DB_DEADLINE)
-                for key in (k[3], k[4], k[5])
-            ),
-        ],
-    )
-    found = check(specs, Table(rows, {}, history), observed, catalog, max_unknown=12)
-    text = "\n".join(found)
-    assert "parked object_limit, but Recrypt's RESOURCE_EXHAUSTED answers to it were" in text
-    assert "'429 Too Many Requests' and the daemon recorded park; the policy says hand_back" in (
-        text
-    )
-    assert f"row 1 {k[1]!r} (failed_to_connect, api, lane=None): executed at Recrypt on a " in (
-        text
-    )
-    assert "recorded hand_back; the policy says park or retry" in text
-    assert "committed as 'key used before'" in text
-    assert f"row 2 {k[2]!r} (failed_to_connect_expires, api, lane=None): executed at Recrypt " in (
-        text
-    )
-    assert f"{k[3]!r} ({storm}, sql, lane=None): DEADLINE_EXCEEDED vgw-db on every call" in text
-    assert f"{k[4]!r} (storm_doomed, sql, lane=None): DEADLINE_EXCEEDED vgw-db" in text
-    assert "after 11 unknown outcomes in its history" in text
-    assert "PERMISSION_DENIED 'may not call PlaceOrder' and the daemon recorded retry" in text
-    assert "'vgw-db transaction timed out' and the daemon recorded hand_back" in text
-    assert not [line for line in found if {k[5], k[6], k[8]} & set(line.split("'"))], found
-
-
-def test_a_refused_method_resent_at_every_probe_is_caught() -> None:
-    """Held for HOLD_S after a refusal unless something let it go: a daemon that resends the
-    method as soon as its MaintenanceCheck says "no maintenance" (it looped) is caught."""
-    window = RefusalWindow(PLACE_ORDER, "may not call PlaceOrder", NOW, NOW + timedelta(9))
-    looped, held, reloaded, unsure = (f"{API_KEY}-{i}-1" for i in range(4))
-
-    def refused(caller: str, at: float) -> Span:
-        return _span(
-            str(uuid.uuid4()), at, at + 0.01, PLACE_ORDER, code="PERMISSION_DENIED",
-            message=window.message, caller=caller,
-        )  # fmt: skip
-
-    def probe(caller: str, at: float, code: str = "OK") -> Probe:
-        return Probe(caller, NOW + timedelta(seconds=at), code, maintenance=False)
-
-    spans = [
-        *(refused(looped, at) for at in (0.0, 0.01, 1.1, 2.2)),  # one batch, then a loop
-        *(refused(held, at) for at in (0.0, 3.0, 6.1)),
-        *(refused(reloaded, at) for at in (0.0, 1.0)),
-        *(refused(unsure, at) for at in (0.0, 1.0)),
-    ]
-    probes = [
-        probe(looped, 0.9),
-        probe(looped, 2.0),
-        probe(held, 0.9),
-        probe(unsure, 0.9, "UNAVAILABLE"),
-    ]
-    reloads = [Reload(NOW + timedelta(seconds=0.5), frozenset({reloaded}))]
-    observed = Observed([], spans, probes=probes, reloads=reloads, windows=[window])
-    found = check_refusals(observed)
-    assert len(found) == 2, found
-    assert all("sent again by daemon 0-1" in line for line in found), found
 
 
 def test_a_reload_forgets_refusals_in_the_daemon_log() -> None:

@@ -1,7 +1,8 @@
-"""The writer: rows of every kind, by plain SQL and by ``outbox.enqueue``, at a steady rate.
+"""The writers: rows of every kind, by plain SQL and by ``outbox.enqueue``, at a steady rate.
 
 Rows the chaos thread writes (lane races, poison, method edits, key reuse) are registered
 here too (``register``), so ``specs`` is every row the run wrote or tried to write.
+Must not import the chaos nor the checks.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from datetime import datetime, timedelta
 from random import Random
 from typing import Any
 
+from outbox.clock import utcnow
 from outbox.simulator import PLACE_ORDER, TRANSFER, Fault, Simulator
 from tests.torture.database import Database
-from tests.torture.parts import BAD_KINDS, DOOMS, UNKNOWN_METHOD, Report, RowSpec, utcnow
+from tests.torture.faults import DOOMS
+from tests.torture.vocabulary import BAD_KINDS, UNKNOWN_METHOD, Report, RowSpec
 
 
 def new_key(rng: Random) -> str:
@@ -96,32 +99,39 @@ class Writer:
             self.specs.append(spec)
             self.report.rows += 1
 
-    def next_spec(self, now: datetime) -> RowSpec:  # noqa: PLR0912 (one branch per kind)
+    def next_spec(self, now: datetime) -> RowSpec:
+        """The next row: its kind (each special kind at least once, early), method, key and
+        payload, then what its kind changes; a doomed row's fault is injected before it exists."""
         rng = self.rng
         now = now.replace(microsecond=0)  # plain SQL writes whole seconds
         via = "api" if rng.random() < 0.5 else "sql"
-        if self.todo and rng.random() < 0.25:
-            special = self.todo.pop()
-        else:
-            special = rng.choices(
-                ["plain", "lane", "not_before", "expires", "doom", "bad", "over_limit"],
-                [40, 30, 8, 6, 5, 3, 2],
-            )[0]
-            if special == "doom":
-                special = f"doom:{rng.choice(DOOMS)[0]}"
-            elif special == "bad":
-                special = rng.choice(BAD_KINDS)
+        special = self._kind()
         method = TRANSFER if rng.random() < 0.7 else PLACE_ORDER
         spec = self.spec(new_key(rng), method, payload_for(rng, method), "plain", via)
+        self._shape(spec, special, now)
+        if spec.kind.startswith("doom:"):
+            self._doom(spec)
+        return spec
+
+    def _kind(self) -> str:
+        rng = self.rng
+        if self.todo and rng.random() < 0.25:
+            return self.todo.pop()
+        special = rng.choices(
+            ["plain", "lane", "not_before", "expires", "doom", "bad", "over_limit"],
+            [40, 30, 8, 6, 5, 3, 2],
+        )[0]
+        if special == "doom":
+            return f"doom:{rng.choice(DOOMS)[0]}"
+        if special == "bad":
+            return rng.choice(BAD_KINDS)
+        return special
+
+    def _shape(self, spec: RowSpec, special: str, now: datetime) -> None:
+        """What a kind changes in a plain row."""
+        rng = self.rng
         if special == "lane":
-            lane = rng.choice(self.lanes)
-            self.lane_counts[lane] += 1
-            spec.lane, spec.kind, spec.method = lane, "lane", TRANSFER
-            spec.payload = transfer_payload(rng, account=lane)
-            if lane == self.blocked_lane and self.lane_counts[lane] == 4:
-                spec.kind = f"doom:{rng.choice(DOOMS)[0]}"
-            elif rng.random() < 0.1:
-                spec.not_before = now + timedelta(seconds=rng.randint(1, 4))
+            self._lane(spec, now)
         elif special == "not_before":
             spec.kind, spec.not_before = "not_before", now + timedelta(seconds=rng.randint(1, 6))
         elif special == "expires":
@@ -129,25 +139,42 @@ class Writer:
         elif special.startswith("doom:"):
             spec.kind = special
         elif special in BAD_KINDS:
-            spec.kind, spec.via, spec.park = special, "sql", "bad_row"
-            if special == "bad_method":
-                spec.method = UNKNOWN_METHOD
-            elif special == "bad_key":
-                spec.key = spec.key.upper()
-            elif self.db.backend == "sqlite":
-                spec.payload = '{"fromAccount": "acme", "amount": '  # not JSON at all
-            else:  # JSON columns refuse non-JSON: JSON that does not parse into the request
-                spec.payload = {"fromAccount": 5, "toAccount": "b", "amount": 12.5}
+            self._bad(spec, special)
         elif special == "over_limit":
             spec.kind, spec.method, spec.park = "over_limit", TRANSFER, "precondition"
             spec.payload = transfer_payload(rng, amount=f"{rng.randrange(10001, 99999)}.00")
-        if spec.kind.startswith("doom:"):
-            name = spec.kind.removeprefix("doom:")
-            _kind, code, message, reason = next(d for d in DOOMS if d[0] == name)
-            spec.park = reason
-            self.doomed.add(spec.key)  # before the fault and the row exist
-            self.sim.inject(Fault(code, message, keys=frozenset({spec.key})))
-        return spec
+
+    def _lane(self, spec: RowSpec, now: datetime) -> None:
+        """A transfer of a lane; the blocked lane's fourth row is doomed."""
+        rng = self.rng
+        lane = rng.choice(self.lanes)
+        self.lane_counts[lane] += 1
+        spec.lane, spec.kind, spec.method = lane, "lane", TRANSFER
+        spec.payload = transfer_payload(rng, account=lane)
+        if lane == self.blocked_lane and self.lane_counts[lane] == 4:
+            spec.kind = f"doom:{rng.choice(DOOMS)[0]}"
+        elif rng.random() < 0.1:
+            spec.not_before = now + timedelta(seconds=rng.randint(1, 4))
+
+    def _bad(self, spec: RowSpec, kind: str) -> None:
+        """A bad row, by plain SQL: it must park ``bad_row``."""
+        spec.kind, spec.via, spec.park = kind, "sql", "bad_row"
+        if kind == "bad_method":
+            spec.method = UNKNOWN_METHOD
+        elif kind == "bad_key":
+            spec.key = spec.key.upper()
+        elif self.db.backend == "sqlite":
+            spec.payload = '{"fromAccount": "acme", "amount": '  # not JSON at all
+        else:  # JSON columns refuse non-JSON: JSON that does not parse into the request
+            spec.payload = {"fromAccount": 5, "toAccount": "b", "amount": 12.5}
+
+    def _doom(self, spec: RowSpec) -> None:
+        """The row's parking fault, its key spared by the general faults first."""
+        name = spec.kind.removeprefix("doom:")
+        _kind, code, message, reason = next(d for d in DOOMS if d[0] == name)
+        spec.park = reason
+        self.doomed.add(spec.key)  # before the fault and the row exist
+        self.sim.inject(Fault(code, message, keys=frozenset({spec.key})))
 
     def add(self, now: datetime) -> None:
         spec = self.next_spec(now)
