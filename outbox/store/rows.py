@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,13 +18,14 @@ class NewRow:
     idempotency_key: str
     method: str
     payload: dict[str, Any]
+    _: KW_ONLY
     lane: str | None = None
     not_before: datetime | None = None
     expires_at: datetime | None = None
     reference: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Claim:
     """A row claimed by one worker under a lease. ``payload`` is the raw text from the table."""
 
@@ -101,7 +102,7 @@ class HandedBack:
 Outcome = Committed | Retry | Parked | HandedBack
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RowView:
     """A row as operators see it (CLI, JSON)."""
 
@@ -127,7 +128,7 @@ class RowView:
     response: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HistoryLine:
     at: datetime
     kind: str
@@ -138,7 +139,7 @@ class HistoryLine:
     duration_ms: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WorkerView:
     worker_id: str
     host: str
@@ -170,7 +171,7 @@ class WorkerBeat:
     failing_jobs: tuple[JobFailure, ...] = ()  # health.JobHealth.failing()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StatusView:
     counts: dict[str, int]
     oldest_due_at: datetime | None
@@ -182,7 +183,7 @@ class StatusView:
     oldest_lease_expired_at: datetime | None = None  # the earliest such lease end
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RetryingView:
     """Pending rows a human should look at (``outbox check``): rows Recrypt has answered that
     first became due before a time (``long``), and rows with many attempts (``many``)."""

@@ -198,7 +198,9 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             expires_at = None if expires_in is None else self.now + timedelta(seconds=expires_in)
             payload = {"fromAccount": "a", "toAccount": "b", "amount": f"{self.serial}.00"}
             with engine.begin() as conn:
-                enqueue_row(conn, NewRow(key, TRANSFER, payload, lane, None, expires_at), self.now)
+                enqueue_row(
+                    conn, NewRow(key, TRANSFER, payload, lane=lane, expires_at=expires_at), self.now
+                )
                 row_id = conn.execute(
                     sa.select(messages.c.id).where(messages.c.idempotency_key == key)
                 ).scalar_one()
