@@ -53,7 +53,12 @@ class FieldPath:
         for spellings in self.steps:
             if not isinstance(value, dict):
                 return None
-            value = next((value[s] for s in spellings if s in value), None)
+            for spelling in spellings:
+                if spelling in value:
+                    value = value[spelling]
+                    break
+            else:
+                return None
         return value
 
 
