@@ -282,3 +282,18 @@ def test_outbox_report_csv_json_and_table(sqlite_url, tmp_path) -> None:
     bad = CliRunner().invoke(main, ["--config", str(config), *args], env=env)
     assert bad.exit_code == 1
     assert '[report] amount_fields."/recrypt.wallet.v1.Wallet/Transfer"' in bad.stderr
+
+
+def test_the_daemon_refuses_to_start_with_a_report_field_that_does_not_exist(
+    sqlite_url, tmp_path
+) -> None:
+    from outbox.config import load
+    from outbox.daemon import Daemon
+
+    config = tmp_path / "outbox.toml"
+    config.write_text(
+        f'[database]\nurl = "{sqlite_url}"\n[metrics]\nlisten = ""\n'
+        '[report]\ncurrency_fields = ["ccy"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"\[report\] currency_fields: 'ccy'"):
+        Daemon(load(config, env={"RECRYPT_API_KEY": "k"}))
