@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, date, datetime
 
 import click
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from outbox.cli.app import InputError, Outbox, main, pass_outbox
@@ -92,7 +92,9 @@ def print_report(made: Report) -> None:
     if not made.lines:
         out.print("no rows finished in this range")
         return
-    table = Table(*_HEADINGS)
+    table = Table(*_HEADINGS[3:])
+    for heading in reversed(_HEADINGS[:3]):  # day, method, currency: never wrapped
+        table.columns.insert(0, Column(heading, no_wrap=True))
     for line in made.lines:
         table.add_row(*_cells(line))
     out.print(table)
