@@ -9,9 +9,9 @@ cancelled while the report runs is counted once, in one state.
 "Finished at" is ``updated_at``: every transition that puts a row in a reported state
 (commit, park, expiry, cancel) sets it and nothing touches such a row afterwards but
 another transition; ``committed_at`` exists for committed rows only. The range is read on
-``ix_outbox_messages_state_updated (state, updated_at)`` (retention's index), one range per
-state; a range that covers most of the table is read by a sequential scan instead, which is
-then the cheaper plan (``explain_sql``).
+``ix_outbox_messages_state_updated (state, updated_at)`` (retention's index): PostgreSQL
+reads it by a bitmap scan of that index, for one day as for all of two million rows
+(``Store.explain_finished_rows``; docs/scaling.md quotes the plan).
 
 Imports SQLAlchemy, ``outbox.schema`` and ``outbox.report``'s records only.
 """
