@@ -25,5 +25,8 @@ from outbox.cli import (  # noqa: F401 (registers them)
 )
 from outbox.cli.app import main
 from outbox.cli.daemon import DEFAULT_SIMULATOR_KEY
+from outbox.console.commands import console
+
+main.add_command(console)  # `outbox console …`: the web console (outbox/console/)
 
 __all__ = ["DEFAULT_SIMULATOR_KEY", "main"]

@@ -28,7 +28,7 @@ from datetime import datetime
 from sqlalchemy.engine import Engine
 
 from outbox.report import FinishedRow
-from outbox.store import claims, operator, plans, sweeps, views, workers
+from outbox.store import claims, console_views, operator, plans, sweeps, views, workers
 from outbox.store import heads as lane_heads
 from outbox.store import record as recording
 from outbox.store import report as reconciliation
@@ -252,3 +252,17 @@ class Store:
         """The database's plan for ``retrying`` (all three databases), for tests and ops."""
         sql = plans.retrying_sql(self.engine, due_before, attempts)
         return plans.explain(self.engine, sql, analyze=False)
+
+    # ---- the console (outbox/console/): pages over many rows
+
+    def find_rows(self, wanted: console_views.RowFilter, limit: int = 50) -> console_views.RowPage:
+        """One page of rows matching ``wanted``, by keyset (the console's Rows page)."""
+        return read(self.engine, console_views.find_rows, wanted, limit)
+
+    def activity(self, start: datetime, minutes: int) -> console_views.Activity:
+        """Committed / parked / retried history lines per minute since ``start``."""
+        return read(self.engine, console_views.activity, start, minutes)
+
+    def blocked_lanes(self, limit: int = 100) -> list[console_views.BlockedLane]:
+        """Each lane held by a parked row: that row, and how many rows wait behind it."""
+        return read(self.engine, console_views.blocked_lanes, limit)

@@ -62,10 +62,10 @@ _VIEW_TIMES = frozenset(c.name for c in m.c if isinstance(c.type, UTCDateTime))
 
 
 def get(conn: Connection, key: str) -> RowView:
-    row = conn.execute(_view_query(with_payload=True).where(m.c.idempotency_key == key)).first()
+    row = conn.execute(view_query(with_payload=True).where(m.c.idempotency_key == key)).first()
     if row is None:
         raise RowNotFoundError(f"no outbox row has idempotency_key {key}")
-    return _view(row)
+    return row_view(row)
 
 
 def history(conn: Connection, key: str) -> list[HistoryLine]:
@@ -87,14 +87,14 @@ def list_rows(
     lane: str | None = None,
     limit: int = 50,
 ) -> list[RowView]:
-    query = _view_query(with_payload=False).order_by(m.c.id.desc()).limit(limit)
+    query = view_query(with_payload=False).order_by(m.c.id.desc()).limit(limit)
     for column, value in ((m.c.state, state), (m.c.method, method), (m.c.lane, lane)):
         if value is not None:
             query = query.where(column == value)
-    return [_view(row) for row in conn.execute(query)]
+    return [row_view(row) for row in conn.execute(query)]
 
 
-def _view_query(*, with_payload: bool) -> sa.Select[Any]:
+def view_query(*, with_payload: bool) -> sa.Select[Any]:
     columns: list[Any] = [
         as_written(m.c[name]).label(name) if name in _VIEW_WRITER_TEXT else m.c[name]
         for name in _VIEW_COLUMNS
@@ -107,7 +107,7 @@ def _view_query(*, with_payload: bool) -> sa.Select[Any]:
     return sa.select(*columns)
 
 
-def _view(row: sa.Row[Any]) -> RowView:
+def row_view(row: sa.Row[Any]) -> RowView:
     """A row for operators; never fails on what a column holds (``outbox show`` must work)."""
     data = {k: aware(v) if k in _VIEW_TIMES else v for k, v in row._mapping.items()}
     for name in _VIEW_WRITER_TEXT & data.keys():
