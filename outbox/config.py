@@ -190,6 +190,19 @@ class CheckConfig(_Section):
     )
 
 
+class ReportConfig(_Section):
+    """``outbox report``'s fallback for protos without the amount/currency marks."""
+
+    amount_fields: dict[str, str] | tuple[str, ...] = Field(
+        (),
+        description='field names tried in every request (["amount"]), or one per method '
+        '({ "/pkg.Service/Method" = "money.amount" })',
+    )
+    currency_fields: dict[str, str] | tuple[str, ...] = Field(
+        (), description="as amount_fields, for the field naming the currency"
+    )
+
+
 DEFAULT_REDACTED = ("from_account", "to_account", "account")
 
 
@@ -246,6 +259,7 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     retention: RetentionConfig = RetentionConfig()
     check: CheckConfig = CheckConfig()
+    report: ReportConfig = ReportConfig()
     console: ConsoleConfig = ConsoleConfig()
     api_key: SecretStr | None = Field(None, exclude=True)
 

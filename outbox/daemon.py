@@ -82,6 +82,8 @@ REFUSED_TEXT = (
 #: What a SIGHUP applies (all of ``[recrypt]`` but ``proto_path``, and the key); any other
 #: section changed in the file needs a restart, and the reload says so.
 RELOADED_SECTIONS = ("recrypt",)
+#: Sections the daemon only checks at start: ``outbox report`` reads them itself, each run.
+UNUSED_SECTIONS = ("report",)
 
 
 def new_worker_id() -> str:
@@ -136,6 +138,7 @@ class Daemon:
         self._init_state()
         self._open_store(check_clock)
         self.catalog = Catalog.load(config.recrypt.proto_path or None)
+        self.catalog.report_fields(config.report.amount_fields, config.report.currency_fields)
         self.gates = gates_from(config)
         self.gates.subscribe(self._gate_changed)
         self.dispatcher = self._dispatcher()
@@ -592,7 +595,8 @@ def _check_reloadable(fresh: Config, running: Config) -> None:
 
 def _changed_sections(running: Config, fresh: Config, applied: tuple[str, ...]) -> list[str]:
     """Sections a reload would change but does not apply (they need a restart)."""
-    names = [n for n in type(running).model_fields if n != "api_key" and n not in applied]
+    skipped = ("api_key", *applied, *UNUSED_SECTIONS)
+    names = [n for n in type(running).model_fields if n not in skipped]
     return [n for n in names if getattr(running, n) != getattr(fresh, n)]
 
 

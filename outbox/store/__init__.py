@@ -11,24 +11,27 @@ The store knows rows and states; it never knows gRPC.
 - ``heads``: lane heads (which row of a lane may be claimed)
 - ``sweeps``: the reaper, the expirer and retention; ``workers``: the daemons' beats
 - ``operator``: requeue and cancel; ``views``: reading; ``plans``: EXPLAIN
+- ``report``: reconciliation's streamed read of finished rows (``outbox report``)
 - ``enqueue``: writers' inserts; ``history``: history lines; ``tx``: transactions, retries
 - ``rows``: the data the operations take and return; ``listener``: PostgreSQL wake-ups
 
 The store may import ``outbox.schema``, ``outbox.payload``, ``outbox.errors``,
-``outbox.vocabulary``, ``outbox.clock``, ``outbox.health``, ``outbox.logs`` and
-``outbox.backoff``; never gRPC, the dispatcher, the daemon or the CLI.
+``outbox.vocabulary``, ``outbox.clock``, ``outbox.health``, ``outbox.logs``, ``outbox.backoff``
+and ``outbox.report`` (its records); never gRPC, the dispatcher, the daemon or the CLI.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 
 from sqlalchemy.engine import Engine
 
+from outbox.report import FinishedRow
 from outbox.store import claims, console_views, operator, plans, sweeps, views, workers
 from outbox.store import heads as lane_heads
 from outbox.store import record as recording
+from outbox.store import report as reconciliation
 from outbox.store.enqueue import enqueue_row, new_key
 from outbox.store.rows import (
     Call,
@@ -208,6 +211,20 @@ class Store:
     def retrying(self, due_before: datetime, attempts: int) -> RetryingView:
         """Pending rows answered long ago or attempted many times (``views.retrying``)."""
         return read(self.engine, views.retrying, due_before, attempts)
+
+    # ---- finance: reconciliation (report.py)
+
+    def finished_rows(
+        self, since: datetime, until: datetime, *, chunk: int = reconciliation.CHUNK
+    ) -> Iterator[FinishedRow]:
+        """Rows committed, parked, expired or cancelled in ``[since, until)`` (by
+        ``updated_at``), streamed in chunks: ``outbox.report.build_report`` reads them."""
+        return reconciliation.finished_rows(self.engine, since, until, chunk)
+
+    def explain_finished_rows(self, since: datetime, until: datetime) -> str:
+        """The database's plan for ``finished_rows`` (docs/scaling.md quotes PostgreSQL's)."""
+        sql = plans.written(self.engine, reconciliation.finished_query(since, until))
+        return plans.explain(self.engine, sql, analyze=False)
 
     # ---- plans, for tests and ops (plans.py)
 
