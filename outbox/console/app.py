@@ -18,10 +18,11 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from outbox.console import actions, auth, pages
+from outbox.console import actions, auth, pages, report_page
 from outbox.console.context import Console
 from outbox.console.security import SecurityHeaders
 from outbox.console.settings import ConsoleSettings, session_secret
+from outbox.report import FieldMap
 from outbox.store import Store
 
 STATIC = Path(__file__).parent / "static"
@@ -40,6 +41,8 @@ def routes() -> list[Route | Mount]:
         Route("/rows", pages.rows, name="rows"),
         Route("/row", pages.row, name="row"),
         Route("/lanes", pages.lanes, name="lanes"),
+        Route("/report", report_page.report, name="report"),
+        Route("/report.csv", report_page.report_csv, name="report_csv"),
         Route("/row/requeue", actions.requeue, methods=["POST"], name="requeue"),
         Route("/row/cancel", actions.cancel, methods=["POST"], name="cancel"),
         Route("/login", auth.login_page, name="login"),
@@ -49,8 +52,13 @@ def routes() -> list[Route | Mount]:
     ]
 
 
-def make_app(store: Store, settings: ConsoleSettings, secret: str | None = None) -> Starlette:
-    console = Console.make(store, settings)
+def make_app(
+    store: Store,
+    settings: ConsoleSettings,
+    secret: str | None = None,
+    report_fields: FieldMap | None = None,
+) -> Starlette:
+    console = Console.make(store, settings, report_fields)
     middleware = [
         Middleware(SecurityHeaders),
         Middleware(
@@ -71,13 +79,13 @@ def make_app(store: Store, settings: ConsoleSettings, secret: str | None = None)
     return app
 
 
-def serve(store: Store, settings: ConsoleSettings) -> None:
+def serve(store: Store, settings: ConsoleSettings, report_fields: FieldMap | None = None) -> None:
     """Run uvicorn until interrupted. No proxy headers: the peer address is the real one
     (``security.served_over_https`` reads ``X-Forwarded-Proto`` from loopback itself)."""
     import uvicorn  # noqa: PLC0415 (only the serving process needs it)
 
     uvicorn.run(
-        make_app(store, settings),
+        make_app(store, settings, report_fields=report_fields),
         host=settings.host,
         port=settings.port,
         proxy_headers=False,

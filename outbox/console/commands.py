@@ -16,8 +16,9 @@ from typing import Any
 
 import click
 
-from outbox.config import load
+from outbox.config import Config, load
 from outbox.errors import OutboxError
+from outbox.report import FieldMap
 
 EXTRA_HINT = "pip install 'recrypt-outbox[console]'"
 NEEDED = ("starlette", "jinja2", "uvicorn", "argon2", "itsdangerous", "python_multipart")
@@ -76,7 +77,17 @@ def _serve(ctx: click.Context) -> None:
             err=True,
         )
     click.echo(f"outbox console on http://{settings.host}:{settings.port}/", err=True)
-    app.serve(store, settings)
+    app.serve(store, settings, _report_fields(ctx.find_root().obj.config))
+
+
+def _report_fields(config: Config) -> FieldMap:
+    """Where each method's amount sits, for the Report page: the protos' marks and
+    ``[report]`` (a name that does not exist fails here, at start)."""
+    from outbox.descriptors import Catalog  # noqa: PLC0415 (protobuf loads only when serving)
+
+    catalog = Catalog.load(config.recrypt.proto_path or None)
+    fields = config.report
+    return catalog.report_fields(fields.amount_fields, fields.currency_fields)
 
 
 @console.group()

@@ -18,6 +18,7 @@ from starlette.templating import Jinja2Templates
 from outbox.console.security import LoginThrottle, csrf_token
 from outbox.console.settings import ConsoleSettings
 from outbox.console.users import User, UserFile
+from outbox.report import FieldMap
 from outbox.store import Store
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -48,15 +49,19 @@ class Console:
     users: UserFile
     throttle: LoginThrottle
     templates: Jinja2Templates
+    report_fields: FieldMap  # where each method's amount and currency sit (the Report page)
 
     @classmethod
-    def make(cls, store: Store, settings: ConsoleSettings) -> Console:
+    def make(
+        cls, store: Store, settings: ConsoleSettings, report_fields: FieldMap | None = None
+    ) -> Console:
         return cls(
             store,
             settings,
             UserFile(settings.users_file),
             LoginThrottle(),
             Jinja2Templates(env=_environment()),
+            report_fields or {},
         )
 
 

@@ -24,6 +24,7 @@ import outbox
 from outbox.console.app import make_app
 from outbox.console.settings import ConsoleSettings
 from outbox.console.users import Role, User, hash_password, write_users
+from outbox.report import FieldMap
 from outbox.schema import attempts, messages
 from outbox.store import Store, WorkerBeat
 
@@ -152,10 +153,12 @@ def _order() -> dict[str, str]:
 
 
 @contextmanager
-def serving(store: Store, settings: ConsoleSettings) -> Iterator[str]:
+def serving(
+    store: Store, settings: ConsoleSettings, report_fields: FieldMap | None = None
+) -> Iterator[str]:
     """The console's base URL, served by uvicorn on a free loopback port until exit."""
     config = uvicorn.Config(
-        make_app(store, settings, SECRET),
+        make_app(store, settings, SECRET, report_fields),
         host="127.0.0.1",
         port=0,
         proxy_headers=False,
