@@ -20,6 +20,7 @@ from bench.__main__ import API_KEY, fresh_database, insert_backlog
 from outbox import config as outbox_config
 from outbox import logs
 from outbox.daemon import Daemon
+from outbox.database import make_engine
 
 
 def build(url: str, target: str, batch: int, level: str) -> Daemon:
@@ -46,9 +47,24 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="under yappi (CPU clock)")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", default=None, help="write the stats here (pstat format)")
+    parser.add_argument(
+        "--fill",
+        choices=("yes", "no", "only"),
+        default="yes",
+        help="no: drain the backlog an earlier --fill only left (under callgrind, so that "
+        "filling is not counted)",
+    )
     args = parser.parse_args()
-    engine = fresh_database(args.url)
-    insert_backlog(engine, args.rows + args.batch)
+    if args.fill != "no":
+        fresh_database(args.url).dispose()
+        engine = make_engine(args.url)
+        insert_backlog(engine, args.rows + args.batch)
+        engine.dispose()
+    if args.fill != "only":
+        drain(args)
+
+
+def drain(args: argparse.Namespace) -> None:
     daemon = build(args.url, args.target, args.batch, args.level)
     daemon.dispatcher.run_once()  # warm-up: connection, statements, first calls
     if args.profile:
@@ -61,7 +77,7 @@ def main() -> None:
         yappi.stop()
     print(f"rows={rows} cpu_us_per_row={cpu / rows * 1e6:.1f} rate={rows / wall:.0f}/s")
     daemon.dispatcher.clients.close()
-    engine.dispose()
+    daemon.engine.dispose()
     if args.profile:
         report(rows, args.top, args.out)
 
