@@ -170,13 +170,23 @@ class GrpcClient:
         with self._lock:
             found = self._callables.get(method.path)
             if found is None:
-                found = self._channel.unary_unary(
-                    method.path,
-                    request_serializer=method.request_class.SerializeToString,
-                    response_deserializer=method.response_class.FromString,
-                )
+                found = _unary_unary(self._channel, method)
                 self._callables[method.path] = found
             return found
+
+
+def _unary_unary(channel: grpc.Channel, method: Method) -> Any:
+    """A callable for ``method``, registered with the channel as generated stubs register
+    theirs (grpcio 1.62+): each call is then made from the registration, not from the path,
+    ~7 % of the client's instructions per call (callgrind, ``bench/floor.py``)."""
+    coding = {
+        "request_serializer": method.request_class.SerializeToString,
+        "response_deserializer": method.response_class.FromString,
+    }
+    try:
+        return channel.unary_unary(method.path, _registered_method=True, **coding)
+    except TypeError:  # grpcio before 1.62 has no _registered_method
+        return channel.unary_unary(method.path, **coding)
 
 
 def _poke(_state: grpc.ChannelConnectivity) -> None:
