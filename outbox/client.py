@@ -153,7 +153,8 @@ class GrpcClient:
             return bool(self._state == grpc.ChannelConnectivity.READY)
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:  # no callable is being registered while the channel closes
+            self._closed = True
         self._channel.unsubscribe(self._on_connectivity)
         _wait_for_poller(self._channel)
         self._channel.close()
@@ -170,6 +171,8 @@ class GrpcClient:
         with self._lock:
             found = self._callables.get(method.path)
             if found is None:
+                if self._closed:  # grpc crashes registering a method on a closed channel
+                    raise ValueError("Cannot invoke RPC on closed channel!")
                 found = _unary_unary(self._channel, method)
                 self._callables[method.path] = found
             return found
