@@ -153,7 +153,7 @@ def floor(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
     process, in batches of ``--batch``, three rounds interleaved: the least of each, and all."""
     runs: dict[str, list[float]] = {}
     for _ in range(3):
-        for shape in ("futures", "aio", "threads"):
+        for shape in ("futures", "futures-last-first", "aio", "threads"):
             argv = [sys.executable, "-m", "bench.floor", "--target", sim.target]
             argv += ["--api-key", API_KEY, "--batch", str(args.batch), "--shapes", shape]
             done = subprocess.run(argv, capture_output=True, text=True, check=True)

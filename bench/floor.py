@@ -5,7 +5,9 @@ process, so its CPU is not counted here); prints one JSON line. Requests are bui
 clock starts: what is measured is the client (call objects, serialisation, completion queue,
 its threads), nothing of ours. CPU is ``time.process_time()``: every thread of this process.
 
-Shapes: ``futures`` (sync ``future()`` for a batch, then ``result()`` each: the daemon today),
+Shapes: ``futures`` (sync ``future()`` for a batch, then ``result()`` each in order),
+``futures-last-first`` (the same, waiting first for the last call started: the daemon),
+``futures-registered`` (``futures`` with the method registered with the channel),
 ``aio`` (``grpc.aio`` on one event loop, a batch gathered at a time), ``threads`` (blocking
 calls from a pool of threads, one batch at a time).
 """
@@ -54,6 +56,17 @@ def futures(target: str, metadata: Any, batches: list[Requests], registered: boo
                 future.result()
 
 
+def futures_last_first(target: str, metadata: Any, batches: list[Requests]) -> None:
+    """As ``futures``, waiting first for the last call started (``GrpcClient.send_all``)."""
+    with grpc.insecure_channel(target) as channel:
+        call = _unary(channel)
+        for batch in batches:
+            pending = [call.future(r, timeout=30, metadata=metadata) for r in batch]
+            pending[-1].exception()
+            for future in pending:
+                future.result()
+
+
 def threads(target: str, metadata: Any, batches: list[Requests]) -> None:
     with grpc.insecure_channel(target) as channel:
         call = _unary(channel)
@@ -80,6 +93,7 @@ def futures_registered(target: str, metadata: Any, batches: list[Requests]) -> N
 
 SHAPES: dict[str, Callable[[str, Any, list[Requests]], None]] = {
     "futures": futures,
+    "futures-last-first": futures_last_first,
     "futures-registered": futures_registered,
     "aio": aio,
     "threads": threads,
