@@ -6,7 +6,8 @@ clock starts: what is measured is the client (call objects, serialisation, compl
 its threads), nothing of ours. CPU is ``time.process_time()``: every thread of this process.
 
 Shapes: ``futures`` (sync ``future()`` for a batch, then ``result()`` each in order),
-``futures-last-first`` (the same, waiting first for the last call started: the daemon),
+``futures-last-first`` (the same, waiting first for the last call started; tried in the daemon
+without a gain over a whole drain),
 ``futures-registered`` (``futures`` with the method registered with the channel),
 ``aio`` (``grpc.aio`` on one event loop, a batch gathered at a time), ``threads`` (blocking
 calls from a pool of threads, one batch at a time).
