@@ -7,6 +7,7 @@ method whose request has a ``string idempotency_key`` becomes submittable.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -211,9 +212,9 @@ def build_request(method: Method, payload: Any, key: str) -> message.Message:
     for name, json_name in method.two_spellings:
         if name in body and json_name in body:
             raise BadRowError(f"payload has both {name} and {json_name}: write the field once")
-    check_text(body)
     request = _plain_request(method, body)
     if request is None:
+        check_text(body)
         request = _parsed_request(method, body)
     setattr(request, KEY_FIELD, key)
     if request.ByteSize() > MAX_REQUEST_BYTES:
@@ -230,6 +231,10 @@ def _plain_request(method: Method, body: dict[str, Any]) -> message.Message | No
     plain = method.plain_fields
     if not all(type(value) is str and name in plain for name, value in body.items()):
         return None
+    try:  # a lone surrogate (field names here are the protos' own): check_text says so
+        "".join(body.values()).encode("utf-8")
+    except UnicodeEncodeError:
+        check_text(body)
     return method.request_class(**{plain[name]: value for name, value in body.items()})
 
 
@@ -249,8 +254,24 @@ def _parsed_request(method: Method, body: dict[str, Any]) -> message.Message:
 
 
 def response_to_json(response: message.Message) -> dict[str, Any]:
+    """``json_format.MessageToDict``; for a response of only singular string fields, the same
+    dict read directly (the JSON printer costs more than the rest of a row's decision)."""
+    names = _string_fields(response.DESCRIPTOR)
+    if names is not None:
+        return {names[field.name]: value for field, value in response.ListFields()}
     converted: dict[str, Any] = json_format.MessageToDict(response)
     return converted
+
+
+@functools.cache
+def _string_fields(message_type: descriptor.Descriptor) -> Mapping[str, str] | None:
+    """Field name → JSON name when every field of ``message_type`` is a singular string and
+    it takes no extensions (``MessageToDict`` would print those under ``[full.name]``)."""
+    fields = message_type.fields
+    string = descriptor.FieldDescriptor.TYPE_STRING
+    if message_type.is_extendable or any(f.type != string or _repeated(f) for f in fields):
+        return None
+    return {f.name: f.json_name for f in fields}
 
 
 def _include_dir() -> str:
