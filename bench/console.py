@@ -114,7 +114,7 @@ def _mix(sql: dict[str, str]) -> dict[str, str]:
         "park_reason": "CASE WHEN r = 193 THEN 'precondition' WHEN r = 197 THEN "
         f"'unknown_outcome' WHEN r = 194 THEN CASE MOD(i {div} 200, {len(reasons)}) {by_reason} "
         "END END",
-        "maybe_executed": "(r = 197 OR (r = 195 AND MOD(i, 5) = 0))",
+        "maybe_executed": f"(r = 197 OR (r = 195 AND MOD(i {div} 200, 5) = 0))",
         "method": f"CASE WHEN MOD(i, 10) < 6 THEN '{TRANSFER}' WHEN MOD(i, 10) < 9 THEN "
         f"'{PLACE_ORDER}' ELSE '{CANCEL_ORDER}' END",
         "lane": f"CASE WHEN r = 192 OR (r = 193 AND MOD(i {div} 200, 500) = 0) THEN "
