@@ -20,6 +20,7 @@ from outbox.errors import RowNotFoundError
 from outbox.payload import read_text
 from outbox.schema import OPEN_STATES, State, UTCDateTime, attempts, messages, workers
 from outbox.store.columns import DUE_NOW_AT, INFLIGHT, PENDING, as_written, aware, first_due
+from outbox.store.counts import state_counts
 from outbox.store.rows import (
     HistoryLine,
     RetryingView,
@@ -120,9 +121,7 @@ def row_view(row: sa.Row[Any]) -> RowView:
 
 
 def status(conn: Connection, now: datetime) -> StatusView:
-    counts: dict[str, int] = dict(
-        conn.execute(sa.select(m.c.state, sa.func.count()).group_by(m.c.state)).all()
-    )
+    counts, estimated = state_counts(conn)  # above 10,000 rows a state's count is an estimate
     firsts = conn.execute(oldest_due_query(now)).one()
     expired, oldest_expiry = conn.execute(expired_leases_query(now)).one()
     maybe = conn.execute(
@@ -131,7 +130,8 @@ def status(conn: Connection, now: datetime) -> StatusView:
         )
     ).scalar_one()
     return StatusView(
-        counts={s.value: int(counts.get(s.value, 0)) for s in State},
+        counts=counts,
+        estimated=frozenset(estimated),
         oldest_due_at=min((t for t in map(aware, firsts) if isinstance(t, datetime)), default=None),
         parked_by_reason=_parked_by_reason(conn),
         blocked_lanes=_blocked_lanes(conn),
