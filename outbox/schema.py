@@ -307,6 +307,15 @@ messages = sa.Table(
     # order, and the counts of ``status`` a bounded read (``outbox.store.counts``).
     sa.Index("ix_outbox_messages_state_reason", "state", "park_reason", "id"),
     sa.Index("ix_outbox_messages_created_at", "created_at"),
+    # Rows that may have executed: the open ones counted (``status``), index only.
+    sa.Index(
+        "ix_outbox_messages_maybe_executed",
+        "maybe_executed",
+        "state",
+        "id",
+        postgresql_where=sa.text("maybe_executed"),
+        sqlite_where=sa.text("maybe_executed"),
+    ),
     # Prefix searches (LIKE 'abc%'): PostgreSQL needs the pattern operators unless the
     # database's collation is "C"; elsewhere a plain index serves (and, for the key, repeats
     # the unique one: the migration test compares one schema on every database).

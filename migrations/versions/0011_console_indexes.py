@@ -10,6 +10,8 @@ Issue 14's benchmark (``python -m bench.console``, docs/scaling.md): the console
   parked by reason) newest first; ``status`` counts each state by a bounded range of it and
   parked rows by reason, index only.
 - ``ix_outbox_messages_created_at``: the Rows page's time range.
+- ``ix_outbox_messages_maybe_executed`` ``(maybe_executed, state, id)``, partial on
+  ``maybe_executed`` where the database can: ``status`` counts the open ones, index only.
 - ``ix_outbox_messages_reference`` and ``ix_outbox_messages_key_prefix``: prefix searches
   (``LIKE 'abc%'``); on PostgreSQL with the pattern operators, which any collation can use.
 - ``ix_outbox_attempts_at`` ``(at, decision)``: the Overview's chart, index only.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0011"
@@ -36,6 +39,14 @@ PATTERN = "varchar_pattern_ops"
 def upgrade() -> None:
     op.create_index("ix_outbox_messages_state_reason", MESSAGES, ["state", "park_reason", "id"])
     op.create_index("ix_outbox_messages_created_at", MESSAGES, ["created_at"])
+    maybe = sa.text("maybe_executed")
+    op.create_index(
+        "ix_outbox_messages_maybe_executed",
+        MESSAGES,
+        ["maybe_executed", "state", "id"],
+        postgresql_where=maybe,
+        sqlite_where=maybe,
+    )
     op.create_index(
         "ix_outbox_messages_reference",
         MESSAGES,
@@ -53,5 +64,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_outbox_attempts_at", table_name="outbox_attempts")
-    for name in ("key_prefix", "reference", "created_at", "state_reason"):
+    for name in ("key_prefix", "reference", "maybe_executed", "created_at", "state_reason"):
         op.drop_index(f"ix_outbox_messages_{name}", table_name=MESSAGES)

@@ -124,11 +124,7 @@ def status(conn: Connection, now: datetime) -> StatusView:
     counts, estimated = state_counts(conn)  # above 10,000 rows a state's count is an estimate
     firsts = conn.execute(oldest_due_query(now)).one()
     expired, oldest_expiry = conn.execute(expired_leases_query(now)).one()
-    maybe = conn.execute(
-        sa.select(sa.func.count()).where(
-            m.c.maybe_executed.is_(True), m.c.state.in_([s.value for s in OPEN_STATES])
-        )
-    ).scalar_one()
+    maybe = conn.execute(maybe_executed_open_query()).scalar_one()
     return StatusView(
         counts=counts,
         estimated=frozenset(estimated),
@@ -139,6 +135,14 @@ def status(conn: Connection, now: datetime) -> StatusView:
         workers=list_workers(conn),
         leases_expired=int(expired),
         oldest_lease_expired_at=aware(oldest_expiry),
+    )
+
+
+def maybe_executed_open_query() -> sa.Select[int]:
+    """Open rows that may have executed: over ``ix_outbox_messages_maybe_executed`` only."""
+    return sa.select(sa.func.count()).where(
+        m.c.maybe_executed == sa.true(),  # "= true": the partial index's "maybe_executed"
+        m.c.state.in_([s.value for s in OPEN_STATES]),
     )
 
 
