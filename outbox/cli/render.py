@@ -153,7 +153,8 @@ def print_history(out: Console, history: Iterable[HistoryLine]) -> None:
 
 def print_status(out: Console, view: StatusView, now: datetime, stale_after: float) -> None:
     """``outbox status``: counts, the oldest due row, what needs attention, the workers."""
-    out.print(Text("  ".join(f"{state} {n}" for state, n in view.counts.items())))
+    counts = (f"{s} {'≈' if s in view.estimated else ''}{n}" for s, n in view.counts.items())
+    out.print(Text("  ".join(counts)))
     out.print(Text(f"oldest due row: {age(oldest_due_age(view.oldest_due_at, now))}"))
     for line in attention_lines(view, now):
         out.print(text(line))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from outbox.schema import State, attempts, messages
+from outbox.schema import State, UTCDateTime, attempts, messages
 from outbox.store.rows import RowView
 from outbox.store.views import row_view, view_query
 from outbox.vocabulary import HistoryDecision
@@ -29,8 +29,6 @@ ACTIVITY_SERIES: dict[str, tuple[str, ...]] = {
     "parked": (HistoryDecision.PARK.value,),
     "retried": (HistoryDecision.RETRY.value,),
 }
-#: History lines the chart reads at most (newest first): a bound on one overview's cost.
-ACTIVITY_LIMIT = 200_000
 
 
 @dataclass(frozen=True)
@@ -134,28 +132,41 @@ def page_of(rows: Sequence[RowView], limit: int) -> RowPage:
 
 
 def activity(conn: Connection, start: datetime, minutes: int) -> Activity:
-    """History lines per minute since ``start``, counted into ``ACTIVITY_SERIES``."""
-    decisions = [d for values in ACTIVITY_SERIES.values() for d in values]
-    rows = conn.execute(
-        sa.select(attempts.c.at, attempts.c.decision)
-        .where(attempts.c.at >= start, attempts.c.decision.in_(decisions))
-        .order_by(attempts.c.id.desc())
-        .limit(ACTIVITY_LIMIT)
-    ).all()
+    """History lines per minute since ``start``, counted into ``ACTIVITY_SERIES`` by the
+    database over ``ix_outbox_attempts_at`` (an index-only range: the lines of the window)."""
+    rows = conn.execute(activity_query(conn.dialect.name, start)).all()
     series = {name: [0] * minutes for name in ACTIVITY_SERIES}
-    for at, decision in rows:
-        _count(series, decision, int((_utc(at) - start) / timedelta(minutes=1)))
+    for at, decision, count in rows:
+        _count(series, decision, int(at), int(count))
     return Activity(start, minutes, series)
 
 
-def _count(series: dict[str, list[int]], decision: str, minute: int) -> None:
+def activity_query(dialect: str, start: datetime) -> sa.Select[Any]:
+    """(minute from ``start``, decision, lines) of the chart's decisions since ``start``."""
+    decisions = [d for values in ACTIVITY_SERIES.values() for d in values]
+    minute = _minute(dialect, start).label("minute")
+    return (
+        sa.select(minute, attempts.c.decision, sa.func.count())
+        .where(attempts.c.at >= start, attempts.c.decision.in_(decisions))
+        .group_by(minute, attempts.c.decision)
+    )
+
+
+def _minute(dialect: str, start: datetime) -> sa.ColumnElement[Any]:
+    """Whole minutes from ``start`` to a line's ``at``, in the database."""
+    since = sa.bindparam("chart_start", start, type_=UTCDateTime())
+    if dialect == "postgresql":
+        return sa.func.floor(sa.extract("epoch", attempts.c.at - since) / 60)
+    if dialect == "sqlite":
+        days = sa.func.julianday(attempts.c.at) - sa.func.julianday(since)
+        return sa.cast(days * 1440, sa.Integer)
+    return sa.func.timestampdiff(sa.text("MINUTE"), since, attempts.c.at)
+
+
+def _count(series: dict[str, list[int]], decision: str, minute: int, count: int) -> None:
     for name, values in ACTIVITY_SERIES.items():
         if decision in values and 0 <= minute < len(series[name]):
-            series[name][minute] += 1
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+            series[name][minute] += count
 
 
 def blocked_lane_heads(conn: Connection, limit: int) -> list[tuple[str, int, int]]:

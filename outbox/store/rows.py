@@ -181,6 +181,8 @@ class StatusView:
     workers: list[WorkerView] = field(default_factory=list)
     leases_expired: int = 0  # rows in flight whose lease has run out
     oldest_lease_expired_at: datetime | None = None  # the earliest such lease end
+    #: States whose count is the database's estimate (``outbox.store.counts``: over 10,000).
+    estimated: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
