@@ -496,7 +496,7 @@ class Daemon:
         if answer is not None:
             self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0)
         self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
-        if outcome.call is not None and outcome.call.decision == HistoryDecision.KEY_USED_BEFORE:
+        if outcome.line is not None and outcome.line.decision == HistoryDecision.KEY_USED_BEFORE:
             self.metrics.key_used_before.inc()
 
     def _count_lost(self, _outcome: Outcome) -> None:
@@ -628,7 +628,7 @@ def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
                     "parked",
                     **fields,
                     reason=outcome.reason,
-                    why=outcome.call.message if outcome.call else None,
+                    why=outcome.line.message if outcome.line else None,
                 )
             )
         case HandedBack():

@@ -27,7 +27,7 @@ from outbox.errors import BadRowError
 from outbox.gates import Gates, gate_rank
 from outbox.payload import check_key, parse_payload
 from outbox.policy import Action, Decision, Gate
-from outbox.store import Call, Claim, Committed, HandedBack, Outcome, Parked, Retry, Store
+from outbox.store import Claim, Committed, HandedBack, HistoryLine, Outcome, Parked, Retry, Store
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
 log = logging.getLogger("outbox.dispatcher")
@@ -371,7 +371,7 @@ class Dispatcher:
     def _bad_row(self, claim: Claim, exc: BadRowError) -> Outcome:
         outcome = Parked(
             claim,
-            Call(HistoryKind.SYSTEM, HistoryDecision.PARK, None, str(exc)),
+            HistoryLine(HistoryKind.SYSTEM, HistoryDecision.PARK, None, str(exc)),
             reason=exc.reason,
             counts_attempt=False,
         )
@@ -527,11 +527,11 @@ def _said(answer: Answer, decision: Decision) -> str:
     return f"{decision.explanation}; {said}: {answer.message}"
 
 
-def _call(answer: Answer, decision: HistoryDecision, text: str) -> Call:
-    return Call(HistoryKind.CALL, decision, answer.code.name, text, answer.duration_ms)
+def _call(answer: Answer, decision: HistoryDecision, text: str) -> HistoryLine:
+    return HistoryLine(HistoryKind.CALL, decision, answer.code.name, text, answer.duration_ms)
 
 
-def _committed(claim: Claim, answer: Answer, call: Call, text: str) -> Committed:
+def _committed(claim: Claim, answer: Answer, call: HistoryLine, text: str) -> Committed:
     response = response_to_json(answer.response) if answer.response else None
     if _key_used_before(claim, answer):
         call = _call(

@@ -140,7 +140,7 @@ def row_table(row: RowView) -> Table:
 def print_history(out: Console, history: Iterable[HistoryLine]) -> None:
     """One event per entry: a heading line, then the full message indented (any width)."""
     for line in history:
-        at = line.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        at = line.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if line.at else ""
         ms = None if line.duration_ms is None else f"{line.duration_ms:.0f} ms"
         head = (at, line.kind, line.actor, line.code, line.decision, ms)
         out.print(Text("  ".join(part for part in head if part)))

@@ -34,7 +34,6 @@ from outbox.store import record as recording
 from outbox.store import report as reconciliation
 from outbox.store.enqueue import enqueue_row, new_key
 from outbox.store.rows import (
-    Call,
     Claim,
     Committed,
     HandedBack,
@@ -52,7 +51,6 @@ from outbox.store.rows import (
 from outbox.store.tx import lock_lane, read, retry_transient, transient, write
 
 __all__ = [
-    "Call",
     "Claim",
     "Committed",
     "HandedBack",
@@ -117,7 +115,7 @@ class Store:
 
     # ---- the follower (record.py)
 
-    def record_stream_event(self, key: str, event: Call, now: datetime) -> bool:
+    def record_stream_event(self, key: str, event: HistoryLine, now: datetime) -> bool:
         """Attach a server stream's event to the row with that key; False: no such row."""
         return write(self.engine, recording.record_stream_event, key, event, now)
 

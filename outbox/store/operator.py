@@ -18,7 +18,7 @@ from outbox.payload import bounded
 from outbox.schema import State, messages
 from outbox.store import heads as lane_heads
 from outbox.store.history import add_history
-from outbox.store.rows import Call
+from outbox.store.rows import HistoryLine
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
 m = messages
@@ -41,7 +41,7 @@ def requeue(conn: Connection, key: str, actor: str, reason: str, now: datetime) 
     if row.park_reason == "expired_unknown":
         values["expires_at"] = None  # the operator decided to send it after all
     conn.execute(m.update().where(m.c.id == row.id, m.c.state == State.PARKED).values(**values))
-    line = Call(HistoryKind.OPERATOR, HistoryDecision.REQUEUE, None, reason)
+    line = HistoryLine(HistoryKind.OPERATOR, HistoryDecision.REQUEUE, None, reason)
     add_history(conn, row.id, now, actor, line)
     if conn.dialect.name == "postgresql":  # wake a listening daemon (as an insert does)
         conn.execute(sa.text("SELECT pg_notify('outbox_messages', '')"))
@@ -66,7 +66,7 @@ def cancel(
     )
     forced = force and row.maybe_executed
     decision = HistoryDecision.CANCEL_FORCED if forced else HistoryDecision.CANCEL
-    add_history(conn, row.id, now, actor, Call(HistoryKind.OPERATOR, decision, None, reason))
+    add_history(conn, row.id, now, actor, HistoryLine(HistoryKind.OPERATOR, decision, None, reason))
     lane_heads.settle(conn, [row.id])
 
 

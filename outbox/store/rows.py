@@ -54,27 +54,36 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Call:
-    """The attempt-history line for one outcome."""
+class HistoryLine:
+    """One line of a row's history (the table ``outbox_attempts``): a Recrypt call and its
+    answer, a decision the daemon took without one, an operator's action, a stream update.
+
+    The dispatcher, the sweeps and the operator actions make one without ``at`` and
+    ``actor``: the store stamps both from the transaction that writes it. Read back
+    (``show``, the console), both are set.
+    """
 
     kind: str  # a vocabulary.HistoryKind
     decision: str  # a vocabulary.HistoryDecision (a stream update: the update's name)
     code: str | None = None
     message: str | None = None
     duration_ms: float | None = None
+    _: KW_ONLY
+    at: datetime | None = None
+    actor: str | None = None
 
 
 @dataclass(frozen=True)
 class Committed:
     claim: Claim
-    call: Call
+    line: HistoryLine
     response: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Retry:
     claim: Claim
-    call: Call
+    line: HistoryLine
     at: datetime
     maybe_executed: bool
     counts_attempt: bool = True
@@ -84,7 +93,7 @@ class Retry:
 @dataclass(frozen=True)
 class Parked:
     claim: Claim
-    call: Call
+    line: HistoryLine
     reason: str
     maybe_executed: bool = False
     counts_attempt: bool = True
@@ -95,7 +104,7 @@ class HandedBack:
     """Back to pending untouched: no attempt counted (gates, shutdown)."""
 
     claim: Claim
-    call: Call | None = None
+    line: HistoryLine | None = None
     at: datetime | None = None
 
 
@@ -126,17 +135,6 @@ class RowView:
     lease_owner: str | None
     payload: Any = None
     response: Any = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class HistoryLine:
-    at: datetime
-    kind: str
-    actor: str | None
-    code: str | None
-    message: str | None
-    decision: str
-    duration_ms: float | None
 
 
 @dataclass(frozen=True, kw_only=True)
