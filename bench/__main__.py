@@ -13,7 +13,9 @@ One command measures, against the simulator on loopback with no faults:
 7. the latency trickle with both backlogs in one table (``--only trickle``), beside the same
    trickle on an empty table in the same run (issue #11);
 8. the claim cost with both backlogs while another connection scans the whole table in a loop
-   (``--only scan``), beside a claim on an otherwise empty table under the same scan (issue #11).
+   (``--only scan``), beside a claim on an otherwise empty table under the same scan (issue #11);
+9. the floor (``--only floor``): CPU per call of gRPC's Python client alone (``bench/floor.py``)
+   as sync futures, ``grpc.aio`` and blocking calls in threads: what no daemon can go below.
 
 The drain prints the daemon's CPU time (user + system, all threads, from /proc) per row sent.
 
@@ -60,6 +62,9 @@ def main() -> None:
         if "raw" in args.only:
             results["raw"] = raw_rate(sim, args.rows, args.concurrency)
             report("raw gRPC rate", results["raw"])
+        if "floor" in args.only:
+            results["floor"] = floor(sim, args)
+            report("gRPC client alone, CPU per call", results["floor"])
         if "drain" in args.only:
             results["drain"] = drain(sim, args)
             report("daemon drain", results["drain"])
@@ -106,8 +111,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="raw,drain,latency,claim",
-        help="comma-separated subset of raw,drain,latency,claim,backlog,trickle,scan "
-        "(the last three fill 2 x --backlog-rows rows: not default)",
+        help="comma-separated subset of raw,floor,drain,latency,claim,backlog,trickle,scan "
+        "(floor: CPU per call of the gRPC client alone, by shape; the last three fill "
+        "2 x --backlog-rows rows: not default)",
     )
     parser.add_argument(
         "--give-up",
@@ -140,6 +146,20 @@ def raw_rate(sim: Simulator, calls: int, concurrency: int) -> dict[str, float]:
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def floor(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
+    """CPU µs per call of gRPC's client alone (``bench/floor.py``), each shape in its own
+    process, in batches of ``--batch``, three rounds interleaved: the least of each, and all."""
+    runs: dict[str, list[float]] = {}
+    for _ in range(3):
+        for shape in ("futures", "futures-last-first", "aio", "threads"):
+            argv = [sys.executable, "-m", "bench.floor", "--target", sim.target]
+            argv += ["--api-key", API_KEY, "--batch", str(args.batch), "--shapes", shape]
+            done = subprocess.run(argv, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])[shape]
+            runs.setdefault(shape, []).append(result["cpu_us_per_call"])
+    return {shape: {"least": min(cpu), "runs": cpu} for shape, cpu in runs.items()}
 
 
 def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:

@@ -164,6 +164,9 @@ class GrpcClient:
             self._state_changed.notify_all()
 
     def _callable(self, method: Method) -> Any:
+        found = self._callables.get(method.path)  # a dict read needs no lock: once made, kept
+        if found is not None:
+            return found
         with self._lock:
             found = self._callables.get(method.path)
             if found is None:

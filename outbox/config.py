@@ -190,12 +190,62 @@ class CheckConfig(_Section):
     )
 
 
-class ConsoleConfig(_Section):
-    """The operators' console and the actions it shares with the CLI (issue 14)."""
+class ReportConfig(_Section):
+    """``outbox report``'s fallback for protos without the amount/currency marks."""
 
+    amount_fields: dict[str, str] | tuple[str, ...] = Field(
+        (),
+        description='field names tried in every request (["amount"]), or one per method '
+        '({ "/pkg.Service/Method" = "money.amount" })',
+    )
+    currency_fields: dict[str, str] | tuple[str, ...] = Field(
+        (), description="as amount_fields, for the field naming the currency"
+    )
+
+
+DEFAULT_REDACTED = ("from_account", "to_account", "account")
+
+
+class ConsoleConfig(_Section):
+    """``outbox console``: the operator's web UI (README, "The console"; SECURITY.md)."""
+
+    listen: str = Field("127.0.0.1:8765", description="host:port the console listens on")
+    users_file: str = Field(
+        "",
+        description="the console's users (argon2 hashes); empty: console-users.json beside "
+        "the config file",
+    )
+    session_secret_file: str = Field(
+        "",
+        description="a file holding the session-signing secret; empty: console-secret "
+        "beside the config file, created (mode 0600) on first start",
+    )
+    trusted_proxy_header: str = Field(
+        "",
+        description="a header naming the user, set by a reverse proxy on this host "
+        '(e.g. "X-Forwarded-User"); empty: log in with a password',
+    )
     dual_control: bool = Field(
         False, description="true: cancelling a maybe-executed row needs a second operator"
     )
+    redact_fields: tuple[str, ...] = Field(
+        DEFAULT_REDACTED, description="payload field names shown as ••• in the console"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8765")
+        return value
+
+    @field_validator("trusted_proxy_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9-]+", value):
+            raise ValueError('must be a header name such as "X-Forwarded-User", or ""')
+        return value
 
 
 class Config(_Section):
@@ -209,6 +259,7 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     retention: RetentionConfig = RetentionConfig()
     check: CheckConfig = CheckConfig()
+    report: ReportConfig = ReportConfig()
     console: ConsoleConfig = ConsoleConfig()
     api_key: SecretStr | None = Field(None, exclude=True)
 

@@ -89,6 +89,8 @@ REFUSED_TEXT = (
 #: What a SIGHUP applies (all of ``[recrypt]`` but ``proto_path``, and the key); any other
 #: section changed in the file needs a restart, and the reload says so.
 RELOADED_SECTIONS = ("recrypt",)
+#: Sections the daemon only checks at start: ``outbox report`` reads them itself, each run.
+UNUSED_SECTIONS = ("report",)
 
 
 def new_worker_id() -> str:
@@ -143,6 +145,7 @@ class Daemon:
         self._init_state()
         self._open_store(check_clock)
         self.catalog = Catalog.load(config.recrypt.proto_path or None)
+        self.catalog.report_fields(config.report.amount_fields, config.report.currency_fields)
         self.gates = gates_from(config)
         self.gates.subscribe(self._gate_changed)
         self.dispatcher = self._dispatcher()
@@ -502,7 +505,7 @@ class Daemon:
         if answer is not None:
             self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0)
         self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
-        if outcome.call is not None and outcome.call.decision == HistoryDecision.KEY_USED_BEFORE:
+        if outcome.line is not None and outcome.line.decision == HistoryDecision.KEY_USED_BEFORE:
             self.metrics.key_used_before.inc()
 
     def _count_lost(self, _outcome: Outcome) -> None:
@@ -601,11 +604,14 @@ def _check_reloadable(fresh: Config, running: Config) -> None:
 
 def _changed_sections(running: Config, fresh: Config, applied: tuple[str, ...]) -> list[str]:
     """Sections a reload would change but does not apply (they need a restart)."""
-    names = [n for n in type(running).model_fields if n != "api_key" and n not in applied]
+    skipped = ("api_key", *applied, *UNUSED_SECTIONS)
+    names = [n for n in type(running).model_fields if n not in skipped]
     return [n for n in names if getattr(running, n) != getattr(fresh, n)]
 
 
 def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
+    if not log.isEnabledFor(logging.WARNING if isinstance(outcome, Parked) else logging.INFO):
+        return  # no line, so no formatting: ~25 µs a row at level = "WARNING"
     fields: dict[str, Any] = {
         "key": claim.idempotency_key,
         "method": claim.method,
@@ -631,7 +637,7 @@ def _log_outcome(claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
                     "parked",
                     **fields,
                     reason=outcome.reason,
-                    why=outcome.call.message if outcome.call else None,
+                    why=outcome.line.message if outcome.line else None,
                 )
             )
         case HandedBack():

@@ -7,11 +7,12 @@ method whose request has a ``string idempotency_key`` becomes submittable.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +29,7 @@ from google.protobuf import (
 
 from outbox.errors import BadRowError, ConfigError
 from outbox.payload import brief, check_text
+from outbox.report import FieldPath, MethodFields
 from outbox.resources import protos_dir
 
 KEY_FIELD = "idempotency_key"
@@ -128,6 +130,24 @@ class Catalog:
     def methods(self) -> Mapping[str, Method]:
         return self._methods
 
+    @property
+    def pool(self) -> descriptor_pool.DescriptorPool:
+        return self._pool
+
+    def report_fields(
+        self, amount_fields: FieldNames = (), currency_fields: FieldNames = ()
+    ) -> dict[str, MethodFields]:
+        """Per submittable method, where its amount and currency sit (``outbox report``).
+
+        Each role is found, in this order: the method's entry in a ``[report]`` table
+        (``amount_fields = { "/pkg.Svc/M" = "money.amount" }``: the operator's word wins),
+        the field the protos mark (``[(recrypt.options.v1.amount) = true]``, nested messages
+        included), then the first name of a ``[report]`` list found in the request. A method
+        without an amount is counted, not summed. A ``[report]`` name that does not exist is a
+        ``ConfigError`` naming the key; two marked amounts in one request is one too.
+        """
+        return _report_fields(self, amount_fields, currency_fields)
+
     @cached_property
     def _access_extension(self) -> descriptor.FieldDescriptor | None:
         try:
@@ -192,9 +212,9 @@ def build_request(method: Method, payload: Any, key: str) -> message.Message:
     for name, json_name in method.two_spellings:
         if name in body and json_name in body:
             raise BadRowError(f"payload has both {name} and {json_name}: write the field once")
-    check_text(body)
     request = _plain_request(method, body)
     if request is None:
+        check_text(body)
         request = _parsed_request(method, body)
     setattr(request, KEY_FIELD, key)
     if request.ByteSize() > MAX_REQUEST_BYTES:
@@ -211,6 +231,10 @@ def _plain_request(method: Method, body: dict[str, Any]) -> message.Message | No
     plain = method.plain_fields
     if not all(type(value) is str and name in plain for name, value in body.items()):
         return None
+    try:  # a lone surrogate (field names here are the protos' own): check_text says so
+        "".join(body.values()).encode("utf-8")
+    except UnicodeEncodeError:
+        check_text(body)
     return method.request_class(**{plain[name]: value for name, value in body.items()})
 
 
@@ -230,8 +254,24 @@ def _parsed_request(method: Method, body: dict[str, Any]) -> message.Message:
 
 
 def response_to_json(response: message.Message) -> dict[str, Any]:
+    """``json_format.MessageToDict``; for a response of only singular string fields, the same
+    dict read directly (the JSON printer costs more than the rest of a row's decision)."""
+    names = _string_fields(response.DESCRIPTOR)
+    if names is not None:
+        return {names[field.name]: value for field, value in response.ListFields()}
     converted: dict[str, Any] = json_format.MessageToDict(response)
     return converted
+
+
+@functools.cache
+def _string_fields(message_type: descriptor.Descriptor) -> Mapping[str, str] | None:
+    """Field name → JSON name when every field of ``message_type`` is a singular string and
+    it takes no extensions (``MessageToDict`` would print those under ``[full.name]``)."""
+    fields = message_type.fields
+    string = descriptor.FieldDescriptor.TYPE_STRING
+    if message_type.is_extendable or any(f.type != string or _repeated(f) for f in fields):
+        return None
+    return {f.name: f.json_name for f in fields}
 
 
 def _include_dir() -> str:
@@ -273,3 +313,133 @@ def _read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
         raise ConfigError(
             f"[recrypt] proto_path: {path} is not a FileDescriptorSet: {exc}"
         ) from exc
+
+
+# ---- reconciliation: which request fields hold a method's amount and currency
+
+AMOUNT_OPTION = "recrypt.options.v1.amount"
+CURRENCY_OPTION = "recrypt.options.v1.currency"
+#: A config value for ``[report] amount_fields`` / ``currency_fields``: field names tried in
+#: every method's request (a list), or one field path per gRPC path (a table).
+FieldNames = Mapping[str, str] | Sequence[str]
+_MAX_NESTING = 8  # message levels searched for a marked field (a recursive message stops here)
+
+
+class _FieldFinder:
+    """One role (amount or currency): its option in the pool and its ``[report]`` value."""
+
+    def __init__(self, catalog: Catalog, role: str, option: str, names: FieldNames) -> None:
+        self.role, self.names, self.key = role, names, f"[report] {role}_fields"
+        try:
+            self.ext: descriptor.FieldDescriptor | None = catalog.pool.FindExtensionByName(option)
+        except KeyError:
+            self.ext = None
+
+    def path(self, method: Method) -> FieldPath | None:
+        """The configured path for this method, else the marked field, else a global name."""
+        if isinstance(self.names, Mapping):
+            named = self.names.get(method.path)
+            if named is not None:
+                return _resolve(method, named, f'{self.key}."{method.path}"')
+        marked = self._marked(method)
+        if marked is not None or isinstance(self.names, Mapping):
+            return marked
+        return next(filter(None, (_try_resolve(method, n) for n in self.names)), None)
+
+    def _marked(self, method: Method) -> FieldPath | None:
+        if self.ext is None:
+            return None
+        found = list(self._walk(method.request_class.DESCRIPTOR, ()))
+        if len(found) > 1:
+            names = ", ".join(p.dotted for p in found)
+            raise ConfigError(
+                f"the protos mark {len(found)} fields of {method.path}'s request as the "
+                f"{self.role} ({names}): mark one, or name it in {self.key}"
+            )
+        return found[0] if found else None
+
+    def _walk(
+        self, message_type: descriptor.Descriptor, steps: tuple[tuple[str, ...], ...]
+    ) -> Iterator[FieldPath]:
+        if len(steps) >= _MAX_NESTING:
+            return
+        for f in message_type.fields:
+            if _repeated(f):
+                continue
+            here = (*steps, _spellings(f))
+            if self._is_marked(f):
+                yield FieldPath(here)
+            elif f.message_type is not None:
+                yield from self._walk(f.message_type, here)
+
+    def _is_marked(self, field: descriptor.FieldDescriptor) -> bool:
+        if self.ext is None or not field.has_options:
+            return False
+        options_class = message_factory.GetMessageClass(self.ext.containing_type)
+        options = options_class.FromString(field.GetOptions().SerializeToString())
+        return bool(options.Extensions[self.ext])
+
+    def check_names(self, methods: Iterable[Method]) -> None:
+        """Every name of ``[report]`` exists: a table's methods and paths, a list's names in
+        at least one method's request; else a ``ConfigError`` naming the key."""
+        if isinstance(self.names, Mapping):
+            for path, named in self.names.items():
+                where = f'{self.key}."{path}"'
+                found = next((m for m in methods if m.path == path), None)
+                if found is None:
+                    raise ConfigError(f"{where}: no submittable method {path} in the protos")
+                _resolve(found, named, where)
+            return
+        listed = list(methods)
+        for name in self.names:
+            if not any(_try_resolve(m, name) for m in listed):
+                raise ConfigError(
+                    f"{self.key}: {name!r} is a string field of no method's request; "
+                    "name fields by their proto name, nested ones with dots (money.amount)"
+                )
+
+
+def _spellings(field: descriptor.FieldDescriptor) -> tuple[str, ...]:
+    return (field.name,) if field.json_name == field.name else (field.name, field.json_name)
+
+
+def _try_resolve(method: Method, dotted: str) -> FieldPath | None:
+    try:
+        return _resolve(method, dotted, "")
+    except ConfigError:
+        return None
+
+
+def _resolve(method: Method, dotted: str, key: str) -> FieldPath:
+    """``money.amount`` in ``method``'s request: singular fields, the last a string."""
+    message_type = method.request_class.DESCRIPTOR
+    steps: list[tuple[str, ...]] = []
+    field: descriptor.FieldDescriptor | None = None
+    for part in dotted.split("."):
+        field = message_type.fields_by_name.get(part) if message_type is not None else None
+        if field is None or _repeated(field):
+            raise ConfigError(
+                f"{key}: {method.path}'s request has no field {dotted!r} "
+                f"({message_type.full_name if message_type else 'a string'} has no {part!r})"
+            )
+        steps.append(_spellings(field))
+        message_type = field.message_type
+    if field is None or field.type != descriptor.FieldDescriptor.TYPE_STRING:
+        raise ConfigError(f"{key}: {method.path}'s field {dotted!r} is not a string field")
+    return FieldPath(tuple(steps))
+
+
+def _report_fields(
+    catalog: Catalog, amount_fields: FieldNames, currency_fields: FieldNames
+) -> dict[str, MethodFields]:
+    amount = _FieldFinder(catalog, "amount", AMOUNT_OPTION, amount_fields)
+    currency = _FieldFinder(catalog, "currency", CURRENCY_OPTION, currency_fields)
+    methods = [m for m in catalog.methods.values() if m.submittable]
+    amount.check_names(methods)
+    currency.check_names(methods)
+    found: dict[str, MethodFields] = {}
+    for method in methods:
+        amount_path = amount.path(method)
+        if amount_path is not None:
+            found[method.path] = MethodFields(amount_path, currency.path(method))
+    return found

@@ -27,7 +27,7 @@ from outbox.errors import BadRowError
 from outbox.gates import Gates, gate_rank
 from outbox.payload import check_key, parse_payload
 from outbox.policy import Action, Decision, Gate
-from outbox.store import Call, Claim, Committed, HandedBack, Outcome, Parked, Retry, Store
+from outbox.store import Claim, Committed, HandedBack, HistoryLine, Outcome, Parked, Retry, Store
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
 log = logging.getLogger("outbox.dispatcher")
@@ -357,24 +357,7 @@ class Dispatcher:
         From the row's readability to its meaning, the first check that fails names the
         row's problem; no message quotes more than a short prefix of the row's data.
         """
-        if claim.defect:
-            raise BadRowError(claim.defect)
-        key = check_key(claim.idempotency_key)
-        if claim.key_purged_at is not None:
-            raise BadRowError(
-                f"idempotency_key was used by an earlier row, purged on "
-                f"{claim.key_purged_at:%Y-%m-%d}: Recrypt may still hold that request under "
-                "the key, and this row would commit on ALREADY_EXISTS without its effect; "
-                "cancel it and enqueue the intent under a new key",
-                reason=policy.ParkReason.KEY_REUSED,
-            )
-        if claim.payload_changed:
-            raise BadRowError(
-                "method or payload changed after the first send: re-using a key for another "
-                "request is undefined at Recrypt; restore the original method and payload and "
-                "requeue, or cancel and enqueue the new request under a new key",
-                reason=policy.ParkReason.PAYLOAD_CHANGED,
-            )
+        key = _sendable_key(claim)
         method = self.catalog.submittable(claim.method)
         try:
             return method, build_request(method, parse_payload(claim.payload), key)
@@ -390,7 +373,7 @@ class Dispatcher:
     def _bad_row(self, claim: Claim, exc: BadRowError) -> Outcome:
         outcome = Parked(
             claim,
-            Call(HistoryKind.SYSTEM, HistoryDecision.PARK, None, str(exc)),
+            HistoryLine(HistoryKind.SYSTEM, HistoryDecision.PARK, None, str(exc)),
             reason=exc.reason,
             counts_attempt=False,
         )
@@ -412,53 +395,35 @@ class Dispatcher:
             self.gates.on_answer(strongest, self.clock(), message)
 
     def _outcome(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
-        said = "Recrypt said" if answer.started else "gRPC said (nothing was sent)"
-        text = decision.explanation + (f"; {said}: {answer.message}" if answer.message else "")
-        call = Call(
-            HistoryKind.CALL,
-            HistoryDecision(decision.action.value),
-            answer.code.name,
-            text,
-            answer.duration_ms,
-        )
-        attempts = claim.attempts + int(decision.counts_attempt)
-        unknown = claim.unknown_attempts + int(decision.bounded)  # only unknown outcomes count
+        text = _said(answer, decision)
+        call = _call(answer, HistoryDecision(decision.action.value), text)
         match decision.action:
             case Action.COMMIT:
-                response = response_to_json(answer.response) if answer.response else None
-                if _key_used_before(claim, answer):
-                    call = Call(
-                        HistoryKind.CALL,
-                        HistoryDecision.KEY_USED_BEFORE,
-                        answer.code.name,
-                        f"{policy.KEY_USED_BEFORE_TEXT}; {text}",
-                        answer.duration_ms,
-                    )
-                return Committed(claim, call, response)
-            case Action.RETRY if decision.bounded and unknown >= self.settings.max_unknown_attempts:
-                parked = policy.unknown_outcome_exhausted(unknown)
-                call = Call(
-                    HistoryKind.CALL,
-                    HistoryDecision.PARK,
-                    answer.code.name,
-                    f"{parked.explanation}; {text}",
-                    answer.duration_ms,
-                )
-                return Parked(claim, call, str(parked.park_reason), maybe_executed=True)
+                return _committed(claim, answer, call, text)
             case Action.RETRY:
-                delay = self.settings.backoff.delay(attempts, self._rng)
-                at = self.clock() + timedelta(seconds=delay)
-                return Retry(
-                    claim,
-                    call,
-                    at,
-                    maybe_executed=decision.maybe_executed,
-                    unknown_outcome=decision.bounded,
-                )
+                return self._retried(claim, answer, decision, text)
             case Action.PARK:
                 reason = str(decision.park_reason or policy.ParkReason.REJECTED)
                 return Parked(claim, call, reason, maybe_executed=decision.maybe_executed)
         return HandedBack(claim, call)
+
+    def _retried(self, claim: Claim, answer: Answer, decision: Decision, text: str) -> Outcome:
+        """A retry at the backoff's next time; parked once unknown outcomes reach the bound
+        (only unknown outcomes count towards it)."""
+        unknown = claim.unknown_attempts + int(decision.bounded)
+        if decision.bounded and unknown >= self.settings.max_unknown_attempts:
+            parked = policy.unknown_outcome_exhausted(unknown)
+            call = _call(answer, HistoryDecision.PARK, f"{parked.explanation}; {text}")
+            return Parked(claim, call, str(parked.park_reason), maybe_executed=True)
+        attempts = claim.attempts + int(decision.counts_attempt)
+        delay = self.settings.backoff.delay(attempts, self._rng)
+        return Retry(
+            claim,
+            _call(answer, HistoryDecision.RETRY, text),
+            self.clock() + timedelta(seconds=delay),
+            maybe_executed=decision.maybe_executed,
+            unknown_outcome=decision.bounded,
+        )
 
     def _emit(self, claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
         for observer in self._observers:
@@ -528,9 +493,53 @@ class Dispatcher:
         return client.start(method, method.request_class()).wait()
 
 
+def _sendable_key(claim: Claim) -> str:
+    """The row's key, once the row is readable and its key may still be sent."""
+    if claim.defect:
+        raise BadRowError(claim.defect)
+    key = check_key(claim.idempotency_key)
+    if claim.key_purged_at is not None:
+        raise BadRowError(
+            f"idempotency_key was used by an earlier row, purged on "
+            f"{claim.key_purged_at:%Y-%m-%d}: Recrypt may still hold that request under "
+            "the key, and this row would commit on ALREADY_EXISTS without its effect; "
+            "cancel it and enqueue the intent under a new key",
+            reason=policy.ParkReason.KEY_REUSED,
+        )
+    if claim.payload_changed:
+        raise BadRowError(
+            "method or payload changed after the first send: re-using a key for another "
+            "request is undefined at Recrypt; restore the original method and payload and "
+            "requeue, or cancel and enqueue the new request under a new key",
+            reason=policy.ParkReason.PAYLOAD_CHANGED,
+        )
+    return key
+
+
 def _decision(answer: Answer) -> Decision:
     """What an answer means; a call that never started is decided by the client, not text."""
     return policy.decide(answer.code, answer.message) if answer.started else policy.NOT_SENT
+
+
+def _said(answer: Answer, decision: Decision) -> str:
+    """The decision's explanation, and what the other side said."""
+    if not answer.message:
+        return decision.explanation
+    said = "Recrypt said" if answer.started else "gRPC said (nothing was sent)"
+    return f"{decision.explanation}; {said}: {answer.message}"
+
+
+def _call(answer: Answer, decision: HistoryDecision, text: str) -> HistoryLine:
+    return HistoryLine(HistoryKind.CALL, decision, answer.code.name, text, answer.duration_ms)
+
+
+def _committed(claim: Claim, answer: Answer, call: HistoryLine, text: str) -> Committed:
+    response = response_to_json(answer.response) if answer.response else None
+    if _key_used_before(claim, answer):
+        call = _call(
+            answer, HistoryDecision.KEY_USED_BEFORE, f"{policy.KEY_USED_BEFORE_TEXT}; {text}"
+        )
+    return Committed(claim, call, response)
 
 
 def _key_used_before(claim: Claim, answer: Answer) -> bool:

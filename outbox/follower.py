@@ -38,7 +38,7 @@ from outbox.descriptors import KEY_FIELD, Catalog, Method
 from outbox.errors import BadRowError, ConfigError
 from outbox.logs import describe_error, kv
 from outbox.policy import Gate, decide
-from outbox.store import Call, Store
+from outbox.store import HistoryLine, Store
 from outbox.vocabulary import HistoryKind
 
 log = logging.getLogger("outbox.follower")
@@ -194,7 +194,7 @@ class StreamFollower:
         self._bump("events")
         key = field_text(update, KEY_FIELD)
         status = field_text(update, "status")
-        event = Call(
+        event = HistoryLine(
             kind=HistoryKind.STREAM,
             decision=_snake(update.DESCRIPTOR.name),
             code=status,

@@ -22,7 +22,12 @@ from outbox.config import load
 from outbox.errors import ConfigError, OutboxError
 from outbox.resources import _find
 
-UNIT_NAMES = ("outbox.service", "outbox-check.service", "outbox-check.timer")
+UNIT_NAMES = (
+    "outbox.service",
+    "outbox-check.service",
+    "outbox-check.timer",
+    "outbox-console.service",
+)
 #: The paths the shipped units name, replaced by the ones in use.
 SHIPPED_EXECUTABLE = "/opt/outbox/.venv/bin/outbox"
 SHIPPED_CONFIG = "/etc/outbox/outbox.toml"

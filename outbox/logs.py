@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 from datetime import UTC, datetime
@@ -44,14 +45,25 @@ def kv(event: str, **fields: Any) -> str:
 
 
 def _value_text(value: Any) -> str:
+    kind = type(value)
+    if kind is str:  # the common case first (keys, methods, code names): one regex
+        return value if _bare(value) else json.dumps(value, ensure_ascii=False)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return repr(value)  # what json.dumps writes, without its machinery
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return json.dumps(value)  # NaN/inf as JSON's NaN/Infinity: read back as numbers
     text = str(value)
-    if not text or any(c in text for c in ' "=\\') or _literal(text) is not None:
-        return json.dumps(text, ensure_ascii=False)
-    return text
+    return text if _bare(text) else json.dumps(text, ensure_ascii=False)
+
+
+def _bare(text: str) -> bool:
+    """Whether ``text`` reads back as itself unquoted: not empty, no space, quote, ``=`` or
+    backslash, and not a number or boolean (``_literal``)."""
+    if _BARE.fullmatch(text) is None or text in ("true", "false"):
+        return False
+    return _NUMBER.fullmatch(text) is None
 
 
 def _literal(text: str) -> bool | int | float | None:
@@ -65,6 +77,8 @@ def _literal(text: str) -> bool | int | float | None:
 
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|-?Infinity|NaN")
+#: A value written bare: not empty, no space, quote, ``=`` or backslash.
+_BARE = re.compile(r'[^ "=\\]+')
 
 
 class _TextFormatter(logging.Formatter):

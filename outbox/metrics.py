@@ -152,10 +152,9 @@ class Metrics:
 
     def _init_series(self) -> None:
         """Every labelled series exists at 0, so rate() and alerts see it before any event."""
-        for code in (*CODES, OTHER):
-            self.attempts.labels(code=code)
-        for outcome in (*OUTCOMES, OTHER):
-            self.outcomes.labels(outcome=outcome)
+        # The children, looked up once: ``labels()`` per row cost ~5 µs of a row's CPU.
+        self._attempts = {code: self.attempts.labels(code=code) for code in (*CODES, OTHER)}
+        self._outcomes = {o: self.outcomes.labels(outcome=o) for o in (*OUTCOMES, OTHER)}
         for state in STATES:
             self.rows.labels(state=state).set(0)
         for reason in (*PARK_REASONS, OTHER):
@@ -167,12 +166,12 @@ class Metrics:
 
     def observe_call(self, code: str, seconds: float) -> None:
         """One answered call: its gRPC code name (``"OK"``, ``"UNAVAILABLE"``…) and latency."""
-        self.attempts.labels(code=_fixed(code, CODES)).inc()
+        self._attempts.get(code, self._attempts[OTHER]).inc()
         self.submit_seconds.observe(max(seconds, 0.0))
 
     def observe_outcome(self, outcome: str) -> None:
         """One row outcome: committed, retry, parked, handed_back or lost."""
-        self.outcomes.labels(outcome=_fixed(outcome, OUTCOMES)).inc()
+        self._outcomes.get(outcome, self._outcomes[OTHER]).inc()
 
     def set_gate(self, gate: str) -> None:
         """The current gate gets 1, the others 0 (an unknown name sets them all to 0)."""

@@ -308,8 +308,32 @@ messages = sa.Table(
     ),
     # Retention and `outbox list --state`: finished rows by age.
     sa.Index("ix_outbox_messages_state_updated", "state", "updated_at"),
-    # `outbox list --reference`, `outbox show REFERENCE` (migration 0010).
-    sa.Index("ix_outbox_messages_reference", "reference"),
+    # The console (issue 14, migration 0011), each filter of the Rows page a range in id
+    # order, and the counts of ``status`` a bounded read (``outbox.store.counts``).
+    sa.Index("ix_outbox_messages_state_reason", "state", "park_reason", "id"),
+    sa.Index("ix_outbox_messages_created_at", "created_at"),
+    # Rows that may have executed: the open ones counted (``status``), index only.
+    sa.Index(
+        "ix_outbox_messages_maybe_executed",
+        "maybe_executed",
+        "state",
+        "id",
+        postgresql_where=sa.text("maybe_executed"),
+        sqlite_where=sa.text("maybe_executed"),
+    ),
+    # Prefix searches (LIKE 'abc%'): PostgreSQL needs the pattern operators unless the
+    # database's collation is "C"; elsewhere a plain index serves (and, for the key, repeats
+    # the unique one: the migration test compares one schema on every database).
+    sa.Index(
+        "ix_outbox_messages_reference",
+        "reference",
+        postgresql_ops={"reference": "varchar_pattern_ops"},
+    ),
+    sa.Index(
+        "ix_outbox_messages_key_prefix",
+        "idempotency_key",
+        postgresql_ops={"idempotency_key": "varchar_pattern_ops"},
+    ),
 )
 
 attempts = sa.Table(
@@ -331,6 +355,8 @@ attempts = sa.Table(
     sa.Column("decision", sa.String(32), nullable=False),
     sa.Column("duration_ms", sa.Float(), nullable=True),
     sa.Index("ix_outbox_attempts_message_id", "message_id", "id"),
+    # The console's chart: the lines of the last hours by decision, index only (0011).
+    sa.Index("ix_outbox_attempts_at", "at", "decision"),
 )
 
 workers = sa.Table(

@@ -83,6 +83,31 @@ class ParkReason(enum.StrEnum):
     EXPIRED_UNKNOWN = "expired_unknown"  # expires_at passed after a maybe-executed attempt
 
 
+class ReportColumn(enum.StrEnum):
+    """The columns of ``outbox report`` (reconciliation), each a count and a sum of amounts.
+
+    The four state columns split a line's rows: each row is in exactly one. ``in_doubt`` is
+    not a fifth state but a part of them: rows that may have executed at Recrypt
+    (``maybe_executed``) and are not committed (parked or cancelled ones). Never add it to the
+    others; docs/operations.md ("Reconciliation") says how finance matches a statement.
+    """
+
+    COMMITTED = "committed"  # Recrypt executed it: on Recrypt's statement
+    PARKED = "parked"  # waits for a human: not on the statement unless in doubt
+    EXPIRED = "expired"  # expires_at passed before any attempt could have executed
+    CANCELLED = "cancelled"  # an operator cancelled it
+    IN_DOUBT = "in_doubt"  # of the parked and cancelled: may be on the statement
+
+
+#: The state columns: each finished row falls in exactly one of them.
+REPORT_STATES = (
+    ReportColumn.COMMITTED,
+    ReportColumn.PARKED,
+    ReportColumn.EXPIRED,
+    ReportColumn.CANCELLED,
+)
+
+
 class RowOutcome(enum.StrEnum):
     """What one answer did to its row, as ``outbox_outcomes_total{outcome}`` counts it."""
 

@@ -66,9 +66,8 @@ def enqueue(
     else the protos at ``proto_path``, else ``[recrypt] proto_path`` of the config named by
     ``OUTBOX_CONFIG``, else the bundled Recrypt model; so a row that could never be sent is
     refused here with ``BadRowError`` rather than parked later. ``key`` may be a ``uuid.UUID``.
-    ``Decimal`` values are stored as decimal strings;
-    amounts are never floats. A key already in the outbox raises ``DuplicateKeyError``.
-    A rollback of the caller's transaction leaves no row.
+    ``Decimal`` values are stored as decimal strings, never floats. A key already in the outbox
+    raises ``DuplicateKeyError``. A rollback of the caller's transaction leaves no row.
 
     With a ``lane``, the lane's writer lock is held until the caller's transaction ends, so a
     second writer of the lane waits for this one to commit and the lane's rows are sent in
@@ -81,7 +80,8 @@ def enqueue(
     found = (catalog or catalog_for(proto_path)).submittable(method)
     build_request(found, body, key)  # raises BadRowError naming what does not parse
     _require_aware(not_before=not_before, expires_at=expires_at)
-    row = NewRow(key, method, body, lane, not_before, expires_at, reference)
+    times = {"not_before": not_before, "expires_at": expires_at}
+    row = NewRow(key, method, body, lane=lane, reference=reference, **times)
     enqueue_row(conn, row, utcnow(), serialise_lane=serialise_lane)
     return key
 

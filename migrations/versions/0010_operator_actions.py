@@ -1,4 +1,4 @@
-"""operators' actions: holds, dual-control approvals, the payload as first sent, by reference
+"""operators' actions: holds, dual-control approvals, the payload as first sent
 
 Revision ID: 0010
 Revises: 0009
@@ -8,9 +8,9 @@ Issue #14:
 - ``outbox_approvals``: requests for an action that needs a second operator (dual control).
 - ``outbox_messages.first_payload``: the payload as first claimed, so a ``payload_changed``
   row can show what changed (NULL for rows claimed before this migration).
-- ``ix_outbox_messages_reference``: ``outbox list --reference`` and ``outbox show REF`` read
-  an index instead of the table.
-Adds tables, a nullable column and an index: running daemons can keep going while it runs.
+(``outbox list --reference`` and ``outbox show REF`` read ``ix_outbox_messages_reference``,
+made by 0011 with the console's other indexes.)
+Adds tables and a nullable column: running daemons can keep going while it runs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 def upgrade() -> None:
     op.add_column("outbox_messages", sa.Column("first_payload", JSON, nullable=True))
-    op.create_index(op.f("ix_outbox_messages_reference"), "outbox_messages", ["reference"])
     _create_holds()
     _create_approvals()
 
@@ -76,5 +75,4 @@ def _create_approvals() -> None:
 def downgrade() -> None:
     op.drop_table("outbox_approvals")
     op.drop_table("outbox_holds")
-    op.drop_index(op.f("ix_outbox_messages_reference"), table_name="outbox_messages")
     op.drop_column("outbox_messages", "first_payload")

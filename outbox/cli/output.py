@@ -98,6 +98,7 @@ def status_json(view: StatusView, now: datetime, stale_after: float) -> dict[str
     expired = view.oldest_lease_expired_at
     return {
         "counts": view.counts,
+        "counts_estimated": sorted(view.estimated),
         "oldest_due_age_seconds": oldest_due_age(view.oldest_due_at, now),
         "leases_expired": view.leases_expired,
         "oldest_lease_expired_age_seconds": (now - expired).total_seconds() if expired else None,

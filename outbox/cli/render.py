@@ -190,7 +190,7 @@ def row_table(row: RowView) -> Table:
 def print_history(out: Console, history: Iterable[HistoryLine]) -> None:
     """One event per entry: a heading line, then the full message indented (any width)."""
     for line in history:
-        at = line.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        at = line.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if line.at else ""
         ms = None if line.duration_ms is None else f"{line.duration_ms:.0f} ms"
         head = (at, line.kind, line.actor, line.code, line.decision, ms)
         out.print(Text("  ".join(part for part in head if part)))
@@ -203,7 +203,8 @@ def print_history(out: Console, history: Iterable[HistoryLine]) -> None:
 
 def print_status(out: Console, view: StatusView, now: datetime, stale_after: float) -> None:
     """``outbox status``: counts, the oldest due row, what needs attention, the workers."""
-    out.print(Text("  ".join(f"{state} {n}" for state, n in view.counts.items())))
+    counts = (f"{s} {'≈' if s in view.estimated else ''}{n}" for s, n in view.counts.items())
+    out.print(Text("  ".join(counts)))
     out.print(Text(f"oldest due row: {age(oldest_due_age(view.oldest_due_at, now))}"))
     for line in attention_lines(view, now):
         out.print(text(line))

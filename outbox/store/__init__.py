@@ -13,27 +13,30 @@ The store knows rows and states; it never knows gRPC.
 - ``operator``: requeue, cancel, approve and reject; ``bulk``: the same on many rows;
   ``approvals``: dual control's requests; ``holds``: held lanes and methods
 - ``views``: reading; ``selection``: filters, pages, finding a row; ``plans``: EXPLAIN
+- ``report``: reconciliation's streamed read of finished rows (``outbox report``)
 - ``enqueue``: writers' inserts; ``history``: history lines; ``tx``: transactions, retries
 - ``rows``: the data the operations take and return; ``listener``: PostgreSQL wake-ups
 
 The store may import ``outbox.schema``, ``outbox.payload``, ``outbox.errors``,
-``outbox.vocabulary``, ``outbox.clock``, ``outbox.health``, ``outbox.logs`` and
-``outbox.backoff``, ``outbox.filters`` and ``outbox.operations``; never gRPC, the
-dispatcher, the daemon or the CLI.
+``outbox.vocabulary``, ``outbox.clock``, ``outbox.health``, ``outbox.logs``,
+``outbox.backoff``, ``outbox.filters``, ``outbox.operations`` and ``outbox.report`` (its
+records); never gRPC, the dispatcher, the daemon or the CLI.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 
 from sqlalchemy.engine import Engine
 
 from outbox.filters import RowFilter
+from outbox.report import FinishedRow
 from outbox.store import (
     approvals,
     bulk,
     claims,
+    console_views,
     holds,
     operator,
     plans,
@@ -44,12 +47,12 @@ from outbox.store import (
 )
 from outbox.store import heads as lane_heads
 from outbox.store import record as recording
+from outbox.store import report as reconciliation
 from outbox.store.enqueue import enqueue_row, new_key
 from outbox.store.operator import Act
 from outbox.store.rows import (
     Approval,
     BulkResult,
-    Call,
     Claim,
     Committed,
     HandedBack,
@@ -75,7 +78,6 @@ __all__ = [
     "AmbiguousRowError",
     "Approval",
     "BulkResult",
-    "Call",
     "Claim",
     "Committed",
     "HandedBack",
@@ -155,7 +157,7 @@ class Store:
 
     # ---- the follower (record.py)
 
-    def record_stream_event(self, key: str, event: Call, now: datetime) -> bool:
+    def record_stream_event(self, key: str, event: HistoryLine, now: datetime) -> bool:
         """Attach a server stream's event to the row with that key; False: no such row."""
         return write(self.engine, recording.record_stream_event, key, event, now)
 
@@ -335,6 +337,20 @@ class Store:
         """Pending rows answered long ago or attempted many times (``views.retrying``)."""
         return read(self.engine, views.retrying, due_before, attempts)
 
+    # ---- finance: reconciliation (report.py)
+
+    def finished_rows(
+        self, since: datetime, until: datetime, *, chunk: int = reconciliation.CHUNK
+    ) -> Iterator[FinishedRow]:
+        """Rows committed, parked, expired or cancelled in ``[since, until)`` (by
+        ``updated_at``), streamed in chunks: ``outbox.report.build_report`` reads them."""
+        return reconciliation.finished_rows(self.engine, since, until, chunk)
+
+    def explain_finished_rows(self, since: datetime, until: datetime) -> str:
+        """The database's plan for ``finished_rows`` (docs/scaling.md quotes PostgreSQL's)."""
+        sql = plans.written(self.engine, reconciliation.finished_query(since, until))
+        return plans.explain(self.engine, sql, analyze=False)
+
     # ---- plans, for tests and ops (plans.py)
 
     def claim_sql(self, batch: int, now: datetime) -> str:
@@ -361,3 +377,17 @@ class Store:
         """The database's plan for ``retrying`` (all three databases), for tests and ops."""
         sql = plans.retrying_sql(self.engine, due_before, attempts)
         return plans.explain(self.engine, sql, analyze=False)
+
+    # ---- the console (outbox/console/): pages over many rows
+
+    def find_rows(self, wanted: console_views.RowFilter, limit: int = 50) -> console_views.RowPage:
+        """One page of rows matching ``wanted``, by keyset (the console's Rows page)."""
+        return read(self.engine, console_views.find_rows, wanted, limit)
+
+    def activity(self, start: datetime, minutes: int) -> console_views.Activity:
+        """Committed / parked / retried history lines per minute since ``start``."""
+        return read(self.engine, console_views.activity, start, minutes)
+
+    def blocked_lanes(self, limit: int = 100) -> list[console_views.BlockedLane]:
+        """Each lane held by a parked row: that row, and how many rows wait behind it."""
+        return read(self.engine, console_views.blocked_lanes, limit)

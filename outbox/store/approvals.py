@@ -19,7 +19,7 @@ from outbox.payload import bounded
 from outbox.schema import approvals as a
 from outbox.store.columns import aware
 from outbox.store.history import add_history
-from outbox.store.rows import Approval, Call
+from outbox.store.rows import Approval, HistoryLine
 from outbox.vocabulary import ApprovalAction, HistoryDecision, HistoryKind
 
 _WHO = a.c.requested_by.type.length or 255  # type: ignore[attr-defined]
@@ -45,7 +45,7 @@ def request(conn: Connection, row: Any, actor: str, reason: str, now: datetime) 
     )
     approval_id = int(made.inserted_primary_key[0])  # type: ignore[index]
     text = f"request #{approval_id}: {reason} (a second operator must approve: dual control)"
-    line = Call(HistoryKind.OPERATOR, HistoryDecision.CANCEL_REQUESTED, None, text)
+    line = HistoryLine(HistoryKind.OPERATOR, HistoryDecision.CANCEL_REQUESTED, None, text)
     add_history(conn, row.id, now, actor, line)
     return approval_id
 

@@ -13,12 +13,12 @@ from sqlalchemy.engine import Connection
 
 from outbox.payload import bounded
 from outbox.schema import attempts
-from outbox.store.rows import Call
+from outbox.store.rows import HistoryLine
 
 _ACTOR_LIMIT = attempts.c.actor.type.length or 255  # type: ignore[attr-defined]
 
 
-def history_params(message_id: int, now: datetime, actor: str, call: Call) -> dict[str, Any]:
+def history_params(message_id: int, now: datetime, actor: str, call: HistoryLine) -> dict[str, Any]:
     """One history line; every history line is written through here, its text bounded."""
     return {
         "message_id": message_id,
@@ -32,7 +32,9 @@ def history_params(message_id: int, now: datetime, actor: str, call: Call) -> di
     }
 
 
-def add_history(conn: Connection, message_id: int, now: datetime, actor: str, call: Call) -> None:
+def add_history(
+    conn: Connection, message_id: int, now: datetime, actor: str, call: HistoryLine
+) -> None:
     conn.execute(attempts.insert().values(**history_params(message_id, now, actor, call)))
 
 

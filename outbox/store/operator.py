@@ -29,7 +29,7 @@ from outbox.schema import State, messages
 from outbox.store import approvals
 from outbox.store import heads as lane_heads
 from outbox.store.history import add_history
-from outbox.store.rows import Approval, Call, Skipped
+from outbox.store.rows import Approval, HistoryLine, Skipped
 from outbox.store.selection import criteria
 from outbox.vocabulary import ApprovalDecision, HistoryDecision, HistoryKind
 
@@ -170,7 +170,7 @@ def _move(conn: Connection, row: Any, decision: HistoryDecision, act: Act) -> bo
     guarded = m.update().where(m.c.id == row.id, m.c.state == row.state).values(**values)
     if conn.execute(guarded).rowcount != 1:
         return False
-    line = Call(HistoryKind.OPERATOR, decision, None, act.reason)
+    line = HistoryLine(HistoryKind.OPERATOR, decision, None, act.reason)
     add_history(conn, row.id, act.now, act.actor, line)
     return True
 
@@ -215,7 +215,7 @@ def reject(conn: Connection, approval_id: int, actor: str, reason: str, now: dat
     """The request closed without acting; the row's history says who rejected it and why."""
     found, row = _decidable(conn, approval_id, actor)
     text = f"request #{found.id} by {found.requested_by} rejected: {reason}"
-    line = Call(HistoryKind.OPERATOR, HistoryDecision.CANCEL_REJECTED, None, text)
+    line = HistoryLine(HistoryKind.OPERATOR, HistoryDecision.CANCEL_REJECTED, None, text)
     add_history(conn, row.id, now, actor, line)
     rejected = ApprovalDecision.REJECTED
     return approvals.decide(conn, found, actor=actor, decision=rejected, note=reason, now=now)

@@ -19,7 +19,7 @@ from outbox.payload import bounded
 from outbox.schema import State, messages
 from outbox.store import heads as lane_heads
 from outbox.store.history import add_history, add_lines, history_params
-from outbox.store.rows import Call, Committed, Outcome, Parked, Retry
+from outbox.store.rows import Committed, HistoryLine, Outcome, Parked, Retry
 from outbox.store.transitions import (
     BATCHED_TRANSITIONS,
     TRANSITIONS,
@@ -93,7 +93,7 @@ def _record_rows(conn: Connection, outcomes: Sequence[Outcome], now: datetime) -
         if params:
             conn.execute(statement, params)
     add_lines(
-        conn, [history_params(o.claim.id, now, o.claim.worker, o.call) for o in kept if o.call]
+        conn, [history_params(o.claim.id, now, o.claim.worker, o.line) for o in kept if o.line]
     )
     return held
 
@@ -130,7 +130,7 @@ def _refused(outcome: Outcome, error: str) -> Parked:
     """An outcome the database refused to store, as a park that stores nothing of it but its
     answer's code, cut short, in a fixed message (the code may be what was refused).
     """
-    code = bounded(outcome.call.code, 32) if outcome.call else None
+    code = bounded(outcome.line.code, 32) if outcome.line else None
     maybe = isinstance(outcome, (Retry, Parked)) and outcome.maybe_executed
     if isinstance(outcome, Committed):
         then = "it executed once: requeue it (same key) to commit on ALREADY_EXISTS"
@@ -144,7 +144,7 @@ def _refused(outcome: Outcome, error: str) -> Parked:
     )
     return Parked(
         outcome.claim,
-        Call(HistoryKind.SYSTEM, HistoryDecision.PARK, None, text),
+        HistoryLine(HistoryKind.SYSTEM, HistoryDecision.PARK, None, text),
         reason="bad_row",  # policy.ParkReason.BAD_ROW (the store does not import the policy)
         maybe_executed=isinstance(outcome, Committed) or maybe,
         counts_attempt=isinstance(outcome, Committed)
@@ -188,9 +188,9 @@ def record_late_answers(conn: Connection, late: Sequence[Outcome], now: datetime
     (ALREADY_EXISTS) gets this one.
     """
     for outcome in late:
-        call = outcome.call or Call(HistoryKind.SYSTEM, HistoryDecision.LATE_ANSWER)
+        call = outcome.line or HistoryLine(HistoryKind.SYSTEM, HistoryDecision.LATE_ANSWER)
         text = bounded(f"answer arrived after this worker had lost the row: {call.message or ''}")
-        line = Call(
+        line = HistoryLine(
             HistoryKind.CALL, HistoryDecision.LATE_ANSWER, call.code, text, call.duration_ms
         )
         add_history(conn, outcome.claim.id, now, outcome.claim.worker, line)
@@ -210,8 +210,8 @@ def _commit_late(conn: Connection, outcome: Committed, now: datetime) -> None:
             committed_at=now,
             response=response,
             next_attempt_at=None,
-            last_code=outcome.call.code,
-            last_message=bounded(outcome.call.message or ""),
+            last_code=outcome.line.code,
+            last_message=bounded(outcome.line.message or ""),
             updated_at=now,
         ),
         {"b_response": outcome.response},
@@ -227,7 +227,7 @@ def _commit_late(conn: Connection, outcome: Committed, now: datetime) -> None:
         )
 
 
-def record_stream_event(conn: Connection, key: str, event: Call, now: datetime) -> bool:
+def record_stream_event(conn: Connection, key: str, event: HistoryLine, now: datetime) -> bool:
     """Attach an event from a server stream (an order update) to the row with that key.
 
     Returns False when no row has the key (an order placed outside the outbox).

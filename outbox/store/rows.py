@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,13 +18,14 @@ class NewRow:
     idempotency_key: str
     method: str
     payload: dict[str, Any]
+    _: KW_ONLY
     lane: str | None = None
     not_before: datetime | None = None
     expires_at: datetime | None = None
     reference: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Claim:
     """A row claimed by one worker under a lease. ``payload`` is the raw text from the table."""
 
@@ -53,27 +54,36 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Call:
-    """The attempt-history line for one outcome."""
+class HistoryLine:
+    """One line of a row's history (the table ``outbox_attempts``): a Recrypt call and its
+    answer, a decision the daemon took without one, an operator's action, a stream update.
+
+    The dispatcher, the sweeps and the operator actions make one without ``at`` and
+    ``actor``: the store stamps both from the transaction that writes it. Read back
+    (``show``, the console), both are set.
+    """
 
     kind: str  # a vocabulary.HistoryKind
     decision: str  # a vocabulary.HistoryDecision (a stream update: the update's name)
     code: str | None = None
     message: str | None = None
     duration_ms: float | None = None
+    _: KW_ONLY
+    at: datetime | None = None
+    actor: str | None = None
 
 
 @dataclass(frozen=True)
 class Committed:
     claim: Claim
-    call: Call
+    line: HistoryLine
     response: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Retry:
     claim: Claim
-    call: Call
+    line: HistoryLine
     at: datetime
     maybe_executed: bool
     counts_attempt: bool = True
@@ -83,7 +93,7 @@ class Retry:
 @dataclass(frozen=True)
 class Parked:
     claim: Claim
-    call: Call
+    line: HistoryLine
     reason: str
     maybe_executed: bool = False
     counts_attempt: bool = True
@@ -94,14 +104,14 @@ class HandedBack:
     """Back to pending untouched: no attempt counted (gates, shutdown)."""
 
     claim: Claim
-    call: Call | None = None
+    line: HistoryLine | None = None
     at: datetime | None = None
 
 
 Outcome = Committed | Retry | Parked | HandedBack
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RowView:
     """A row as operators see it (CLI, JSON)."""
 
@@ -128,18 +138,7 @@ class RowView:
     first_payload: Any = None  # as first claimed, if kept (``outbox show``: what changed)
 
 
-@dataclass(frozen=True)
-class HistoryLine:
-    at: datetime
-    kind: str
-    actor: str | None
-    code: str | None
-    message: str | None
-    decision: str
-    duration_ms: float | None
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WorkerView:
     worker_id: str
     host: str
@@ -237,7 +236,7 @@ class Approval:
     note: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StatusView:
     counts: dict[str, int]
     oldest_due_at: datetime | None
@@ -249,9 +248,11 @@ class StatusView:
     oldest_lease_expired_at: datetime | None = None  # the earliest such lease end
     holds: list[Hold] = field(default_factory=list)  # lanes and methods operators held
     approvals_open: int = 0  # dual-control requests waiting for a second operator
+    #: States whose count is the database's estimate (``outbox.store.counts``: over 10,000).
+    estimated: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RetryingView:
     """Pending rows a human should look at (``outbox check``): rows Recrypt has answered that
     first became due before a time (``long``), and rows with many attempts (``many``)."""

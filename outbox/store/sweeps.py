@@ -26,7 +26,7 @@ from outbox.schema import FINISHED_STATES, State, attempts, messages, tombstones
 from outbox.store import heads as lane_heads
 from outbox.store.columns import PENDING, as_written
 from outbox.store.history import add_lines, history_params
-from outbox.store.rows import Call
+from outbox.store.rows import HistoryLine
 from outbox.vocabulary import HistoryDecision, HistoryKind
 
 m = messages
@@ -104,7 +104,7 @@ def _release(
     history lines of the rows it moved."""
     if not rows:
         return []
-    calls = [_release_call(row, parks=parks) for row in rows]
+    calls = [_release_line(row, parks=parks) for row in rows]
     params = [
         {"r_id": row.id, "r_owner": row.lease_owner, "r_message": bounded(text), "r_now": now}
         for row, (text, _line) in zip(rows, calls, strict=True)
@@ -118,7 +118,7 @@ def _release(
     ]
 
 
-def _release_call(row: Any, *, parks: bool) -> tuple[str, Call]:
+def _release_line(row: Any, *, parks: bool) -> tuple[str, HistoryLine]:
     """The row's last message and its history line."""
     owner, unknown = row.lease_owner, row.unknown_attempts + 1
     if parks:
@@ -127,9 +127,11 @@ def _release_call(row: Any, *, parks: bool) -> tuple[str, Call]:
             "check on recrypt.net whether the transaction with this idempotency key happened, "
             "then requeue (same key, safe) or cancel --force"
         )
-        return text, Call(HistoryKind.SYSTEM, HistoryDecision.PARK, LEASE_EXPIRED, text)
+        return text, HistoryLine(HistoryKind.SYSTEM, HistoryDecision.PARK, LEASE_EXPIRED, text)
     text = f"lease of worker {owner} expired mid-call: resending with the same key (safe)"
-    line = Call(HistoryKind.SYSTEM, HistoryDecision.LEASE_EXPIRED, LEASE_EXPIRED, f"worker {owner}")
+    line = HistoryLine(
+        HistoryKind.SYSTEM, HistoryDecision.LEASE_EXPIRED, LEASE_EXPIRED, f"worker {owner}"
+    )
     return text, line
 
 
@@ -174,7 +176,7 @@ def expire_due(conn: Connection, now: datetime, limit: int = 500) -> tuple[int, 
     parked = _expire(conn, unknown, now, _EXPIRED_UNKNOWN)
     expired = _expire(conn, never, now, _EXPIRED)
     lines = [
-        history_params(row.id, now, "expirer", _expiry_call(row.id in parked))
+        history_params(row.id, now, "expirer", _expiry_line(row.id in parked))
         for row in rows
         if row.id in parked or row.id in expired
     ]
@@ -199,8 +201,10 @@ def _expire(
     )
 
 
-def _expiry_call(parks: bool) -> Call:
-    return Call(HistoryKind.SYSTEM, HistoryDecision.PARK if parks else HistoryDecision.EXPIRED)
+def _expiry_line(parks: bool) -> HistoryLine:
+    return HistoryLine(
+        HistoryKind.SYSTEM, HistoryDecision.PARK if parks else HistoryDecision.EXPIRED
+    )
 
 
 def _changed(

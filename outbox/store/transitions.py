@@ -99,7 +99,7 @@ TRANSITIONS: dict[type, sa.Update] = {
 
 def transition_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
     """The parameters of ``TRANSITIONS[type(outcome)]`` for one row."""
-    call = outcome.call
+    call = outcome.line
     params: dict[str, Any] = {
         "b_id": outcome.claim.id,
         "b_owner": outcome.claim.worker,
@@ -144,7 +144,7 @@ def batched_params(outcome: Outcome, now: datetime) -> dict[str, Any]:
     """One row of a batched transition: its transition's parameters and its history line's."""
     params = transition_params(outcome, now)
     del params["b_now"]  # bound once per batch
-    call = outcome.call
+    call = outcome.line
     if call is not None:
         line = history_params(outcome.claim.id, now, outcome.claim.worker, call)
         params |= {f"h_{name}": line[name] for name in _LINE_FIELDS}

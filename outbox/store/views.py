@@ -21,6 +21,7 @@ from outbox.payload import read_text
 from outbox.schema import OPEN_STATES, State, UTCDateTime, attempts, messages, workers
 from outbox.store.approvals import count_open
 from outbox.store.columns import DUE_NOW_AT, INFLIGHT, PENDING, as_written, aware, first_due
+from outbox.store.counts import state_counts
 from outbox.store.holds import list_holds
 from outbox.store.rows import (
     HistoryLine,
@@ -109,18 +110,13 @@ def row_view(row: sa.Row[Any]) -> RowView:
 
 
 def status(conn: Connection, now: datetime) -> StatusView:
-    counts: dict[str, int] = dict(
-        conn.execute(sa.select(m.c.state, sa.func.count()).group_by(m.c.state)).all()
-    )
+    counts, estimated = state_counts(conn)  # above 10,000 rows a state's count is an estimate
     firsts = conn.execute(oldest_due_query(now)).one()
     expired, oldest_expiry = conn.execute(expired_leases_query(now)).one()
-    maybe = conn.execute(
-        sa.select(sa.func.count()).where(
-            m.c.maybe_executed.is_(True), m.c.state.in_([s.value for s in OPEN_STATES])
-        )
-    ).scalar_one()
+    maybe = conn.execute(maybe_executed_open_query()).scalar_one()
     return StatusView(
-        counts={s.value: int(counts.get(s.value, 0)) for s in State},
+        counts=counts,
+        estimated=frozenset(estimated),
         oldest_due_at=min((t for t in map(aware, firsts) if isinstance(t, datetime)), default=None),
         parked_by_reason=_parked_by_reason(conn),
         blocked_lanes=_blocked_lanes(conn),
@@ -130,6 +126,14 @@ def status(conn: Connection, now: datetime) -> StatusView:
         oldest_lease_expired_at=aware(oldest_expiry),
         holds=list_holds(conn),
         approvals_open=count_open(conn),
+    )
+
+
+def maybe_executed_open_query() -> sa.Select[int]:
+    """Open rows that may have executed: over ``ix_outbox_messages_maybe_executed`` only."""
+    return sa.select(sa.func.count()).where(
+        m.c.maybe_executed == sa.true(),  # "= true": the partial index's "maybe_executed"
+        m.c.state.in_([s.value for s in OPEN_STATES]),
     )
 
 

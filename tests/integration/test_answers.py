@@ -161,7 +161,7 @@ def test_already_exists_at_the_first_attempt_is_recorded_apart(
     sim.inject(Fault(C.UNAVAILABLE, "vgw-db", execute=True, keys=frozenset({second}), times=1))
     dispatcher = make_dispatcher()
     told: list[str] = []
-    dispatcher.observe(lambda _c, _a, o: told.append(o.call.decision))
+    dispatcher.observe(lambda _c, _a, o: told.append(o.line.decision))
     dispatcher.run_once()  # first: ALREADY_EXISTS at once; second: executed, unknown answer
     sim.clear_faults()
     dispatcher.clock.advance(600)  # type: ignore[attr-defined]

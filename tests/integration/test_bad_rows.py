@@ -31,7 +31,7 @@ from outbox.filters import RowFilter
 from outbox.payload import MESSAGE_LIMIT
 from outbox.schema import attempts, messages
 from outbox.simulator import TRANSFER
-from outbox.store import Call, Committed, Parked, Store
+from outbox.store import Committed, HistoryLine, Parked, Store
 
 GOOD = {"fromAccount": "acc-1", "toAccount": "acc-2", "amount": "1.00", "currency": "AUD"}
 MARKER = "SECRET-PAYLOAD-7c1d"  # must never reach a message or a log line
@@ -226,7 +226,7 @@ def test_every_stored_message_is_bounded(engine: Engine, store: Store, clock: An
     key = _key()
     _insert(engine, key, TRANSFER, json.dumps(GOOD))
     [claim] = store.claim_due("w1", 10, 30.0, clock())
-    park = Parked(claim, Call("call", "park", "FAILED_PRECONDITION", huge), "precondition")
+    park = Parked(claim, HistoryLine("call", "park", "FAILED_PRECONDITION", huge), "precondition")
     assert store.record([park], clock()) == []
     store.requeue(key, "a" * 1000, huge, clock())
     view = store.get(key)
@@ -244,15 +244,17 @@ REFUSED: dict[str, tuple[set[str], Callable[[Any], Any]]] = {
     # (the databases that refuse it, the outcome for a claim); SQLite stores any value.
     "nul_in_response": (  # jsonb cannot hold NUL, which a protobuf string may
         {"postgresql"},
-        lambda claim: Committed(claim, Call("call", "commit", "OK", "ok"), {"memo": "a\x00b"}),
+        lambda claim: Committed(
+            claim, HistoryLine("call", "commit", "OK", "ok"), {"memo": "a\x00b"}
+        ),
     ),
     "code_too_long": (  # VARCHAR(32)
         {"postgresql", "mariadb"},
-        lambda claim: Committed(claim, Call("call", "commit", "C" * 40, "ok")),
+        lambda claim: Committed(claim, HistoryLine("call", "commit", "C" * 40, "ok")),
     ),
     "reason_too_long": (
         {"postgresql", "mariadb"},
-        lambda claim: Parked(claim, Call("call", "park", "X", "x"), "r" * 40),
+        lambda claim: Parked(claim, HistoryLine("call", "park", "X", "x"), "r" * 40),
     ),
 }
 
@@ -268,7 +270,7 @@ def test_one_refused_outcome_does_not_lose_the_others(
         _insert(engine, key, TRANSFER, json.dumps(GOOD))
     first, middle, last = store.claim_due("w1", 10, 30.0, clock())
     refused = make(middle)
-    ok = Call("call", "commit", "OK", "committed")
+    ok = HistoryLine("call", "commit", "OK", "committed")
     lost = store.record([Committed(first, ok), refused, Committed(last, ok)], clock())
     assert lost == []
     assert store.get(keys[0]).state == store.get(keys[2]).state == "committed"
@@ -295,7 +297,7 @@ def test_record_raises_when_the_database_cannot_be_reached(
     }[backend]
     unreachable = Store(make_engine(nowhere))
     with pytest.raises(sa.exc.OperationalError):
-        unreachable.record([Committed(claim, Call("call", "commit", "OK"))], clock())
+        unreachable.record([Committed(claim, HistoryLine("call", "commit", "OK"))], clock())
     assert store.get(claim.idempotency_key).state == "inflight"
 
 

@@ -329,6 +329,7 @@ def test_status_json_shape(cli: Cli, engine: Engine, store: Store) -> None:
 
     assert set(status) == {
         "counts",
+        "counts_estimated",
         "oldest_due_age_seconds",
         "parked_by_reason",
         "blocked_lanes",
@@ -341,6 +342,7 @@ def test_status_json_shape(cli: Cli, engine: Engine, store: Store) -> None:
     }
     assert (status["leases_expired"], status["oldest_lease_expired_age_seconds"]) == (0, None)
     assert status["counts"]["pending"] == 1
+    assert status["counts_estimated"] == []  # exact below 10,000 rows a state
     assert status["counts"]["parked"] == 1
     assert status["counts"]["committed"] == 0
     assert isinstance(status["oldest_due_age_seconds"], float)

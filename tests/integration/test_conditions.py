@@ -235,9 +235,9 @@ def test_plain_sql_update_of_state_is_guarded(engine, store, clock):
     with engine.begin() as conn:
         state = conn.execute(sa.select(messages.c.state)).scalar_one()
     assert state == "pending"
-    from outbox.store import Call, Committed
+    from outbox.store import Committed, HistoryLine
 
-    assert store.record([Committed(claim, Call("call", "commit", "OK"))], clock())
+    assert store.record([Committed(claim, HistoryLine("call", "commit", "OK"))], clock())
     assert store.get(key).state == "pending"
 
 

@@ -212,7 +212,7 @@ def test_unknown_outcomes_park_after_the_limit(engine, sim, store, make_dispatch
 
 
 def test_stale_worker_cannot_overwrite_newer_outcome(engine, sim, store, clock) -> None:
-    from outbox.store import Call, Committed, Retry
+    from outbox.store import Committed, HistoryLine, Retry
 
     key = enqueue_transfer(engine)
     [claim_a] = store.claim_due("worker-a", 10, lease=30, now=clock())
@@ -221,8 +221,10 @@ def test_stale_worker_cannot_overwrite_newer_outcome(engine, sim, store, clock) 
     row = store.get(key)
     assert (row.state, row.maybe_executed, row.attempts) == ("pending", True, 1)
     [claim_b] = store.claim_due("worker-b", 10, lease=30, now=clock())
-    assert store.record([Committed(claim_b, Call("call", "commit", "OK"))], clock()) == []
-    stale = Retry(claim_a, Call("call", "retry", "UNAVAILABLE"), clock(), maybe_executed=True)
+    assert store.record([Committed(claim_b, HistoryLine("call", "commit", "OK"))], clock()) == []
+    stale = Retry(
+        claim_a, HistoryLine("call", "retry", "UNAVAILABLE"), clock(), maybe_executed=True
+    )
     assert store.record([stale], clock()) == [stale]  # a lost row, reported
     assert store.get(key).state == "committed"
 

@@ -19,10 +19,10 @@ from sqlalchemy.engine import Engine
 from outbox.database import make_engine
 from outbox.schema import attempts, messages
 from outbox.store import (
-    Call,
     Claim,
     Committed,
     HandedBack,
+    HistoryLine,
     NewRow,
     Outcome,
     Parked,
@@ -44,8 +44,8 @@ def _fill(engine: Engine, n: int) -> None:
             enqueue_row(conn, NewRow(new_key(), METHOD, payload), NOW)
 
 
-def _call(decision: HistoryDecision, code: str) -> Call:
-    return Call(HistoryKind.CALL, decision, code, f"Recrypt said {code}", 1.5)
+def _call(decision: HistoryDecision, code: str) -> HistoryLine:
+    return HistoryLine(HistoryKind.CALL, decision, code, f"Recrypt said {code}", 1.5)
 
 
 def _mixed(claims: list[Claim]) -> list[Outcome]:
@@ -106,7 +106,7 @@ def test_a_mixed_batch_lands_whole_and_a_stale_claim_is_reported_lost(engine: En
     assert rows[claims[-3].id].maybe_executed and rows[claims[-3].id].attempts == 1
     assert rows[claims[-2].id].park_reason == "rejected"
     assert rows[claims[-1].id].attempts == 0 and rows[claims[-1].id].lease_owner is None
-    assert sorted(lines) == sorted((c.id, o.call.code) for c, o in _pairs(claims) if o.call)
+    assert sorted(lines) == sorted((c.id, o.line.code) for c, o in _pairs(claims) if o.line)
 
 
 def _pairs(claims: list[Claim]) -> list[tuple[Claim, Outcome]]:

@@ -20,7 +20,7 @@ from outbox import migrate
 from outbox.database import make_engine
 from outbox.schema import messages
 from outbox.services import LaneKeeper
-from outbox.store import Call, Committed, Parked, Store
+from outbox.store import Committed, HistoryLine, Parked, Store
 from outbox.store import heads as lane_heads
 from tests.integration.test_lanes import (
     LANE,
@@ -50,7 +50,7 @@ def marks(engine: Engine) -> dict[str, tuple[str, bool | None, bool]]:
 
 
 def park(claim: object) -> Parked:
-    call = Call("call", "parked", "FAILED_PRECONDITION", "insufficient funds")
+    call = HistoryLine("call", "parked", "FAILED_PRECONDITION", "insufficient funds")
     return Parked(claim, call, reason="rejected", maybe_executed=False)  # type: ignore[arg-type]
 
 
@@ -154,7 +154,7 @@ def test_a_committed_head_hands_its_lane_to_the_next_row(engine: Engine) -> None
         first, second = insert_plain(conn), insert_plain(conn)
     (claim,) = store.claim_due("w", 10, 30, NOW)
     assert marks(engine)[second] == ("pending", True, False)
-    store.record([Committed(claim, Call("call", "committed", "OK", "ok"), {"id": "1"})], NOW)
+    store.record([Committed(claim, HistoryLine("call", "committed", "OK", "ok"), {"id": "1"})], NOW)
     assert marks(engine)[second] == ("pending", False, True)
     assert marks(engine)[first][0] == "committed"
     assert LANE  # the lane every insert_plain row is in

@@ -32,7 +32,7 @@ from outbox import migrate
 from outbox.database import make_engine
 from outbox.schema import messages, metadata
 from outbox.simulator import TRANSFER
-from outbox.store import Call, Claim, Committed, Store
+from outbox.store import Claim, Committed, HistoryLine, Store
 from outbox.store.claims import due_query
 
 LANE = "acme-trading"
@@ -80,7 +80,7 @@ def inflight_keys(engine: Engine) -> list[str]:
 
 
 def commit_outcome(claim: Claim) -> Committed:
-    return Committed(claim, Call("call", "committed", "OK", "ok"))
+    return Committed(claim, HistoryLine("call", "committed", "OK", "ok"))
 
 
 class Session:

@@ -18,7 +18,7 @@ import outbox
 from outbox.schema import attempts, messages
 from outbox.services import WORKER_KEEP_DAYS, Retention, RetentionSettings
 from outbox.simulator import TRANSFER
-from outbox.store import Call, Claim, Committed, Parked, Store, WorkerBeat
+from outbox.store import Claim, Committed, HistoryLine, Parked, Store, WorkerBeat
 
 DAY = timedelta(days=1)
 
@@ -45,13 +45,13 @@ def _claim(store: Store, keys: list[str], at: datetime) -> list[Claim]:
 
 def _commit(store: Store, keys: list[str], at: datetime) -> None:
     claims = _claim(store, keys, at)
-    call = Call("call", "commit", "OK", "committed", 3.0)
+    call = HistoryLine("call", "commit", "OK", "committed", 3.0)
     assert store.record([Committed(c, call, {"transferId": "t"}) for c in claims], at) == []
 
 
 def _park(store: Store, keys: list[str], at: datetime) -> None:
     claims = _claim(store, keys, at)
-    call = Call("call", "park", "FAILED_PRECONDITION", "over the limit", 3.0)
+    call = HistoryLine("call", "park", "FAILED_PRECONDITION", "over the limit", 3.0)
     assert store.record([Parked(c, call, "precondition") for c in claims], at) == []
 
 

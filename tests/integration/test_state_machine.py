@@ -38,10 +38,10 @@ from outbox.schema import DUE_NOW as SCHEMA_DUE_NOW
 from outbox.schema import FINISHED_STATES, OPEN_STATES, State, attempts, messages
 from outbox.simulator import TRANSFER
 from outbox.store import (
-    Call,
     Claim,
     Committed,
     HandedBack,
+    HistoryLine,
     NewRow,
     Outcome,
     Parked,
@@ -198,7 +198,9 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             expires_at = None if expires_in is None else self.now + timedelta(seconds=expires_in)
             payload = {"fromAccount": "a", "toAccount": "b", "amount": f"{self.serial}.00"}
             with engine.begin() as conn:
-                enqueue_row(conn, NewRow(key, TRANSFER, payload, lane, None, expires_at), self.now)
+                enqueue_row(
+                    conn, NewRow(key, TRANSFER, payload, lane=lane, expires_at=expires_at), self.now
+                )
                 row_id = conn.execute(
                     sa.select(messages.c.id).where(messages.c.idempotency_key == key)
                 ).scalar_one()
@@ -241,7 +243,7 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
         def _outcome(self, held: Held, choice: tuple[str, bool, bool, int]) -> Outcome:
             kind, maybe, counts, delay = choice
             claim, at = held.claim, self.now + timedelta(seconds=delay)
-            call = Call("call", kind, "CODE", f"{kind} by {claim.worker}")
+            call = HistoryLine("call", kind, "CODE", f"{kind} by {claim.worker}")
             if kind == "commit":
                 return Committed(claim, call, {"transferId": "t"})
             if kind == "retry":
@@ -562,10 +564,12 @@ def test_stale_claim_of_a_worker_that_claimed_the_row_again_is_lost(engine: Engi
     now += timedelta(seconds=LEASE + 1)
     assert store.release_expired_leases(now) == [key]
     [fresh] = store.claim_due("w1", 1, LEASE, now)  # the same worker, a newer claim
-    park = Parked(stale, Call("call", "park", "FAILED_PRECONDITION", "old answer"), "precondition")
+    park = Parked(
+        stale, HistoryLine("call", "park", "FAILED_PRECONDITION", "old answer"), "precondition"
+    )
     lost = store.record([park], now)
     assert lost == [park]  # the stale outcome must be the one reported lost ...
     assert store.get(key).state == State.INFLIGHT  # ... and the newer claim must stand
-    commit = Committed(fresh, Call("call", "commit", "OK", "new answer"))
+    commit = Committed(fresh, HistoryLine("call", "commit", "OK", "new answer"))
     assert store.record([commit], now) == []
     assert store.get(key).state == State.COMMITTED

@@ -76,6 +76,7 @@ def test_systemd_units_name_this_venv_and_the_config(tmp_path: Path) -> None:
     outbox = Path(sys.executable).parent / "outbox"
     assert f"ExecStart={outbox} --config {config} run\n" in out
     assert f"ExecStart={outbox} --config {config} check\n" in out
+    assert f"ExecStart={outbox} --config {config} console\n" in out
     [doc] = set(re.findall(r"^Documentation=file://(.*)$", out, re.MULTILINE))
     assert Path(doc) == data_file("docs/operations.md").resolve() and Path(doc).is_file()
     assert "/opt/outbox/.venv/bin/outbox" not in out and "/etc/outbox/outbox.toml" not in out

@@ -14,6 +14,7 @@ UNITS = Path(__file__).resolve().parents[2] / "packaging" / "systemd"
 SERVICE = UNITS / "outbox.service"
 CHECK = UNITS / "outbox-check.service"
 TIMER = UNITS / "outbox-check.timer"
+CONSOLE = UNITS / "outbox-console.service"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
     ANALYZE is None, reason="systemd-analyze is not installed (apt-get install systemd)"
@@ -65,12 +66,50 @@ def test_check_service_and_timer() -> None:
     assert timer["Install"]["WantedBy"] == "timers.target"
 
 
+#: The daemon's keys the console's unit must hold with the same value (its hardening).
+HARDENING = [
+    "NoNewPrivileges",
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectClock",
+    "ProtectHostname",
+    "RestrictAddressFamilies",
+    "RestrictNamespaces",
+    "RestrictRealtime",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+    "RemoveIPC",
+    "MemoryDenyWriteExecute",
+    "SystemCallArchitectures",
+    "SystemCallFilter",
+    "SystemCallErrorNumber",
+    "CapabilityBoundingSet",
+    "AmbientCapabilities",
+    "User",
+    "Group",
+]
+
+
+def test_console_service_is_hardened_like_the_daemon() -> None:
+    daemon, console = parse(SERVICE)["Service"], parse(CONSOLE)["Service"]
+    assert {key: console.get(key) for key in HARDENING} == {key: daemon[key] for key in HARDENING}
+    assert console["ExecStart"].endswith("/outbox --config /etc/outbox/outbox.toml console")
+    assert "LoadCredential" not in console  # the console never reads the API key
+    assert parse(CONSOLE)["Install"]["WantedBy"] == "multi-user.target"
+
+
 def verifiable_copies(tmp_path: Path) -> list[Path]:
     """Copies whose ExecStart is /bin/true: verify checks that the binary exists and is
     executable, and /opt/outbox/.venv/bin/outbox is not installed on a build machine. The
     unit names stay the same so the timer still finds its service."""
     copies = []
-    for unit in (SERVICE, CHECK, TIMER):
+    for unit in (SERVICE, CHECK, TIMER, CONSOLE):
         text = re.sub(r"(?m)^ExecStart=.*$", "ExecStart=/bin/true", unit.read_text("utf-8"))
         copy = tmp_path / unit.name
         copy.write_text(text, "utf-8")
