@@ -460,10 +460,14 @@ def attention(
     live: Sequence[Worker], retrying: Retrying | None, rules: Rules, now: datetime
 ) -> list[str]:
     """What a human must look at, one sentence each, with what to do (issue 10)."""
-    c = rules.limits
-    notes = [_rollover_note(live, c, now), _maintenance_note(live, c, now), _refused_note(live)]
+    limits = rules.limits
+    notes = [
+        _rollover_note(live, limits, now),
+        _maintenance_note(live, limits, now),
+        _refused_note(live),
+    ]
     closed = _closed_notes(live, rules.sends_nothing, now)
-    return closed + [n for n in notes if n] + _retrying_notes(retrying, c, now)
+    return closed + [n for n in notes if n] + _retrying_notes(retrying, limits, now)
 
 
 def held_names(holds: Iterable[HeldThing]) -> str:
