@@ -82,9 +82,9 @@ async def _perform(request: Request, run: partial[BulkResult], context: dict[str
 async def selected(request: Request) -> Response:
     """Requeue or cancel the ticked rows (``key`` repeated)."""
     form, reason = await operator_form(request)
-    action, keys = _action(form), [str(k) for k in form.getlist("key")][:MAX_SELECTED]
-    if not keys:
-        raise HTTPException(400, "tick at least one row")
+    action, keys = _action(form), [str(k) for k in form.getlist("key")]
+    if not 0 < len(keys) <= MAX_SELECTED:
+        raise HTTPException(400, f"tick between 1 and {MAX_SELECTED} rows")
     store = console_of(request).store
     method = store.requeue_keys if action == "requeue" else store.cancel_keys
     options = _options(request, form, action)

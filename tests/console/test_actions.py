@@ -91,11 +91,15 @@ def test_the_preview_count_is_what_the_action_takes(
     assert store.get(seeded.marked).state == "parked"
 
 
-def test_acting_on_every_row_is_refused(operator: httpx.Client) -> None:
+def test_acting_on_every_row_or_on_nothing_is_refused(operator: httpx.Client) -> None:
     token = csrf_of(operator.get("/rows").text)
     data = {"csrf": token, "action": "cancel", "reason": "all"}
     assert operator.post("/rows/matching/preview", data=data).status_code == 400
     assert operator.post("/rows/matching", data=data).status_code == 400
+    assert operator.post("/rows/selected", data=data).status_code == 400  # nothing ticked
+    wrong = {**data, "method": "Transfer"}  # the bulk filter wants Service/Method
+    answer = operator.post("/rows/matching/preview", data=wrong)
+    assert answer.status_code == 400 and "Service/Method" in answer.text
 
 
 def test_hold_and_release_a_lane(operator: httpx.Client, store: Store, seeded: Seeded) -> None:
