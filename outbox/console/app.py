@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from outbox.console import actions, auth, pages, report_page
+from outbox.console import actions, approvals_page, auth, bulk, holds_page, pages, report_page
 from outbox.console.context import Console
 from outbox.console.security import SecurityHeaders
 from outbox.console.settings import ConsoleSettings, session_secret
@@ -45,6 +45,15 @@ def routes() -> list[Route | Mount]:
         Route("/report.csv", report_page.report_csv, name="report_csv"),
         Route("/row/requeue", actions.requeue, methods=["POST"], name="requeue"),
         Route("/row/cancel", actions.cancel, methods=["POST"], name="cancel"),
+        Route("/rows/selected", bulk.selected, methods=["POST"], name="bulk_selected"),
+        Route("/rows/matching/preview", bulk.preview, methods=["POST"], name="bulk_preview"),
+        Route("/rows/matching", bulk.matching, methods=["POST"], name="bulk_matching"),
+        Route("/holds", holds_page.holds, name="holds"),
+        Route("/holds/hold", holds_page.hold, methods=["POST"], name="hold"),
+        Route("/holds/release", holds_page.release, methods=["POST"], name="release"),
+        Route("/approvals", approvals_page.approvals, name="approvals"),
+        Route("/approvals/approve", approvals_page.approve, methods=["POST"], name="approve"),
+        Route("/approvals/reject", approvals_page.reject, methods=["POST"], name="reject"),
         Route("/login", auth.login_page, name="login"),
         Route("/login", auth.login, methods=["POST"]),
         Route("/logout", auth.logout, methods=["POST"], name="logout"),

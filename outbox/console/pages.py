@@ -21,11 +21,13 @@ from outbox.console.runbook import advice_for
 from outbox.errors import RowNotFoundError
 from outbox.schema import State
 from outbox.store.console_views import RowFilter
-from outbox.vocabulary import HistoryKind, ParkReason
+from outbox.vocabulary import HistoryKind, HoldKind, ParkReason
 
 CHART_HOURS = 3
 PAGE_SIZE = 50
 FILTER_TEXT = ("state", "park_reason", "method", "lane", "reference", "key_prefix")
+#: The query parameters a filter is made of (the bulk actions carry them in their forms).
+FILTER_PARAMS = (*FILTER_TEXT, "since", "until", "maybe_executed")
 
 
 def _partial(request: Request) -> bool:
@@ -53,6 +55,7 @@ def overview(request: Request) -> Response:
         "chart": chart(store.activity(start, CHART_HOURS * 60 + 1)),
         "age": age,
         "hours": CHART_HOURS,
+        "holds": store.holds(),
     }
     return render(request, "_overview.html" if _partial(request) else "overview.html", context)
 
@@ -98,6 +101,7 @@ def rows(request: Request) -> Response:
         "params": kept,
         "states": [s.value for s in State],
         "reasons": [r.value for r in ParkReason],
+        "filter_params": {k: v for k, v in kept.items() if k in FILTER_PARAMS},
     }
     return render(request, "_rows.html" if _partial(request) else "rows.html", context)
 
@@ -121,6 +125,7 @@ def row(request: Request, error: str | None = None, status: int = 200) -> Respon
         "advice_heading": heading,
         "advice": steps,
         "dual_control": console.settings.dual_control,
+        "holds": [h for h in console.store.holds() if h.value in (found.lane, found.method)],
         "error": error,
     }
     return render(request, "row.html", context, status)
@@ -131,5 +136,10 @@ def lanes(request: Request) -> Response:
     return render(
         request,
         "lanes.html",
-        {"now": store.database_now(), "lanes": store.blocked_lanes(), "age": age},
+        {
+            "now": store.database_now(),
+            "lanes": store.blocked_lanes(),
+            "age": age,
+            "held": {h.value for h in store.holds() if h.kind == HoldKind.LANE},
+        },
     )

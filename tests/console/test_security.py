@@ -96,16 +96,6 @@ def test_cancel_of_a_maybe_executed_row_needs_force(
     assert store.history(seeded.unknown)[-1].decision == "cancel_forced"
 
 
-def test_dual_control_refuses_a_forced_cancel(store: Store, seeded: Seeded, tmp_path: Path) -> None:
-    with serving(store, settings_for(tmp_path, dual_control=True)) as url:
-        client = logged_in(url, "olga")
-        token = csrf_of(client.get(f"/row?key={seeded.unknown}").text)
-        data = {"key": seeded.unknown, "csrf": token, "reason": "gone", "force": "yes"}
-        answer = client.post("/row/cancel", data=data)
-    assert answer.status_code == 409 and "second operator" in answer.text
-    assert store.get(seeded.unknown).state == "parked"
-
-
 @pytest.mark.parametrize("value", ["' OR 1=1 --", "%", "_", "'; DROP TABLE outbox_messages; --"])
 @pytest.mark.parametrize("field", ["method", "lane", "reference", "key_prefix", "state"])
 def test_filter_values_with_sql_metacharacters_match_nothing(
