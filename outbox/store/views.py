@@ -57,7 +57,10 @@ _VIEW_COLUMNS = [
 ]
 
 #: The writers' text columns an operator view reads as written (SQLite may hold any bytes).
-_VIEW_WRITER_TEXT = frozenset({"idempotency_key", "method", "lane", "reference", "payload"})
+#: (``first_payload`` is the payload copied at the first claim: whatever bytes it held.)
+_VIEW_WRITER_TEXT = frozenset(
+    {"idempotency_key", "method", "lane", "reference", "payload", "first_payload"}
+)
 #: The view's timestamp columns: only these are read as times (a reference may look like one).
 _VIEW_TIMES = frozenset(c.name for c in m.c if isinstance(c.type, UTCDateTime))
 
@@ -92,7 +95,7 @@ def view_query(*, with_payload: bool) -> sa.Select[Any]:
         columns += [
             as_written(sa.cast(m.c.payload, sa.Text)).label("payload"),
             sa.cast(m.c.response, sa.Text).label("response"),
-            sa.cast(m.c.first_payload, sa.Text).label("first_payload"),
+            as_written(sa.cast(m.c.first_payload, sa.Text)).label("first_payload"),
         ]
     return sa.select(*columns)
 

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 import outbox
 from outbox.clock import utcnow
 from outbox.database import make_engine, normalise_url
+from outbox.filters import RowFilter
 from outbox.schema import tombstones
 from outbox.store import Store
 from tests.torture.vocabulary import OPEN, RowSpec, backend_of
@@ -281,6 +282,25 @@ class Database:
         with self.engine.connect() as conn:
             result = conn.execute(query, {"keys": wanted})
             return {text_key(r._mapping["idempotency_key"]): dict(r._mapping) for r in result}
+
+    def unshowable(self, rows: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """The rows ``outbox show`` cannot read: what ``Store.get`` and ``history`` raised. A key
+        that is not even text (bytes a writer stored on SQLite) cannot be typed: such a row is
+        reached through ``outbox list``, which must read every row (``"<list>"``)."""
+        found: dict[str, str] = {}
+        try:
+            self.store.list_rows(RowFilter(), limit=100_000)
+        except Exception as exc:
+            found["<list>"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        for key in rows:
+            if not _is_text(key):
+                continue
+            try:
+                self.store.get(key)
+                self.store.history(key)
+            except Exception as exc:
+                found[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return found
 
     def history(self) -> dict[str, list[dict[str, Any]]]:
         """Every history line a Recrypt answer left (kind ``call``), and every lease expiry,
@@ -538,3 +558,11 @@ def _kill_sessions(conn: sa.Connection) -> int:
             conn.exec_driver_sql(f"KILL {int(conn_id)}")
             killed += 1
     return killed
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -270,7 +270,7 @@ def finish(report: Report, world: World, writer: Writer, chaos: Chaos, max_unkno
     observed.reloads = list(world.pool.reloads)
     observed.sim_stops = [(a, b or utcnow()) for a, b in chaos.faults.sim_stops]
     observed.windows = list(chaos.answers.windows)
-    table = Table(rows, chaos.seams.purged, world.db.history())
+    table = Table(rows, chaos.seams.purged, world.db.history(), world.db.unshowable(rows))
     report.promises = promise_names()
     found = check(writer.specs, table, observed, world.catalog, max_unknown)
     report.violations += condense(found)

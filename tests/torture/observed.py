@@ -164,6 +164,8 @@ class Table:
     rows: dict[str, dict[str, Any]]
     purged: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: rows ``outbox show`` could not read (``Store.get``/``history`` raised): key -> error
+    unshowable: dict[str, str] = field(default_factory=dict)
 
     def row(self, spec: RowSpec) -> dict[str, Any] | None:
         gone = self.purged.get(spec.key, [])

@@ -190,6 +190,12 @@ def bad_rows_never_sent(e: Evidence) -> list[str]:
     ]
 
 
+def every_row_can_be_shown(e: Evidence) -> list[str]:
+    """An operator can always look at a row: ``outbox show`` (and the console) read every row,
+    whatever bytes its writer stored."""
+    return [f"row {key!r} cannot be shown: {error}" for key, error in e.table.unshowable.items()]
+
+
 # --------------------------------------------------------------------------- lanes
 
 
@@ -327,6 +333,7 @@ PROMISES: tuple[Promise, ...] = (
     every_row_ends_where_its_kind_says,
     executed_as_written,
     bad_rows_never_sent,
+    every_row_can_be_shown,
     lanes_in_order,
     one_row_of_a_lane_in_flight,
     one_method_per_key,

@@ -187,7 +187,9 @@ def _broken_promises(catalog: Catalog) -> Scene:
         _entry(catalog, K[7], BODY, at=1.0),
         _entry(catalog, K[11], BODY),  # no row has this key
     ]
-    return Scene(specs, Table(rows), Observed(ledger, [_span(K[8], 0.0, 0.1, "/nope")]))
+    unshowable = {K[8]: "OperationalError: Could not decode to UTF-8 column 'first_payload'"}
+    table = Table(rows, unshowable=unshowable)
+    return Scene(specs, table, Observed(ledger, [_span(K[8], 0.0, 0.1, "/nope")]))
 
 
 def _broken_seams(catalog: Catalog) -> Scene:
@@ -396,6 +398,12 @@ def _caught(scene: str, promise: str, expected: str) -> None:
 
 #: (case, scene, the promise broken there, what it must say): one test id each.
 PROMISE_CASES = [
+    (
+        "row_not_shown",
+        "promises",
+        "every_row_can_be_shown",
+        f"row {K[8]!r} cannot be shown: OperationalError",
+    ),
     ("lost", "promises", "no_row_lost", f"row 5 {K[5]!r} (plain, sql, lane=None): lost"),
     (
         "refused_plain_row",
