@@ -175,3 +175,8 @@ def _next_steps(row: RowView, console: Console, url: str) -> None:
         "or outbox cancel ...",
         markup=False,
     )
+    console.print(
+        f"  or in the console: {on} outbox console user add me --role operator; "
+        f"{on} outbox console  (then http://127.0.0.1:8765/)",
+        markup=False,
+    )
