@@ -61,7 +61,8 @@ def page_json(page: RowPage) -> dict[str, Any]:
     """``outbox list --json``: the rows, how many match in all, the next page's cursor."""
     rows = [row_json(r, with_payload=False) for r in page.rows]
     cursor = None if page.next_after is None else str(page.next_after)
-    return {"rows": rows, "total": page.total, "next_cursor": cursor}
+    document = {"rows": rows, "total": page.total, "next_cursor": cursor}
+    return {**document, "total_is_a_lower_bound": page.more_than_total}
 
 
 def bulk_json(result: BulkResult) -> dict[str, Any]:

@@ -74,7 +74,8 @@ def print_list(out: Console, page: RowPage, wanted: RowFilter | None = None) -> 
     print_rows(out, rows)
     given = wanted is not None and not wanted.is_empty()
     matched = f" matching {wanted.describe()}" if wanted is not None and given else ""
-    out.print(Text(f"{len(rows)} of {page.total} rows{matched}, newest first"))
+    total = f"{page.total:,}+" if page.more_than_total else str(page.total)
+    out.print(Text(f"{len(rows)} of {total} rows{matched}, newest first"))
     if page.next_after is not None:
         out.print(Text(f"next page: add --after {page.next_after}"))
     if any(row.maybe_executed for row in rows):

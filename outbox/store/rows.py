@@ -178,6 +178,9 @@ class RowPage:
     rows: list[RowView]
     total: int
     next_after: int | None = None
+    #: ``total`` is a lower bound: more rows match than ``selection.COUNT_CAP`` (counting them
+    #: all would read the whole table on a broad filter).
+    more_than_total: bool = False
 
 
 @dataclass(frozen=True)

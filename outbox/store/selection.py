@@ -105,6 +105,10 @@ def _time_criteria(wanted: RowFilter) -> list[sa.ColumnElement[bool]]:
     return found
 
 
+#: ``outbox list`` counts at most this many matching rows (``capped_count``).
+COUNT_CAP = 10_000
+
+
 def list_rows(conn: Connection, wanted: RowFilter, after: int | None, limit: int) -> RowPage:
     """One page, newest first, below ``after`` (an id), and the total matching."""
     query = view_query(with_payload=False).where(*criteria(wanted))
@@ -113,7 +117,21 @@ def list_rows(conn: Connection, wanted: RowFilter, after: int | None, limit: int
     found = conn.execute(query.order_by(m.c.id.desc()).limit(limit + 1)).all()
     rows = [row_view(row) for row in found[:limit]]
     more = len(found) > limit
-    return RowPage(rows, count_rows(conn, wanted), rows[-1].id if more and rows else None)
+    total, more_than = capped_count(conn, wanted)
+    cursor = rows[-1].id if more and rows else None
+    return RowPage(rows, total, cursor, more_than_total=more_than)
+
+
+def capped_count(conn: Connection, wanted: RowFilter, cap: int | None = None) -> tuple[int, bool]:
+    """How many rows match, read no further than ``cap`` of them; and whether more match.
+
+    A page says "50 of 10,000+ rows" rather than count a million-row table on every ``list``
+    (a filter by method alone, or none, has no index that counts it). Actions count exactly.
+    """
+    cap = COUNT_CAP if cap is None else cap
+    matching = sa.select(m.c.id).where(*criteria(wanted)).limit(cap + 1).subquery()
+    found = int(conn.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())
+    return min(found, cap), found > cap
 
 
 def count_rows(conn: Connection, wanted: RowFilter, states: Collection[str] = ()) -> int:

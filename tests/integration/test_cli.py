@@ -163,7 +163,12 @@ def test_enqueue_refuses_bad_input_naming_the_problem(
     assert result.stderr.startswith("error: ")
     assert expected in result.stderr
     assert result.stdout == ""
-    assert cli.json("list") == {"rows": [], "total": 0, "next_cursor": None}
+    assert cli.json("list") == {
+        "rows": [],
+        "total": 0,
+        "next_cursor": None,
+        "total_is_a_lower_bound": False,
+    }
 
 
 def test_enqueue_refuses_a_duplicate_key(cli: Cli) -> None:
@@ -456,7 +461,12 @@ def test_db_upgrade_migrates_an_empty_database(
     upgraded = cli.invoke("db", "upgrade").stdout
     assert "at revision" in upgraded
     assert "at head:  yes" in cli.invoke("db", "current").stdout
-    assert cli.json("list") == {"rows": [], "total": 0, "next_cursor": None}
+    assert cli.json("list") == {
+        "rows": [],
+        "total": 0,
+        "next_cursor": None,
+        "total_is_a_lower_bound": False,
+    }
 
 
 def test_a_bad_config_file_names_the_key(sqlite_url: str, tmp_path: Path) -> None:

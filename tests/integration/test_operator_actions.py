@@ -229,3 +229,22 @@ def test_the_payload_as_first_sent_is_kept_and_diffed(engine, sim, store, make_d
 
     diff = payload_diff(row.first_payload, row.payload)
     assert '-  "amount": "10.00",' in diff and '+  "amount": "99.00",' in diff
+
+
+def test_a_broad_page_counts_no_further_than_the_cap(engine, store, monkeypatch) -> None:
+    """``outbox list`` says "3 of 3+" rather than count a whole large table; actions count all."""
+    for _ in range(5):
+        enqueue_transfer(engine)
+    monkeypatch.setattr(selection, "COUNT_CAP", 3)
+
+    page = store.list_rows(RowFilter(), limit=2)
+
+    assert (page.total, page.more_than_total, len(page.rows)) == (3, True, 2)
+    assert store.count_rows(RowFilter()) == 5
+    narrow = store.list_rows(RowFilter(state="pending"), limit=10)
+    assert (narrow.total, narrow.more_than_total) == (3, True)
+    monkeypatch.setattr(selection, "COUNT_CAP", 10)
+    assert (store.list_rows(RowFilter(), limit=2).total, store.list_rows().more_than_total) == (
+        5,
+        False,
+    )
