@@ -49,13 +49,14 @@ def overview(request: Request) -> Response:
     store = console_of(request).store
     now = store.database_now()
     start = (now - timedelta(hours=CHART_HOURS)).replace(second=0, microsecond=0)
+    status = store.status(now)  # holds included: the Overview shows them beside the gates
     context = {
         "now": now,
-        "status": store.status(now),
+        "status": status,
         "chart": chart(store.activity(start, CHART_HOURS * 60 + 1)),
         "age": age,
         "hours": CHART_HOURS,
-        "holds": store.holds(),
+        "holds": status.holds,
     }
     return render(request, "_overview.html" if _partial(request) else "overview.html", context)
 
