@@ -145,7 +145,7 @@ class Daemon:
         self._init_state()
         self._open_store(check_clock)
         self.catalog = Catalog.load(config.recrypt.proto_path or None)
-        self.catalog.report_fields(config.report.amount_fields, config.report.currency_fields)
+        Catalog.report_field_map(config, self.catalog)  # a bad [report] fails at start
         self.gates = gates_from(config)
         self.gates.subscribe(self._gate_changed)
         self.dispatcher = self._dispatcher()

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import (
     descriptor,
@@ -31,6 +31,9 @@ from outbox.errors import BadRowError, ConfigError
 from outbox.payload import brief, check_text
 from outbox.report import FieldPath, MethodFields
 from outbox.resources import protos_dir
+
+if TYPE_CHECKING:
+    from outbox.config import Config
 
 KEY_FIELD = "idempotency_key"
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # gRPC's default maximum message size
@@ -147,6 +150,15 @@ class Catalog:
         ``ConfigError`` naming the key; two marked amounts in one request is one too.
         """
         return _report_fields(self, amount_fields, currency_fields)
+
+    @classmethod
+    def report_field_map(
+        cls, config: Config, catalog: Catalog | None = None
+    ) -> dict[str, MethodFields]:
+        """``report_fields`` for a config: its protos (``catalog`` if already loaded) and its
+        ``[report]`` section; what ``outbox report``, the console and the daemon's start read."""
+        found = catalog or cls.load(config.recrypt.proto_path or None)
+        return found.report_fields(config.report.amount_fields, config.report.currency_fields)
 
     @cached_property
     def _access_extension(self) -> descriptor.FieldDescriptor | None:

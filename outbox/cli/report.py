@@ -69,9 +69,7 @@ def field_map(obj: Outbox) -> FieldMap:
     """Where each method's amount and currency sit: the protos' marks and ``[report]``."""
     from outbox.descriptors import Catalog  # noqa: PLC0415 (protobuf loads only when needed)
 
-    catalog = Catalog.load(obj.config.recrypt.proto_path or None)
-    fields = obj.config.report
-    return catalog.report_fields(fields.amount_fields, fields.currency_fields)
+    return Catalog.report_field_map(obj.config)
 
 
 def parse_day(option: str, value: str) -> datetime:

@@ -85,9 +85,7 @@ def _report_fields(config: Config) -> FieldMap:
     ``[report]`` (a name that does not exist fails here, at start)."""
     from outbox.descriptors import Catalog  # noqa: PLC0415 (protobuf loads only when serving)
 
-    catalog = Catalog.load(config.recrypt.proto_path or None)
-    fields = config.report
-    return catalog.report_fields(fields.amount_fields, fields.currency_fields)
+    return Catalog.report_field_map(config)
 
 
 @console.group()
