@@ -14,7 +14,7 @@ import outbox
 from outbox.simulator import TRANSFER, Simulator
 from outbox.store import Store
 from tests.browser.conftest import _no_dialog
-from tests.browser.test_console import log_in
+from tests.browser.test_console import log_in, show_parked
 from tests.console.harness import Seeded, serving, settings_for
 from tests.integration.test_daemon import KEY, daemon_for
 from tests.integration.test_dispatch import transfer
@@ -26,10 +26,7 @@ def test_requeue_everything_matching_after_the_preview(
     page: Page, seeded: Seeded, store: Store
 ) -> None:
     log_in(page, "olga")
-    page.click("nav >> text=Rows")
-    page.select_option("select[name=state]", "parked")
-    page.select_option("select[name=park_reason]", "precondition")
-    page.click("button:text-is('Filter')")
+    show_parked(page, "precondition")
     expect(page.locator("table.rows tr")).to_have_count(3)
     page.click("text=Requeue all matching…")
     expect(page.locator("h1")).to_contain_text("Preview: requeue")

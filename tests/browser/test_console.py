@@ -22,14 +22,19 @@ def log_in(page: Page, name: str) -> None:
     expect(page.locator("h1")).to_have_text("Overview")
 
 
+def show_parked(page: Page, reason: str) -> None:
+    """On the Rows page, filter parked rows by ``reason``, as an operator would."""
+    page.click("nav >> text=Rows")
+    page.select_option("select[name=state]", "parked")
+    page.select_option("select[name=park_reason]", reason)
+    page.click("button:text-is('Filter')")
+
+
 def test_an_operator_filters_opens_and_requeues_a_row(
     page: Page, seeded: Seeded, store: Store
 ) -> None:
     log_in(page, "olga")
-    page.click("nav >> text=Rows")
-    page.select_option("select[name=state]", "parked")
-    page.select_option("select[name=park_reason]", "precondition")
-    page.click("text=Filter")
+    show_parked(page, "precondition")
     rows = page.locator("table.rows tr")
     expect(rows).to_have_count(3)  # the heading and two precondition rows
     page.click(f"text={seeded.precondition}")
