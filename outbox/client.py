@@ -45,6 +45,7 @@ class Answer:
     response: pb.Message | None
     duration_ms: float
     started: bool = True
+    sent_at: float | None = None  # Unix time the call left (None: never started, or unknown)
 
 
 class _NeverStarted:
@@ -76,9 +77,10 @@ class RecryptClient(Protocol):
 
 
 class _GrpcPendingCall:
-    def __init__(self, future: grpc.Future, started: float) -> None:
+    def __init__(self, future: grpc.Future, started: float, sent_at: float) -> None:
         self._future = future
         self._started = started
+        self._sent_at = sent_at
 
     def wait(self) -> Answer:
         try:
@@ -88,7 +90,7 @@ class _GrpcPendingCall:
             response = None
             code, details = error.code(), error.details() or ""
         elapsed = (time.perf_counter() - self._started) * 1000.0
-        return Answer(code, details, response, elapsed)
+        return Answer(code, details, response, elapsed, sent_at=self._sent_at)
 
 
 class GrpcClient:
@@ -110,13 +112,13 @@ class GrpcClient:
         return f"GrpcClient(deadline={self._deadline})"
 
     def start(self, method: Method, request: pb.Message) -> PendingCall:
-        started = time.perf_counter()
+        started, sent_at = time.perf_counter(), time.time()
         try:
             call = self._callable(method)
             future = call.future(request, timeout=self._deadline, metadata=self._metadata)
         except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
             return _NeverStarted(f"not sent: {exc}")
-        return _GrpcPendingCall(future, started)
+        return _GrpcPendingCall(future, started, sent_at)
 
     def call(self, method: Method, request: pb.Message) -> Answer:
         return self.start(method, request).wait()

@@ -44,10 +44,12 @@ from outbox.follower import StreamFollower
 from outbox.gates import SENDS_NOTHING, Gates, GateView
 from outbox.health import (
     RECORD,
+    STALE,
     JobHealth,
     expired_lease_note,
     failure_note,
     held_names,
+    liveness,
     oldest_due_age,
 )
 from outbox.logs import describe_error, kv, register_secret
@@ -145,6 +147,7 @@ class Daemon:
         self._init_state()
         self._open_store(check_clock)
         self.catalog = Catalog.load(config.recrypt.proto_path or None)
+        self.metrics.know_methods(self.catalog.methods)
         Catalog.report_field_map(config, self.catalog)  # a bad [report] fails at start
         self.gates = gates_from(config)
         self.gates.subscribe(self._gate_changed)
@@ -470,7 +473,10 @@ class Daemon:
         )
 
     def _db_result(self, error: Exception | None) -> None:
+        """The heartbeat's result: the database's reachability, and the beat's time."""
         self._db_error = "database unreachable" if error is not None else None  # never the URL
+        if error is None:
+            self.metrics.heartbeat.set(time.time())
 
     def table_gauges(self) -> None:
         now = self.clock()
@@ -480,6 +486,9 @@ class Daemon:
         self.metrics.set_table(
             view.counts, age, parked, len(view.blocked_lanes), view.parked_by_reason
         )
+        stale_after = self.config.check.heartbeat_stale
+        silent = [w for w in view.workers if liveness(w, now, stale_after) == STALE]
+        self.metrics.workers_silent.set(len(silent))
         self._expired = (view.leases_expired, view.oldest_lease_expired_at)
         self.metrics.leases_expired.set(view.leases_expired)
         self.metrics.set_holds(h.kind for h in view.holds)
@@ -501,12 +510,26 @@ class Daemon:
             self._last_ping = now
             self.notifier.watchdog()
 
-    def _count_outcome(self, _claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
+    def _count_outcome(self, claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
         if answer is not None:
-            self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0)
+            self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0, claim.method)
         self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
         if outcome.line is not None and outcome.line.decision == HistoryDecision.KEY_USED_BEFORE:
             self.metrics.key_used_before.inc()
+        if claim.due_since is not None:
+            self._observe_waits(claim, claim.due_since.timestamp(), answer, outcome)
+
+    def _observe_waits(
+        self, claim: Claim, due: float, answer: Answer | None, outcome: Outcome
+    ) -> None:
+        """How long the row waited: to its first send (the first claim's call, once per row)
+        and to its commit (now: the commit is recorded when observers hear of it)."""
+        first = claim.stored_fingerprint is None and answer is not None and answer.started
+        sent_at = answer.sent_at if first and answer is not None else None
+        to_send = None if sent_at is None else sent_at - due
+        to_commit = self.clock().timestamp() - due if isinstance(outcome, Committed) else None
+        if to_send is not None or to_commit is not None:
+            self.metrics.observe_waited(claim.method, first_send=to_send, committed=to_commit)
 
     def _count_lost(self, _outcome: Outcome) -> None:
         self.metrics.observe_outcome(RowOutcome.LOST)

@@ -37,6 +37,7 @@ OTHER = "other"
 # Every label set comes from the vocabulary: every member has a series, so an alert can fire
 # on each (tests/unit/test_vocabulary.py checks it against a rendered registry).
 CODES: tuple[str, ...] = tuple(Code)
+_CODE_SET = frozenset(CODES)
 OUTCOMES: tuple[str, ...] = tuple(RowOutcome)
 STATES: tuple[str, ...] = tuple(State)
 GATES = GATE_STATES
@@ -44,6 +45,13 @@ PARK_REASONS: tuple[str, ...] = tuple(ParkReason)
 HOLD_KINDS: tuple[str, ...] = tuple(HoldKind)
 # A Recrypt call takes milliseconds when healthy and up to the deadline (10 s) when not.
 SUBMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# A row waits milliseconds behind a healthy daemon, minutes through a rollover, hours through
+# maintenance or a parked lane: the buckets span all three.
+WAIT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0,
+)  # fmt: skip
 
 # serve_forever() notices stop() this often: a quick shutdown for ten cheap wake-ups a second.
 SHUTDOWN_POLL_SECONDS = 0.1
@@ -64,6 +72,9 @@ class Metrics:
         self._declare_calls(self.registry)
         self._declare_table(self.registry)
         self._declare_daemon(self.registry)
+        self._declare_workers(self.registry)
+        self._methods: frozenset[str] = frozenset()
+        self._calls: dict[tuple[str, str], Histogram] = {}
         self._init_series()
 
     def _declare_calls(self, r: CollectorRegistry) -> None:
@@ -75,7 +86,26 @@ class Metrics:
             "outbox_outcomes", "What each attempt did to its row", ["outcome"], registry=r
         )
         self.submit_seconds = Histogram(
-            "outbox_submit_seconds", "Recrypt call latency", buckets=SUBMIT_BUCKETS, registry=r
+            "outbox_submit_seconds",
+            "Recrypt call latency, by method (gRPC path) and gRPC code name",
+            ["method", "code"],
+            buckets=SUBMIT_BUCKETS,
+            registry=r,
+        )
+        self.to_first_send = Histogram(
+            "outbox_enqueue_to_first_send_seconds",
+            "From a row becoming due (its insertion, or not_before when later) to its first send",
+            ["method"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.to_committed = Histogram(
+            "outbox_enqueue_to_committed_seconds",
+            "From a row becoming due (its insertion, or not_before when later) to its commit "
+            "being recorded",
+            ["method"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
         )
         self.key_used_before = Counter(
             "outbox_key_used_before",
@@ -150,6 +180,20 @@ class Metrics:
             registry=r,
         )
 
+    def _declare_workers(self, r: CollectorRegistry) -> None:
+        """Liveness: this daemon's last heartbeat, and the workers the table says went silent."""
+        self.heartbeat = Gauge(
+            "outbox_heartbeat_timestamp_seconds",
+            "Unix time this daemon last recorded its heartbeat in outbox_workers",
+            registry=r,
+        )
+        self.workers_silent = Gauge(
+            "outbox_workers_silent",
+            "Workers not stopped whose last heartbeat is older than [check] heartbeat_stale "
+            "(dead without stopping, or cut off from the database)",
+            registry=r,
+        )
+
     def _init_series(self) -> None:
         """Every labelled series exists at 0, so rate() and alerts see it before any event."""
         # The children, looked up once: ``labels()`` per row cost ~5 µs of a row's CPU.
@@ -164,10 +208,38 @@ class Metrics:
         self.set_failing(())
         self.up.labels(version=__version__).set(1)
 
-    def observe_call(self, code: str, seconds: float) -> None:
-        """One answered call: its gRPC code name (``"OK"``, ``"UNAVAILABLE"``…) and latency."""
+    def know_methods(self, methods: Iterable[str]) -> None:
+        """The gRPC paths a ``method`` label may take (the catalog's); any other is ``other``.
+        Their latency series start at 0, so a quantile shows before the first row."""
+        self._methods = frozenset(methods)
+        for method in (*self._methods, OTHER):
+            self.to_first_send.labels(method=method)
+            self.to_committed.labels(method=method)
+
+    def observe_call(self, code: str, seconds: float, method: str = OTHER) -> None:
+        """One answered call: its gRPC code name (``"OK"``, ``"UNAVAILABLE"``…), its method's
+        path and its latency."""
         self._attempts.get(code, self._attempts[OTHER]).inc()
-        self.submit_seconds.observe(max(seconds, 0.0))
+        self._call(method, code).observe(max(seconds, 0.0))
+
+    def _call(self, method: str, code: str) -> Histogram:
+        """The (method, code) child, looked up once: series only for pairs that happened."""
+        labels = (_fixed(method, self._methods), _fixed(code, _CODE_SET))
+        child = self._calls.get(labels)
+        if child is None:  # at most (methods + 1) x (codes + 1) children
+            child = self._calls[labels] = self.submit_seconds.labels(*labels)
+        return child
+
+    def observe_waited(
+        self, method: str, *, first_send: float | None, committed: float | None
+    ) -> None:
+        """A row's waits, in seconds since it became due: to its first send, to its commit
+        (each None when this outcome is not that moment)."""
+        label = _fixed(method, self._methods)
+        if first_send is not None:
+            self.to_first_send.labels(method=label).observe(max(first_send, 0.0))
+        if committed is not None:
+            self.to_committed.labels(method=label).observe(max(committed, 0.0))
 
     def observe_outcome(self, outcome: str) -> None:
         """One row outcome: committed, retry, parked, handed_back or lost."""

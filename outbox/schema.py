@@ -213,6 +213,9 @@ _id_type = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _state_values = ", ".join(f"'{s.value}'" for s in State)
 _open_sql = "state IN ('pending', 'inflight', 'parked')"
 
+#: Room for a W3C traceparent (55 characters in version 00) and a later version's additions.
+TRACEPARENT_LENGTH = 128
+
 messages = sa.Table(
     "outbox_messages",
     metadata,
@@ -225,6 +228,10 @@ messages = sa.Table(
     sa.Column("not_before", UTCDateTime(), nullable=True),
     sa.Column("expires_at", UTCDateTime(), nullable=True),
     sa.Column("reference", sa.String(255), nullable=True),
+    # The writer's W3C trace context (``00-<trace id>-<span id>-<flags>``, 55 characters; room
+    # for a later version's longer form): the daemon's spans join that trace (migration 0012).
+    # Read as a hint: a value that is not a traceparent is ignored, never sent, never parks.
+    sa.Column("traceparent", sa.String(TRACEPARENT_LENGTH), nullable=True),
     # --- maintained by the daemon ---
     sa.Column("state", sa.String(16), nullable=False, server_default=State.PENDING.value),
     sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),

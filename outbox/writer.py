@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from functools import cache
@@ -80,8 +81,8 @@ def enqueue(
     found = (catalog or catalog_for(proto_path)).submittable(method)
     build_request(found, body, key)  # raises BadRowError naming what does not parse
     _require_aware(not_before=not_before, expires_at=expires_at)
-    times = {"not_before": not_before, "expires_at": expires_at}
-    row = NewRow(key, method, body, lane=lane, reference=reference, **times)
+    row = NewRow(key, method, body, lane=lane, reference=reference)
+    row = replace(row, not_before=not_before, expires_at=expires_at)
     enqueue_row(conn, row, utcnow(), serialise_lane=serialise_lane)
     return key
 

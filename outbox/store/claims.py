@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 from outbox.payload import fingerprint, read_text
 from outbox.schema import OPEN_STATES, State, UTCDateTime, messages, tombstones
 from outbox.store import heads as lane_heads
-from outbox.store.columns import as_written, aware
+from outbox.store.columns import as_written, aware, first_due
 from outbox.store.rows import Claim
 from outbox.store.tx import retry_transient
 
@@ -156,9 +156,12 @@ def build_claim(excluded: Excluded) -> sa.Update:
     # the due rows' selection takes values; bound parameters make it reusable
     due = (
         due_query(cast(int, batch), cast(datetime, now), excluded)
-        .with_only_columns(m.c.id, m.c.due_at)
+        .with_only_columns(m.c.id, m.c.due_at, m.c.payload_fingerprint)
         .subquery("due")
     )
+    # RETURNING gives the row as updated: the fingerprint comes from ``due``, as it was before
+    # (None at the first claim, as the other databases read it: the first send is known).
+    returned = [c for c in claim_columns() if c is not m.c.payload_fingerprint]
     request = m.c.method + "\n" + sa.cast(m.c.payload, sa.Text)
     current = sa.func.encode(sa.func.sha256(sa.func.convert_to(request, "UTF8")), "hex")
     return (
@@ -175,7 +178,7 @@ def build_claim(excluded: Excluded) -> sa.Update:
                 (m.c.payload_fingerprint.is_(None), m.c.payload), else_=m.c.first_payload
             ),
         )
-        .returning(*claim_columns(), current.label("current"), due.c.due_at)
+        .returning(*returned, due.c.payload_fingerprint, current.label("current"), due.c.due_at)
     )
 
 
@@ -221,6 +224,9 @@ def claim_columns() -> tuple[Any, ...]:
         m.c.maybe_executed,
         m.c.payload_fingerprint,
         spent.label("key_purged_at"),
+        # raw values, read by ``aware`` and ``_traceparent``: a bad one never fails the claim
+        sa.type_coerce(first_due(), sa.types.NullType()).label("due_since"),
+        as_written(m.c.traceparent).label("traceparent"),
     )
 
 
@@ -266,7 +272,15 @@ def claim_from(row: sa.Row[Any], worker: str, *, current: str | None = None) -> 
         unknown_attempts=row.unknown_attempts,
         defect=defect,
         key_purged_at=aware(row.key_purged_at),
+        due_since=_time_or_none(row.due_since),
+        traceparent=read_text(row.traceparent, "traceparent")[0],
     )
+
+
+def _time_or_none(value: Any) -> datetime | None:
+    """A stored time as aware UTC, or None when it cannot be read as one (metrics skip it)."""
+    found = aware(value)
+    return found if isinstance(found, datetime) else None
 
 
 def _writer_text_of(row: sa.Row[Any]) -> tuple[dict[str, Any], str | None]:

@@ -23,6 +23,7 @@ class NewRow:
     not_before: datetime | None = None
     expires_at: datetime | None = None
     reference: str | None = None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,11 @@ class Claim:
     # When retention purged an earlier row with this key (a tombstone): the key is spent, and
     # the dispatcher parks the row key_reused before any call.
     key_purged_at: datetime | None = None
+    # When the row became due (its insertion, or not_before when later): the latency metrics'
+    # start. None when the stored times cannot be read as times.
+    due_since: datetime | None = None
+    # The writer's trace context as stored: untrusted text, parsed by ``outbox.tracing``.
+    traceparent: Any = None
 
     @property
     def payload_changed(self) -> bool:

@@ -53,7 +53,7 @@ def test_upgrade_matches_metadata_and_downgrade_drops_everything(empty_engine: E
     migrate.upgrade(empty_engine)
     assert table_names(empty_engine) >= OUTBOX_TABLES
     assert schema_diff(empty_engine) == []
-    assert migrate.current(empty_engine) == migrate.head() == "0011"
+    assert migrate.current(empty_engine) == migrate.head() == "0012"
 
     migrate.downgrade(empty_engine, "base")
     assert table_names(empty_engine) & OUTBOX_TABLES == set()
@@ -128,7 +128,7 @@ def test_the_claim_indexes_are_partial_where_the_database_can(engine: Engine) ->
 
 
 def test_ensure_at_head_refuses_an_empty_database(empty_engine: Engine) -> None:
-    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0011: run `outbox db upgrade`"):
+    with pytest.raises(SchemaNotReadyError, match=r"none .* needs 0012: run `outbox db upgrade`"):
         migrate.ensure_at_head(empty_engine)
 
 

@@ -79,10 +79,14 @@ def test_fresh_metrics_have_every_series_at_zero(server: HealthServer) -> None:
     assert samples[("outbox_up", (("version", __version__),))] == 1
 
 
+TRANSFER = "/recrypt.wallet.v1.Wallet/Transfer"
+
+
 def test_values_after_observations(metrics: Metrics, server: HealthServer) -> None:
-    metrics.observe_call("OK", 0.004)
-    metrics.observe_call("OK", 0.2)
-    metrics.observe_call("UNAVAILABLE", 3.0)
+    metrics.know_methods([TRANSFER])
+    metrics.observe_call("OK", 0.004, TRANSFER)
+    metrics.observe_call("OK", 0.2, TRANSFER)
+    metrics.observe_call("UNAVAILABLE", 3.0, TRANSFER)
     metrics.observe_outcome("committed")
     metrics.observe_outcome("committed")
     metrics.observe_outcome("retry")
@@ -95,11 +99,13 @@ def test_values_after_observations(metrics: Metrics, server: HealthServer) -> No
     assert samples[("outbox_attempts_total", (("code", "UNAVAILABLE"),))] == 1
     assert samples[("outbox_outcomes_total", (("outcome", "committed"),))] == 2
     assert samples[("outbox_outcomes_total", (("outcome", "retry"),))] == 1
-    assert samples[("outbox_submit_seconds_count", ())] == 3
-    assert samples[("outbox_submit_seconds_sum", ())] == pytest.approx(3.204)
-    assert samples[("outbox_submit_seconds_bucket", (("le", "0.005"),))] == 1
-    assert samples[("outbox_submit_seconds_bucket", (("le", "0.25"),))] == 2
-    assert samples[("outbox_submit_seconds_bucket", (("le", "+Inf"),))] == 3
+    ok = (("code", "OK"), ("method", TRANSFER))
+    unavailable = (("code", "UNAVAILABLE"), ("method", TRANSFER))
+    assert samples[("outbox_submit_seconds_count", ok)] == 2
+    assert samples[("outbox_submit_seconds_sum", ok)] == pytest.approx(0.204)
+    assert samples[("outbox_submit_seconds_bucket", (*ok[:1], ("le", "0.005"), ok[1]))] == 1
+    assert samples[("outbox_submit_seconds_bucket", (*ok[:1], ("le", "0.25"), ok[1]))] == 2
+    assert samples[("outbox_submit_seconds_count", unavailable)] == 1
     for gate in GATES:
         assert samples[("outbox_gate", (("gate", gate),))] == (gate == "maintenance")
     assert samples[("outbox_rows", (("state", "pending"),))] == 7
@@ -231,3 +237,36 @@ def test_every_gate_state_has_a_series_at_zero() -> None:
     }
     whole_api = {str(g) for g in Gate} - {str(Gate.NONE), str(Gate.METHOD_REMOVED)}
     assert exported == set(GATE_STATES) == whole_api | {"open"}
+
+
+def test_a_call_of_an_unknown_method_or_code_is_counted_under_other(
+    metrics: Metrics, server: HealthServer
+) -> None:
+    """Labels never carry a row's text: a method outside the catalog, or a code name gRPC does
+    not have, is ``other``; so is every method before the catalog is known."""
+    metrics.observe_call("OK", 0.01, "/evil.Svc/<script>")
+    metrics.know_methods([TRANSFER])
+    metrics.observe_call("NOT_A_CODE", 0.01, TRANSFER)
+    metrics.observe_call("OK", 0.01, "/recrypt.wallet.v1.Wallet/Other")
+
+    samples = scrape(server)
+    assert samples[("outbox_submit_seconds_count", (("code", "OK"), ("method", "other")))] == 2
+    assert samples[("outbox_submit_seconds_count", (("code", "other"), ("method", TRANSFER)))] == 1
+    assert not [k for k in samples if "<script>" in repr(k)]
+
+
+def test_waits_to_first_send_and_to_commit(metrics: Metrics, server: HealthServer) -> None:
+    metrics.know_methods([TRANSFER])
+    metrics.observe_waited(TRANSFER, first_send=0.03, committed=None)
+    metrics.observe_waited(TRANSFER, first_send=None, committed=90.0)
+    metrics.observe_waited("/unknown/Method", first_send=-1.0, committed=None)  # clocks apart
+
+    samples = scrape(server)
+    method = (("method", TRANSFER),)
+    assert samples[("outbox_enqueue_to_first_send_seconds_count", method)] == 1
+    assert samples[("outbox_enqueue_to_first_send_seconds_sum", method)] == pytest.approx(0.03)
+    assert samples[("outbox_enqueue_to_committed_seconds_count", method)] == 1
+    assert samples[("outbox_enqueue_to_committed_seconds_bucket", (("le", "60.0"), *method))] == 0
+    assert samples[("outbox_enqueue_to_committed_seconds_bucket", (("le", "120.0"), *method))] == 1
+    other = (("method", "other"),)
+    assert samples[("outbox_enqueue_to_first_send_seconds_sum", other)] == 0.0  # never negative
