@@ -35,8 +35,8 @@ from outbox.store import Store
 SECRET = "sekret-MARKER-9f8e7d"
 GOOD = {"fromAccount": "acc-1", "toAccount": "acc-2", "amount": "1.00", "currency": "AUD"}
 INSERT = sa.text(
-    "INSERT INTO outbox_messages (idempotency_key, method, payload, lane, reference) "
-    "VALUES (:k, :m, :p, :l, :r)"
+    "INSERT INTO outbox_messages (idempotency_key, method, payload, lane, reference, traceparent) "
+    "VALUES (:k, :m, :p, :l, :r, :t)"
 )
 FEW = settings(
     max_examples=30,
@@ -169,8 +169,9 @@ def _insert(
     *,
     lane: str | None = None,
     reference: str | None = None,
+    traceparent: str | None = None,
 ) -> None:
-    params = {"k": key, "m": method, "p": payload, "l": lane, "r": reference}
+    params = {"k": key, "m": method, "p": payload, "l": lane, "r": reference, "t": traceparent}
     with engine.begin() as conn:
         conn.execute(INSERT, params)
 
@@ -200,7 +201,9 @@ def test_generated_bad_rows_are_parked_and_the_good_row_commits(
             _insert(engine, key, method, payload, lane=None, reference=text or None)
         good = _key()
         body = json.dumps(GOOD | {"memo": text}, ensure_ascii=False)
-        _insert(engine, good, TRANSFER, body, lane=text or None, reference=text or None)
+        # any text in the writer's traceparent column: a hint, never a reason to fail
+        texts = {"lane": text or None, "reference": text or None, "traceparent": text or None}
+        _insert(engine, good, TRANSFER, body, **texts)
         report = dispatcher.run_once()  # never raises
         assert report.claimed == len(rows) + 1
         for key, _method, _payload, says in rows:

@@ -321,3 +321,26 @@ def test_a_row_whose_lease_keeps_expiring_is_parked(
     assert "check on recrypt.net" in (row.last_message or "")
     assert [line.decision for line in store.history(key)] == ["lease_expired"] * 2 + ["park"]
     assert store.claim_due("w1", 10, 30.0, clock()) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the others refuse such values at INSERT
+@pytest.mark.parametrize(
+    "column, sql",
+    [("traceparent", "CAST(x'30302dff' AS TEXT)"), ("created_at", "'not a time'")],
+)
+def test_a_hint_that_cannot_be_read_never_stops_its_row(
+    column: str, sql: str, engine: Engine, store: Store, make_dispatcher: Callable[..., Any]
+) -> None:
+    """The trace context and the insertion time only feed tracing and the latency metrics:
+    unreadable, they are skipped, and the row is sent like any other (issue 15)."""
+    key = _key()
+    with _unguarded(engine) as conn:
+        conn.execute(
+            sa.text(
+                f"INSERT INTO outbox_messages (idempotency_key, method, payload, {column}) "
+                f"VALUES (:k, :m, :p, {sql})"
+            ),
+            {"k": key, "m": TRANSFER, "p": json.dumps(GOOD)},
+        )
+    assert make_dispatcher().run_once().claimed == 1
+    assert store.get(key).state == "committed"
