@@ -21,7 +21,9 @@ def daemon_for(
     poll: float = HOUR,
     probe: float = 60.0,
     clock: Callable[[], datetime] | None = None,
+    listen: str = "",
 ) -> Daemon:
+    """A daemon on ``url`` against ``target``; ``listen`` serves /metrics (e.g. port 0)."""
     base = load(None, env={"RECRYPT_API_KEY": KEY})
     config = base.model_copy(
         update={
@@ -29,7 +31,7 @@ def daemon_for(
             "recrypt": base.recrypt.model_copy(update={"target": target, "tls": False}),
             "worker": base.worker.model_copy(update={"poll_interval": poll}),
             "retry": base.retry.model_copy(update={"initial_backoff": 0.05}),
-            "metrics": base.metrics.model_copy(update={"listen": ""}),
+            "metrics": base.metrics.model_copy(update={"listen": listen}),
             "maintenance": base.maintenance.model_copy(
                 update={"rollover_window": "", "probe_interval": probe}
             ),
