@@ -164,7 +164,7 @@ class Metrics:
         self.job_failing = Gauge(
             "outbox_job_failing",
             "1 while a background job keeps failing (outbox check and the log say why)",
-            ["job"],
+            ["job_name"],  # not "job": Prometheus owns that label (the scrape job)
             registry=r,
         )
         self.leases_expired = Gauge(
@@ -255,7 +255,7 @@ class Metrics:
         """The jobs failing now get 1, the others 0."""
         failing = {_fixed(job, JOBS) for job in jobs}
         for job in (*JOBS, OTHER):
-            self.job_failing.labels(job=job).set(1 if job in failing else 0)
+            self.job_failing.labels(job_name=job).set(1 if job in failing else 0)
 
     def set_table(
         self,

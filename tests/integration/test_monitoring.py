@@ -178,7 +178,7 @@ def test_a_record_that_keeps_failing_reaches_readyz_the_beat_and_the_metrics(
     assert not ready and why.startswith("job record failing since ")
     assert "no such table: outbox_attempts" in why
     assert "job_failed" in caplog.text and caplog.text.count("job_failed") == 1
-    assert 'outbox_job_failing{job="record"} 1.0' in daemon.metrics.render().decode()
+    assert 'outbox_job_failing{job_name="record"} 1.0' in daemon.metrics.render().decode()
 
     run_job(daemon, "heartbeat")
     (worker,) = daemon.store.list_workers()
@@ -189,7 +189,7 @@ def test_a_record_that_keeps_failing_reaches_readyz_the_beat_and_the_metrics(
     run_job(daemon, "dispatch")
     assert daemon.readiness() == (True, "ready: gate open")
     assert "event=job_recovered job=record" in caplog.text
-    assert 'outbox_job_failing{job="record"} 0.0' in daemon.metrics.render().decode()
+    assert 'outbox_job_failing{job_name="record"} 0.0' in daemon.metrics.render().decode()
 
 
 def test_a_job_that_raises_is_logged_once_then_its_recovery(
@@ -235,7 +235,7 @@ def test_rate_limited_still_sends_and_stays_ready(daemon: Daemon) -> None:
 def test_every_job_has_a_metric_series(daemon: Daemon) -> None:
     assert {s.name for s in daemon.services} | {"record"} <= set(JOBS)
     rendered = daemon.metrics.render().decode()
-    assert all(f'outbox_job_failing{{job="{job}"}} 0.0' in rendered for job in JOBS)
+    assert all(f'outbox_job_failing{{job_name="{job}"}} 0.0' in rendered for job in JOBS)
 
 
 def test_the_expired_lease_count_reads_the_lease_index(store: Store) -> None:

@@ -185,8 +185,8 @@ class Database:
         conn.execute(
             sa.text(
                 "INSERT INTO outbox_messages (idempotency_key, method, payload, lane, "
-                "not_before, expires_at, reference) "
-                "VALUES (:key, :method, :payload, :lane, :not_before, :expires_at, :ref)"
+                "not_before, expires_at, reference, traceparent) "
+                "VALUES (:key, :method, :payload, :lane, :not_before, :expires_at, :ref, :tp)"
             ),
             {
                 "key": spec.key,
@@ -196,6 +196,7 @@ class Database:
                 "not_before": self._stamp(spec.not_before) if spec.not_before else None,
                 "expires_at": self._stamp(spec.expires_at) if spec.expires_at else None,
                 "ref": f"torture-{spec.index}",
+                "tp": traceparent_for(spec.index),
             },
         )
 
@@ -566,3 +567,18 @@ def _is_text(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+#: What plain-SQL writers put in the trace-context column: nothing, a W3C traceparent, or text
+#: that is none (a daemon ignores it: it only joins a valid writer's trace).
+NOT_TRACEPARENTS = ("00-zz", "\n00-" + "0" * 51, "é" * 40, "x" * 128, "00-" + "0" * 32 + "-" * 20)
+
+
+def traceparent_for(index: int) -> str | None:
+    """Row ``index``'s traceparent column, in turn none, a valid one, or one that is not."""
+    turn = index % 3
+    if turn == 0:
+        return None
+    if turn == 1:
+        return f"00-{index:032x}-{index + 1:016x}-01"
+    return NOT_TRACEPARENTS[index % len(NOT_TRACEPARENTS)]

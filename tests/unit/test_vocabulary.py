@@ -33,7 +33,7 @@ SERIES = [
     ("outbox_parked_rows_by_reason", "reason", ParkReason),
     ("outbox_attempts_total", "code", Code),
     ("outbox_outcomes_total", "outcome", RowOutcome),
-    ("outbox_job_failing", "job", JOBS),
+    ("outbox_job_failing", "job_name", JOBS),
     ("outbox_holds", "kind", HoldKind),
 ]
 
