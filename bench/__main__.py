@@ -15,7 +15,9 @@ One command measures, against the simulator on loopback with no faults:
 8. the claim cost with both backlogs while another connection scans the whole table in a loop
    (``--only scan``), beside a claim on an otherwise empty table under the same scan (issue #11);
 9. the floor (``--only floor``): CPU per call of gRPC's Python client alone (``bench/floor.py``)
-   as sync futures, ``grpc.aio`` and blocking calls in threads: what no daemon can go below.
+   as sync futures, ``grpc.aio`` and blocking calls in threads: what no daemon can go below;
+10. the cost of tracing (``--only drain --tracing``): the drain with tracing off and on (the SDK,
+   its batch processor, OTLP/gRPC to a local sink), alternated in one run (``bench/tracing.py``).
 
 The drain prints the daemon's CPU time (user + system, all threads, from /proc) per row sent.
 
@@ -68,6 +70,11 @@ def main() -> None:
         if "drain" in args.only:
             results["drain"] = drain(sim, args)
             report("daemon drain", results["drain"])
+        if "drain" in args.only and args.tracing:
+            from bench.tracing import overhead  # noqa: PLC0415 (needs the otel extra)
+
+            results["tracing"] = overhead(sim, args, drain)
+            report("drain, tracing off vs on", results["tracing"])
         if "latency" in args.only:
             results["latency"] = latency(sim, args)
             report("latency", results["latency"])
@@ -121,6 +128,12 @@ def parse_args() -> argparse.Namespace:
         default=120.0,
         help="seconds after which the trickle and scan runs stop taking samples",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also drain with tracing off and on, alternated (bench/tracing.py)",
+    )
+    parser.add_argument("--tracing-rounds", type=int, default=2, help="drains of each, off/on")
     args = parser.parse_args()
     args.only = set(args.only.split(","))
     return args
@@ -162,11 +175,14 @@ def floor(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
     return {shape: {"least": min(cpu), "runs": cpu} for shape, cpu in runs.items()}
 
 
-def drain(sim: Simulator, args: argparse.Namespace) -> dict[str, object]:
+def drain(
+    sim: Simulator, args: argparse.Namespace, env: dict[str, str] | None = None
+) -> dict[str, object]:
+    """``--rows`` drained by ``outbox run`` (``env``: more of its environment, e.g. OTEL_*)."""
     engine = fresh_database(args.url)
     keys = insert_backlog(engine, args.rows)
     before = len(sim.ledger)
-    with daemon(args, sim, args.daemons) as procs:
+    with daemon(args, sim, args.daemons, env) as procs:
         sim.wait_for(lambda s: len(s.ledger) > before, timeout=60)
         started, cpu_before, sent_before = time.perf_counter(), cpu_seconds(procs), len(sim.ledger)
         samples = sample_rss(procs[0].pid, lambda: len(sim.ledger) - before >= args.rows, sim)
@@ -430,7 +446,7 @@ def fill_backlog(engine: sa.Engine, kind: str, n: int) -> None:
 
 @contextmanager
 def daemon(
-    args: argparse.Namespace, sim: Simulator, count: int = 1
+    args: argparse.Namespace, sim: Simulator, count: int = 1, more: dict[str, str] | None = None
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
@@ -442,7 +458,8 @@ def daemon(
             f'[metrics]\nlisten = ""\n[maintenance]\nrollover_window = ""\n'
             f'[logging]\nlevel = "WARNING"\n'
         )
-        env = os.environ | {"RECRYPT_API_KEY": API_KEY}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env |= {"RECRYPT_API_KEY": API_KEY, **(more or {})}
         env.pop("OUTBOX_DATABASE_URL", None)
         argv = [sys.executable, "-m", "outbox.cli", "--config", str(config), "run"]
         procs = [subprocess.Popen(argv, env=env) for _ in range(count)]

@@ -62,15 +62,26 @@ class PendingCall(Protocol):
     def wait(self) -> Answer: ...
 
 
+#: Metadata sent with one call besides ``apikey`` (a trace context: ``outbox.tracing``).
+Metadata = tuple[tuple[str, str], ...]
+
+
 class RecryptClient(Protocol):
-    def start(self, method: Method, request: pb.Message) -> PendingCall: ...
+    def start(self, method: Method, request: pb.Message, metadata: Metadata = ()) -> PendingCall:
+        """Start one call; ``metadata`` goes with it, after the ``apikey``."""
+        ...
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the channel has a connection (READY); False if none came in time."""
         ...
 
-    def send_all(self, calls: Sequence[tuple[Method, pb.Message]]) -> list[Answer]:
-        """Send a batch at once (all in flight together); answers in the same order."""
+    def send_all(
+        self,
+        calls: Sequence[tuple[Method, pb.Message]],
+        metadata: Sequence[Metadata] | None = None,
+    ) -> list[Answer]:
+        """Send a batch at once (all in flight together); answers in the same order.
+        ``metadata``: one entry per call (None: none for any)."""
         ...
 
     def close(self) -> None: ...
@@ -111,11 +122,12 @@ class GrpcClient:
     def __repr__(self) -> str:  # never show the metadata
         return f"GrpcClient(deadline={self._deadline})"
 
-    def start(self, method: Method, request: pb.Message) -> PendingCall:
+    def start(self, method: Method, request: pb.Message, metadata: Metadata = ()) -> PendingCall:
         started, sent_at = time.perf_counter(), time.time()
+        sent = self._metadata + metadata if metadata else self._metadata
         try:
             call = self._callable(method)
-            future = call.future(request, timeout=self._deadline, metadata=self._metadata)
+            future = call.future(request, timeout=self._deadline, metadata=sent)
         except ValueError as exc:  # grpc: "Cannot invoke RPC on closed channel!"
             return _NeverStarted(f"not sent: {exc}")
         return _GrpcPendingCall(future, started, sent_at)
@@ -123,8 +135,16 @@ class GrpcClient:
     def call(self, method: Method, request: pb.Message) -> Answer:
         return self.start(method, request).wait()
 
-    def send_all(self, calls: Sequence[tuple[Method, pb.Message]]) -> list[Answer]:
-        pending = [self.start(method, request) for method, request in calls]
+    def send_all(
+        self,
+        calls: Sequence[tuple[Method, pb.Message]],
+        metadata: Sequence[Metadata] | None = None,
+    ) -> list[Answer]:
+        if metadata is None:
+            pending = [self.start(method, request) for method, request in calls]
+        else:
+            extra = zip(calls, metadata, strict=True)
+            pending = [self.start(method, request, more) for (method, request), more in extra]
         return [p.wait() for p in pending]
 
     def stream(self, method: Method, request: pb.Message) -> Any:

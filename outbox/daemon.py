@@ -38,7 +38,7 @@ from outbox.clock import utcnow
 from outbox.config import Config, load
 from outbox.database import make_engine
 from outbox.descriptors import Catalog
-from outbox.dispatcher import Dispatcher, DispatchSettings
+from outbox.dispatcher import OUTCOME_NAMES, Dispatcher, DispatchSettings
 from outbox.errors import ConfigError
 from outbox.follower import StreamFollower
 from outbox.gates import SENDS_NOTHING, Gates, GateView
@@ -72,6 +72,7 @@ from outbox.services import (
 from outbox.store import Claim, Committed, HandedBack, Outcome, Parked, Retry, Store, WorkerBeat
 from outbox.store.listener import Listener
 from outbox.systemd import Notifier
+from outbox.tracing import Tracing, from_env
 from outbox.vocabulary import GateState, HistoryDecision, RowOutcome, State
 
 log = logging.getLogger("outbox.daemon")
@@ -139,11 +140,14 @@ class Daemon:
         clock: Callable[[], datetime] = utcnow,
         notifier: Notifier | None = None,
         check_clock: bool = True,  # off only for tests that simulate time with ``clock``
+        tracing: Tracing | None = None,  # default: as the OTEL_* variables say (README, Tracing)
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.clock = clock
         self.notifier = notifier or Notifier.from_env()
+        self.tracing = tracing if tracing is not None else from_env()
+        self.tracing.retarget(config.recrypt.target)
         self._init_state()
         self._open_store(check_clock)
         self.catalog = Catalog.load(config.recrypt.proto_path or None)
@@ -199,6 +203,7 @@ class Daemon:
             worker_id=self.worker_id,
             settings=settings_from(self.config),
             clock=self.clock,
+            tracing=self.tracing,
         )
         dispatcher.observe(_log_outcome)
         dispatcher.observe(self._count_outcome, lost=self._count_lost)
@@ -303,6 +308,7 @@ class Daemon:
         handed = self._hand_back()
         self.dispatcher.clients.close()
         self.engine.dispose()
+        self.tracing.close()  # export the spans still buffered
         log.info(kv("stopped", worker=self.worker_id, handed_back=handed))
         if self.health is not None:
             self.health.stop()
@@ -433,6 +439,7 @@ class Daemon:
             log.error(kv("reload_failed", error=str(exc), then="keeping the running config"))
             return
         self.dispatcher.clients.replace(client)
+        self.tracing.retarget(fresh.recrypt.target)
         ignored = _changed_sections(self.config, fresh, RELOADED_SECTIONS)
         recrypt = fresh.recrypt
         if recrypt.proto_path != self.config.recrypt.proto_path:  # compiled once, at start
@@ -513,7 +520,7 @@ class Daemon:
     def _count_outcome(self, claim: Claim, answer: Answer | None, outcome: Outcome) -> None:
         if answer is not None:
             self.metrics.observe_call(answer.code.name, answer.duration_ms / 1000.0, claim.method)
-        self.metrics.observe_outcome(_OUTCOME_NAMES[type(outcome)])
+        self.metrics.observe_outcome(OUTCOME_NAMES[type(outcome)])
         if outcome.line is not None and outcome.line.decision == HistoryDecision.KEY_USED_BEFORE:
             self.metrics.key_used_before.inc()
         if claim.due_since is not None:
@@ -680,11 +687,3 @@ def _gate_reason(view: GateView) -> str | None:
     if view.refused_methods:
         parts.append(REFUSED_TEXT + ", ".join(view.refused_methods))
     return "; ".join(parts) or None
-
-
-_OUTCOME_NAMES: dict[type, RowOutcome] = {
-    Committed: RowOutcome.COMMITTED,
-    Retry: RowOutcome.RETRY,
-    Parked: RowOutcome.PARKED,
-    HandedBack: RowOutcome.HANDED_BACK,
-}

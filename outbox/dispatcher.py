@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import grpc
@@ -20,7 +21,7 @@ from google.protobuf import message
 
 from outbox import policy
 from outbox.backoff import Backoff
-from outbox.client import Answer, ClientSlot, RecryptClient
+from outbox.client import Answer, ClientSlot, Metadata, RecryptClient
 from outbox.clock import utcnow
 from outbox.descriptors import Catalog, Method, build_request, response_to_json
 from outbox.errors import BadRowError
@@ -28,7 +29,8 @@ from outbox.gates import Gates, gate_rank
 from outbox.payload import check_key, parse_payload
 from outbox.policy import Action, Decision, Gate
 from outbox.store import Claim, Committed, HandedBack, HistoryLine, Outcome, Parked, Retry, Store
-from outbox.vocabulary import HistoryDecision, HistoryKind
+from outbox.tracing import Attempt, Tracing
+from outbox.vocabulary import HistoryDecision, HistoryKind, RowOutcome, SpanEvent
 
 log = logging.getLogger("outbox.dispatcher")
 
@@ -64,10 +66,21 @@ class CycleReport:
 
 @dataclass(frozen=True)
 class Answered:
-    """An outcome decided and not yet recorded, with the answer it came from (None: no call)."""
+    """An outcome decided and not yet recorded, with the answer it came from (None: no call)
+    and, when traced, the attempt's span (ended once the record is durable, or refused)."""
 
     outcome: Outcome
     answer: Answer | None
+    span: Attempt | None = None
+
+
+#: What each outcome is called in metrics and spans.
+OUTCOME_NAMES: Mapping[type, RowOutcome] = {
+    Committed: RowOutcome.COMMITTED,
+    Retry: RowOutcome.RETRY,
+    Parked: RowOutcome.PARKED,
+    HandedBack: RowOutcome.HANDED_BACK,
+}
 
 
 #: Told once per outcome, after it is recorded (``lost``: another worker owned the row).
@@ -87,8 +100,10 @@ class Dispatcher:
         settings: DispatchSettings,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
+        self.tracing = tracing or Tracing()  # off: ``tracing.on`` is checked once per batch
         self.clients = ClientSlot(client)
         self.catalog = catalog
         self.gates = gates
@@ -183,6 +198,7 @@ class Dispatcher:
             exclude_methods=(*self.gates.excluded_methods(now), *held.methods),
             exclude_lanes=held.lanes,
         )
+        claimed_ns = time.time_ns()
         report.claimed = len(claims)
         if not claims:
             return
@@ -192,7 +208,7 @@ class Dispatcher:
             self._inflight.update(ids)
             self._unsent.update(ids)
         try:
-            answered = self._send(claims)
+            answered = self._send(claims, claimed_ns)
         except Exception:
             self._abandon(ids)
             raise
@@ -251,6 +267,8 @@ class Dispatcher:
         for hook in self._record_hooks:
             hook(None)
         lost_ids = {id(o) for o in lost}
+        if self.tracing.on:
+            _end_recorded(answered, lost_ids)
         ours = [a for a in answered if id(a.outcome) not in lost_ids]
         self._release([a.outcome.claim.id for a in answered])
         report.outcomes += [a.outcome for a in ours]
@@ -260,6 +278,8 @@ class Dispatcher:
         self._late(lost)
 
     def _keep(self, answered: list[Answered], exc: Exception) -> None:
+        if self.tracing.on:  # each span ends now, saying so: a later record has none
+            answered = _end_unrecorded(answered, type(exc).__name__)
         with self._record_lock:
             self._unrecorded.extend(answered)
             held = len(self._unrecorded)
@@ -300,7 +320,7 @@ class Dispatcher:
 
     # ---- sending
 
-    def _send(self, claims: Sequence[Claim]) -> list[Answered]:
+    def _send(self, claims: Sequence[Claim], claimed_ns: int) -> list[Answered]:
         answered: list[Answered] = []
         ready: list[tuple[Claim, Method, message.Message]] = []
         for claim in claims:
@@ -309,21 +329,52 @@ class Dispatcher:
             except BadRowError as exc:
                 answered.append(Answered(self._bad_row(claim, exc), None))
         log.debug("event=sent worker=%s rows=%d", self.worker_id, len(ready))
+        if not self.tracing.on:
+            return answered + self._answers(ready, None)
+        spans = self._attempts(claims, ready, claimed_ns)
+        try:
+            return _traced(answered + self._answers(ready, spans), spans)
+        except Exception:  # no span is left open: the cycle is abandoned (``_abandon``)
+            _end_all(spans.values(), SpanEvent.ABANDONED)
+            raise
+
+    def _answers(
+        self, ready: Sequence[tuple[Claim, Method, message.Message]], spans: _Spans | None
+    ) -> list[Answered]:
+        """Send the calls, decide each answer, fold the batch's gate effect in."""
+        metadata = None if spans is None else [spans[c.id].metadata for c, _m, _r in ready]
         with self.clients.use() as client:
-            replies = self._send_on(client, ready)
+            replies = self._send_on(client, ready, metadata)
         decided = [
             (claim, method, answer, _decision(answer))
             for (claim, method, _request), answer in zip(ready, replies, strict=True)
         ]
-        self._fold_gates(decided)
-        answered += [
+        gate = self._fold_gates(decided)
+        if spans is not None and gate is not None:
+            for claim, _m, _a, _d in decided:
+                spans[claim.id].event(SpanEvent.GATE_CHANGED, {"outbox.gate": gate})
+        return [
             Answered(self._outcome(claim, answer, decision), answer)
             for claim, _m, answer, decision in decided
         ]
-        return answered
+
+    def _attempts(
+        self,
+        claims: Sequence[Claim],
+        ready: Sequence[tuple[Claim, Method, message.Message]],
+        claimed_ns: int,
+    ) -> _Spans:
+        """One span per row attempted, named by its method (when the protos know it)."""
+        paths = {claim.id: method.path for claim, method, _r in ready}
+        known = self.catalog.methods
+        rows = [(c, paths.get(c.id) or (c.method if c.method in known else None)) for c in claims]
+        return self.tracing.attempts(rows, claimed_ns, self.worker_id)
 
     def _send_on(
-        self, client: RecryptClient, ready: Sequence[tuple[Claim, Method, message.Message]]
+        self,
+        client: RecryptClient,
+        ready: Sequence[tuple[Claim, Method, message.Message]],
+        metadata: Sequence[Metadata] | None,
     ) -> list[Answer]:
         """Start the calls only on a connected channel: a call never started never executed."""
         if not ready:
@@ -333,7 +384,7 @@ class Dispatcher:
             return [refused] * len(ready)
         with self._inflight_lock:  # from here on each call may have started
             self._unsent.difference_update(c.id for c, _m, _r in ready)
-        return client.send_all([(method, request) for _c, method, request in ready])
+        return client.send_all([(method, request) for _c, method, request in ready], metadata)
 
     def _connect(self, client: RecryptClient) -> Answer | None:
         """None when the channel is connected; else why not, as a never-started answer.
@@ -380,8 +431,9 @@ class Dispatcher:
         log.debug("bad row %s: %s", claim.id, exc)
         return outcome
 
-    def _fold_gates(self, decided: Sequence[tuple[Claim, Method, Answer, Decision]]) -> None:
-        """One gate update per batch: the calls of a batch ran together, so they count once."""
+    def _fold_gates(self, decided: Sequence[tuple[Claim, Method, Answer, Decision]]) -> str | None:
+        """One gate update per batch: the calls of a batch ran together, so they count once.
+        Returns the gate this batch changed the gate to (None: unchanged)."""
         strongest, message = Gate.NONE, ""
         for _claim, method, answer, decision in decided:
             if decision.gate == Gate.METHOD_REMOVED:
@@ -391,8 +443,10 @@ class Dispatcher:
                 self.gates.method_denied(method.path)  # maintenance, or the key's rights?
             if gate_rank(decision.gate) > gate_rank(strongest):
                 strongest, message = decision.gate, answer.message
-        if decided:
-            self.gates.on_answer(strongest, self.clock(), message)
+        if not decided:
+            return None
+        changed = self.gates.on_answer(strongest, self.clock(), message)
+        return changed.gate if changed is not None else None
 
     def _outcome(self, claim: Claim, answer: Answer, decision: Decision) -> Outcome:
         text = _said(answer, decision)
@@ -491,6 +545,49 @@ class Dispatcher:
             log.error("event=maintenance_check_missing method=%s", self.settings.maintenance_check)
             return None
         return client.start(method, method.request_class()).wait()
+
+
+_Spans = dict[int, Attempt]  # a batch's attempt spans, by row id
+
+
+def _traced(answered: list[Answered], spans: _Spans) -> list[Answered]:
+    """Each answer with its span, which now carries the status code and a park."""
+    traced = []
+    for done in answered:
+        span, answer, outcome = spans[done.outcome.claim.id], done.answer, done.outcome
+        if answer is None:  # no call: the row could not be sent (bad_row, key_reused, …)
+            span.unsent(outcome.reason if isinstance(outcome, Parked) else "not sent")
+        else:
+            span.answered(answer.code.value[0], answer.code.name, answer.started)
+        if isinstance(outcome, Parked):
+            span.event(SpanEvent.PARKED, {"outbox.park_reason": outcome.reason})
+        traced.append(replace(done, span=span))
+    return traced
+
+
+def _end_recorded(answered: Sequence[Answered], lost: set[int]) -> None:
+    """The record is durable: each span ends (a row lost to another worker says so)."""
+    for done in answered:
+        if done.span is None:  # recorded late, after its span ended with record_failed
+            continue
+        if id(done.outcome) in lost:
+            done.span.end(SpanEvent.LOST)
+        else:
+            outcome = OUTCOME_NAMES[type(done.outcome)]
+            done.span.end(SpanEvent.RECORDED, {"outbox.outcome": outcome})
+
+
+def _end_unrecorded(answered: list[Answered], error: str) -> list[Answered]:
+    """The database refused the record: each span ends saying so (its answer is kept in
+    memory and recorded later, without a span); the answers without their spans."""
+    _end_all((a.span for a in answered if a.span is not None), SpanEvent.RECORD_FAILED, error)
+    return [replace(done, span=None) for done in answered]
+
+
+def _end_all(spans: Iterable[Attempt], event: SpanEvent, error: str = "") -> None:
+    attributes = {"error.type": error} if error else None
+    for span in spans:
+        span.end(event, attributes)
 
 
 def _sendable_key(claim: Claim) -> str:

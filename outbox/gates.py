@@ -151,15 +151,18 @@ class Gates:
 
     # ---- telling
 
-    def on_answer(self, gate: Gate, now: datetime, message: str = "") -> None:
-        """Fold one call's whole-API effect (``Gate.NONE`` for a normal answer) into the gate."""
+    def on_answer(self, gate: Gate, now: datetime, message: str = "") -> GateView | None:
+        """Fold one call's whole-API effect (``Gate.NONE`` for a normal answer) into the gate;
+        the new view when that changed the gate (its listeners have heard it), else None."""
         with self._lock:
             before = (self._gate, self._reason)
             self._fold(gate, now, message)
             changed = (self._gate, self._reason) != before
             view = self._view_locked(now)
-        if changed:
-            self._notify(view)
+        if not changed:
+            return None
+        self._notify(view)
+        return view
 
     def remove_method(self, path: str) -> None:
         with self._lock:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 from outbox.vocabulary import HistoryDecision, State
@@ -58,6 +60,27 @@ def cancel_ruling(state: str, maybe_executed: bool, *, force: bool, dual_control
     if dual_control:
         return Ruling(HistoryDecision.CANCEL_REQUESTED)
     return Ruling(HistoryDecision.CANCEL_FORCED)
+
+
+@dataclass
+class ActionTrace:
+    """An operator action as its span shows it (``outbox.tracing``): the action, who, the
+    NAMES of the filters that selected the rows (never their values: a reference or a lane
+    is the customer's text) and, once done, how many rows it took (``counts``)."""
+
+    action: str  # a vocabulary.OperatorAction
+    actor: str
+    selection: tuple[str, ...]  # filter names, or "key", "keys", "approval", a hold's kind
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+#: Opens an operator action's span around the work; the store calls it, the CLI (for itself
+#: and the console) gives ``outbox.tracing.operator_action``. The default traces nothing.
+ActionScope = Callable[[ActionTrace], AbstractContextManager[object]]
+
+
+def untraced(_action: ActionTrace) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 def person(actor: str) -> str:

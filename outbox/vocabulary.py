@@ -200,3 +200,26 @@ class ApprovalDecision(enum.StrEnum):
 
     APPROVED = "approved"  # done: the action was carried out
     REJECTED = "rejected"  # not done
+
+
+class SpanEvent(enum.StrEnum):
+    """The events of a send attempt's span (``outbox.tracing``; README, "Tracing")."""
+
+    CLAIMED = "claimed"  # the row was claimed (at the claim's time: the span's start)
+    GATE_CHANGED = "gate_changed"  # this batch's answers changed the gate (attribute: the gate)
+    PARKED = "parked"  # the attempt parked the row (attribute: the reason)
+    RECORDED = "recorded"  # the outcome is durable (attribute: the outcome); the span ends
+    LOST = "lost"  # another worker held the row by then: the answer is kept as late_answer
+    RECORD_FAILED = "record_failed"  # the database refused the record: answers kept in memory
+    ABANDONED = "abandoned"  # the cycle failed before its answers (the reaper resends the row)
+
+
+class OperatorAction(enum.StrEnum):
+    """An operator's action, from the CLI or the console, as its span names it."""
+
+    REQUEUE = "requeue"
+    CANCEL = "cancel"
+    HOLD = "hold"
+    RELEASE = "release"
+    APPROVE = "approve"
+    REJECT = "reject"

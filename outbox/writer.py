@@ -26,6 +26,7 @@ from outbox.descriptors import Catalog, build_request
 from outbox.errors import BadRowError
 from outbox.payload import check_key, plain_decimal
 from outbox.store import NewRow, enqueue_row, new_key
+from outbox.tracing import current_traceparent
 
 
 @cache
@@ -83,6 +84,7 @@ def enqueue(
     _require_aware(not_before=not_before, expires_at=expires_at)
     row = NewRow(key, method, body, lane=lane, reference=reference)
     row = replace(row, not_before=not_before, expires_at=expires_at)
+    row = replace(row, traceparent=current_traceparent())  # the caller's span, if any
     enqueue_row(conn, row, utcnow(), serialise_lane=serialise_lane)
     return key
 

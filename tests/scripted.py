@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf import message as pb
 
-from outbox.client import Answer, PendingCall
+from outbox.client import Answer, Metadata, PendingCall
 from outbox.descriptors import KEY_FIELD, Method
 
 OK = grpc.StatusCode.OK
@@ -64,6 +64,7 @@ class Sent:
     key: str | None
     request: pb.Message
     reply: Reply
+    metadata: Metadata = ()  # besides the apikey: the attempt's trace context, when traced
 
 
 class _Pending:
@@ -109,17 +110,22 @@ class ScriptedClient:
 
     # ---- what the dispatcher sees (outbox.client.RecryptClient)
 
-    def start(self, method: Method, request: pb.Message) -> PendingCall:
+    def start(self, method: Method, request: pb.Message, metadata: Metadata = ()) -> PendingCall:
         key = str(getattr(request, KEY_FIELD)) if method.submittable else None
         reply = self._next(method.path, key)
-        self.sent.append(Sent(method.path, key, request, reply))
+        self.sent.append(Sent(method.path, key, request, reply, metadata))
         return _Pending(method, reply)
 
     def wait_ready(self, timeout: float) -> bool:
         return self.ready and not self.closed
 
-    def send_all(self, calls: Sequence[tuple[Method, pb.Message]]) -> list[Answer]:
-        pending = [self.start(method, request) for method, request in calls]
+    def send_all(
+        self,
+        calls: Sequence[tuple[Method, pb.Message]],
+        metadata: Sequence[Metadata] | None = None,
+    ) -> list[Answer]:
+        extra = metadata if metadata is not None else [()] * len(calls)
+        pending = [self.start(m, r, more) for (m, r), more in zip(calls, extra, strict=True)]
         return [p.wait() for p in pending]
 
     def close(self) -> None:

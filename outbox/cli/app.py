@@ -26,6 +26,7 @@ from outbox.database import make_engine, normalise_url
 from outbox.errors import OutboxError
 from outbox.logs import describe_error
 from outbox.store import Store
+from outbox.tracing import operator_action
 
 
 class InputError(OutboxError):
@@ -58,10 +59,11 @@ class Outbox:
         return self._engine
 
     def store(self) -> Store:
-        """A store on a schema at head (else: run ``outbox db upgrade``)."""
+        """A store on a schema at head (else: run ``outbox db upgrade``). Its operator
+        actions, the CLI's and the console's, make spans when ``OTEL_*`` asks for them."""
         engine = self.engine()
         migrate.ensure_at_head(engine)
-        return Store(engine)
+        return Store(engine, actions=operator_action)
 
     def shown_url(self) -> str | None:
         """The database URL without its password, once the config has loaded."""

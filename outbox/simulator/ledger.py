@@ -24,7 +24,8 @@ class LedgerEntry:
 
 @dataclass(frozen=True)
 class CallRecord:
-    """One call as received and answered; ``had_apikey`` only says whether a key was sent."""
+    """One call as received and answered; ``had_apikey`` only says whether a key was sent
+    (never the key); ``traceparent`` is the W3C trace context the caller sent, if any."""
 
     method: str
     key: str | None
@@ -32,6 +33,7 @@ class CallRecord:
     at: datetime
     had_apikey: bool
     executed: bool = False
+    traceparent: str | None = None  # the call's ``traceparent`` metadata, as received
 
 
 class Ledger:

@@ -63,8 +63,12 @@ def _key_of(method: Method, request: Message) -> str | None:
 
 
 def _apikey(context: grpc.ServicerContext) -> str | None:
+    return _metadata(context, "apikey")
+
+
+def _metadata(context: grpc.ServicerContext, wanted: str) -> str | None:
     for name, value in context.invocation_metadata() or ():
-        if name == "apikey":
+        if name == wanted:
             return str(value)
     return None
 
@@ -373,7 +377,13 @@ class Simulator:
     ) -> None:
         had_apikey = _apikey(context) is not None
         record = CallRecord(
-            path, key, outcome.code.name, self._clock(), had_apikey, outcome.executed
+            path,
+            key,
+            outcome.code.name,
+            self._clock(),
+            had_apikey,
+            outcome.executed,
+            traceparent=_metadata(context, "traceparent"),
         )
         with self._cond:
             self._book.calls.append(record)

@@ -25,12 +25,15 @@ records); never gRPC, the dispatcher, the daemon or the CLI.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy.engine import Engine
 
 from outbox.filters import RowFilter
+from outbox.operations import ActionScope, ActionTrace, untraced
 from outbox.report import FinishedRow
 from outbox.store import (
     approvals,
@@ -73,6 +76,7 @@ from outbox.store.rows import (
 )
 from outbox.store.selection import AmbiguousRowError
 from outbox.store.tx import lock_lane, read, retry_transient, transient, write
+from outbox.vocabulary import OperatorAction
 
 __all__ = [
     "AmbiguousRowError",
@@ -110,11 +114,14 @@ class Store:
     """Named operations over one engine. Each public method is one transaction; those that
     write are run again when they lost a lock race (``tx.write``)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, actions: ActionScope = untraced) -> None:
+        """``actions`` opens a span around each operator action (the CLI gives
+        ``outbox.tracing.operator_action``); the store itself knows no tracing."""
         self.engine = engine
         self.dialect = engine.dialect.name
         self._claimer = claims.Claimer(engine)
         self._holds = holds.HoldsCache(self.holds)
+        self._actions = actions
 
     # ---- the dispatcher: claims and outcomes (claims.py, record.py)
 
@@ -215,7 +222,9 @@ class Store:
 
     def requeue(self, key: str, actor: str, reason: str, now: datetime) -> RowView:
         """parked → pending, same key, due now; its unknown outcomes are counted afresh."""
-        write(self.engine, operator.requeue, key, actor, reason, now)
+        with self._acting(OperatorAction.REQUEUE, actor, ("key",)) as action:
+            write(self.engine, operator.requeue, key, actor, reason, now)
+            action.counts["acted"] = 1
         return self.get(key)
 
     def cancel(
@@ -231,14 +240,19 @@ class Store:
         """pending/parked → cancelled. Refuses a row that may have executed unless ``force``;
         under ``dual_control`` a forced one becomes a request (``approve``, ``reject``)."""
         cancel = operator.cancel
-        write(self.engine, cancel, key, actor, reason, now, force=force, dual_control=dual_control)
+        with self._acting(OperatorAction.CANCEL, actor, ("key",)) as action:
+            write(
+                self.engine, cancel, key, actor, reason, now, force=force, dual_control=dual_control
+            )
+            action.counts["acted"] = 1
         return self.get(key)
 
     def requeue_keys(
         self, keys: Sequence[str], actor: str, reason: str, now: datetime, *, dry_run: bool = False
     ) -> BulkResult:
         """``requeue`` of each key; a row that cannot be requeued is skipped, with why."""
-        return bulk.by_keys(self.engine, keys, Act("requeue", actor, reason, now), dry_run=dry_run)
+        act = Act("requeue", actor, reason, now)
+        return self._bulk(act, ("keys",), dry_run, partial(bulk.by_keys, self.engine, keys, act))
 
     def cancel_keys(
         self,
@@ -253,14 +267,15 @@ class Store:
     ) -> BulkResult:
         """``cancel`` of each key; a row that cannot be cancelled is skipped, with why."""
         act = Act("cancel", actor, reason, now, force, dual_control)
-        return bulk.by_keys(self.engine, keys, act, dry_run=dry_run)
+        return self._bulk(act, ("keys",), dry_run, partial(bulk.by_keys, self.engine, keys, act))
 
     def requeue_matching(
         self, wanted: RowFilter, actor: str, reason: str, now: datetime, *, dry_run: bool = False
     ) -> BulkResult:
         """Requeue every parked row matching ``wanted``, in batches (``bulk``)."""
         act = Act("requeue", actor, reason, now)
-        return bulk.by_filter(self.engine, wanted, act, dry_run=dry_run)
+        run = partial(bulk.by_filter, self.engine, wanted, act)
+        return self._bulk(act, tuple(wanted.given()), dry_run, run)
 
     def cancel_matching(
         self,
@@ -275,15 +290,20 @@ class Store:
     ) -> BulkResult:
         """Cancel every pending or parked row matching ``wanted``, in batches (``bulk``)."""
         act = Act("cancel", actor, reason, now, force, dual_control)
-        return bulk.by_filter(self.engine, wanted, act, dry_run=dry_run)
+        run = partial(bulk.by_filter, self.engine, wanted, act)
+        return self._bulk(act, tuple(wanted.given()), dry_run, run)
 
     def approve(self, approval_id: int, actor: str, reason: str, now: datetime) -> Approval:
         """Dual control: a second, different operator approves; the action is carried out."""
-        return write(self.engine, operator.approve, approval_id, actor, reason, now)
+        with self._acting(OperatorAction.APPROVE, actor, ("approval",)) as action:
+            done = write(self.engine, operator.approve, approval_id, actor, reason, now)
+            action.counts["acted"] = 1
+        return done
 
     def reject(self, approval_id: int, actor: str, reason: str, now: datetime) -> Approval:
         """Dual control: a second, different operator rejects; the row stays as it is."""
-        return write(self.engine, operator.reject, approval_id, actor, reason, now)
+        with self._acting(OperatorAction.REJECT, actor, ("approval",)):
+            return write(self.engine, operator.reject, approval_id, actor, reason, now)
 
     def approvals(self, *, open_only: bool = True) -> list[Approval]:
         """Dual control's requests, newest first (open ones only, unless told)."""
@@ -291,15 +311,38 @@ class Store:
 
     def hold(self, kind: str, value: str, actor: str, reason: str, now: datetime) -> Hold:
         """Hold a lane or a method (``vocabulary.HoldKind``): no daemon claims its rows."""
-        made = write(self.engine, holds.add, Hold(kind, value, actor, reason, now))
+        with self._acting(OperatorAction.HOLD, actor, (kind,)):
+            made = write(self.engine, holds.add, Hold(kind, value, actor, reason, now))
         self._holds.forget()
         return made
 
     def release(self, kind: str, value: str, actor: str, reason: str) -> Hold:
         """Release a hold; returns the hold released."""
-        gone = write(self.engine, holds.remove, kind, value, actor, reason)
+        with self._acting(OperatorAction.RELEASE, actor, (kind,)):
+            gone = write(self.engine, holds.remove, kind, value, actor, reason)
         self._holds.forget()
         return gone
+
+    @contextmanager
+    def _acting(
+        self, action: OperatorAction, actor: str, selection: tuple[str, ...]
+    ) -> Iterator[ActionTrace]:
+        """Around one operator action: its span when traced (filter names, never values)."""
+        trace = ActionTrace(action, actor, selection)
+        with self._actions(trace):
+            yield trace
+
+    def _bulk(
+        self, act: Act, selection: tuple[str, ...], dry_run: bool, run: Callable[..., BulkResult]
+    ) -> BulkResult:
+        """A bulk action (``run(dry_run=…)``); a dry run only reads, and makes no span."""
+        if dry_run:
+            preview: BulkResult = run(dry_run=True)
+            return preview
+        with self._acting(OperatorAction(act.action), act.actor, selection) as action:
+            result: BulkResult = run(dry_run=False)
+            action.counts.update(bulk.counts(result))
+        return result
 
     def holds(self) -> list[Hold]:
         return read(self.engine, holds.list_holds)

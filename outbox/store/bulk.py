@@ -81,5 +81,15 @@ def _merge(total: Done, batch: Done) -> None:
     total.requested += batch.requested
 
 
+def counts(result: BulkResult) -> dict[str, int]:
+    """How many rows a bulk action selected, moved, put to a second operator, and skipped."""
+    return {
+        "matched": result.matched,
+        "acted": len(result.acted),
+        "requested": len(result.requested),
+        "skipped": len(result.skipped),
+    }
+
+
 def _result(act: Act, matched: int, done: Done) -> BulkResult:
     return BulkResult(act.action, matched, done.acted, done.skipped, done.requested)

@@ -10,6 +10,7 @@ from outbox.config import load
 from outbox.daemon import Daemon
 from outbox.database import make_engine
 from outbox.simulator import TRANSFER, Simulator
+from outbox.tracing import Tracing
 
 HOUR = 3600.0
 KEY = "daemon-test-api-key"
@@ -22,6 +23,7 @@ def daemon_for(
     probe: float = 60.0,
     clock: Callable[[], datetime] | None = None,
     listen: str = "",
+    tracing: Tracing | None = None,
 ) -> Daemon:
     """A daemon on ``url`` against ``target``; ``listen`` serves /metrics (e.g. port 0)."""
     base = load(None, env={"RECRYPT_API_KEY": KEY})
@@ -37,7 +39,9 @@ def daemon_for(
             ),
         }
     )
-    return Daemon(config) if clock is None else Daemon(config, clock=clock)
+    if clock is None:
+        return Daemon(config, tracing=tracing)
+    return Daemon(config, clock=clock, tracing=tracing)
 
 
 def test_an_insert_wakes_the_daemon_without_polling(postgres_url) -> None:

@@ -17,9 +17,14 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 import sqlalchemy as sa
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from sqlalchemy.engine import Engine
 
 import outbox
+from outbox import tracing
 from outbox.backoff import Backoff
 from outbox.database import make_engine
 from outbox.descriptors import Catalog
@@ -253,6 +258,52 @@ def test_a_client_exception_leaves_the_row_in_flight_for_the_reaper(
         dispatcher.run_once()
     assert store.get(key).state == "inflight"  # the call may have started
     assert dispatcher.inflight_ids() == []
+
+
+@pytest.fixture
+def spans(dispatcher: Dispatcher) -> Iterator[InMemorySpanExporter]:
+    """The dispatcher traced into an in-memory exporter (its own provider, not the global)."""
+    provider = TracerProvider(shutdown_on_exit=False)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    dispatcher.tracing = tracing.with_provider(provider)
+    yield exporter
+    provider.shutdown()
+
+
+def test_a_client_exception_ends_the_attempt_spans_as_abandoned(
+    engine, client, dispatcher, spans
+) -> None:
+    key = enqueue(engine)
+    client.on_key(key, raising(RuntimeError("client broke")))
+    with pytest.raises(RuntimeError, match="client broke"):
+        dispatcher.run_once()
+    (span,) = spans.get_finished_spans()  # ended: no span is left open
+    assert [e.name for e in span.events] == ["claimed", "abandoned"]
+
+
+def test_a_bad_row_has_a_span_that_says_why_without_a_call(
+    engine, store, client, dispatcher, spans
+) -> None:
+    bad = str(uuid.uuid4())
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_messages (idempotency_key, method, payload) VALUES (:k, :m, :p)"
+            ),
+            {"k": bad, "m": TRANSFER, "p": '{"amount": "1", "colour": "red"}'},
+        )
+    good = enqueue(engine)
+    dispatcher.run_once()
+    by_key = {s.attributes["messaging.message.id"]: s for s in spans.get_finished_spans()}
+    parked, sent = by_key[bad], by_key[good]
+    assert parked.name == sent.name == TRANSFER[1:]
+    assert (parked.status.status_code, parked.status.description) == (StatusCode.ERROR, "bad_row")
+    assert "rpc.grpc.status_code" not in parked.attributes
+    assert [e.name for e in parked.events] == ["claimed", "parked", "recorded"]
+    context = sent.context
+    traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    assert [s.metadata for s in client.sent] == [(("traceparent", traceparent),)]
 
 
 # --------------------------------------------------------------------------- rows and lanes
