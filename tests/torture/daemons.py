@@ -79,7 +79,7 @@ class Daemons:
                 [sys.executable, "-m", "outbox.cli", "--config", str(self.config), "run"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.env | {"RECRYPT_API_KEY": slot.api_key},
+                env=self.env | {"RECRYPT_API_KEY": slot.api_key} | traced(slot.index),
             )
 
     def is_started(self, slot: Slot) -> bool:
@@ -232,3 +232,21 @@ days = 0
 """
     )
     return path
+
+
+#: Where the even daemons send their spans: a port nothing listens on (the collector is down).
+DEAD_COLLECTOR = "http://127.0.0.1:9"
+
+
+def traced(index: int) -> dict[str, str]:
+    """Daemon ``index``'s OpenTelemetry settings: the even ones trace every attempt (and parse
+    every row's traceparent, garbage included) to a collector that is down, which must cost
+    them nothing but the spans; the odd ones do not trace."""
+    if index % 2:
+        return {"OTEL_SDK_DISABLED": "true"}
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": DEAD_COLLECTOR,
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+    }
+
