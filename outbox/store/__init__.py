@@ -76,7 +76,7 @@ from outbox.store.rows import (
 )
 from outbox.store.selection import AmbiguousRowError
 from outbox.store.tx import lock_lane, read, retry_transient, transient, write
-from outbox.vocabulary import OperatorAction
+from outbox.vocabulary import OperatorAction, State
 
 __all__ = [
     "AmbiguousRowError",
@@ -244,8 +244,9 @@ class Store:
             write(
                 self.engine, cancel, key, actor, reason, now, force=force, dual_control=dual_control
             )
-            action.counts["acted"] = 1
-        return self.get(key)
+            row = self.get(key)  # under dual control a forced cancel is only requested
+            action.counts["acted" if row.state == State.CANCELLED else "requested"] = 1
+        return row
 
     def requeue_keys(
         self, keys: Sequence[str], actor: str, reason: str, now: datetime, *, dry_run: bool = False

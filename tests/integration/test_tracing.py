@@ -315,6 +315,35 @@ def test_a_refused_action_says_so_and_a_dry_run_makes_no_span(
     engine.dispose()
 
 
+def test_hold_release_cancel_approve_and_reject_each_make_their_span(
+    sqlite_url: str, provider: TracerProvider, exported: InMemorySpanExporter
+) -> None:
+    """Every other action, dual control included: its own span, who acted, no reason text."""
+    engine = sa.create_engine(sqlite_url)
+    store = Store(engine, actions=tracing.with_provider(provider).action)
+    now = datetime.now(UTC)
+    store.hold("lane", "lane-7", "alice@console", "WHY-hold", now)
+    store.release("lane", "lane-7", "alice@console", "WHY-release")
+    for verdict in (store.approve, store.reject):
+        key = outbox_row(engine)
+        park(engine, key, maybe_executed=True)
+        store.cancel(key, "alice@console", "WHY-cancel", now, True, dual_control=True)
+        (request,) = store.approvals()
+        verdict(request.id, "bob@console", "WHY-verdict", now)
+
+    spans = exported.get_finished_spans()
+    assert [s.name for s in spans] == [
+        f"outbox {a}" for a in ("hold", "release", "cancel", "approve", "cancel", "reject")
+    ]
+    assert all(s.kind == SpanKind.INTERNAL for s in spans)
+    actors = [dict(s.attributes or {})["outbox.actor"] for s in spans]
+    assert actors == ["alice@console"] * 3 + ["bob@console", "alice@console", "bob@console"]
+    assert dict(spans[2].attributes or {})["outbox.rows.requested"] == 1  # a request, not done
+    values = [str(v) for s in spans for v in (s.attributes or {}).values()]
+    assert not [v for v in values if "WHY" in v or "lane-7" in v]
+    engine.dispose()
+
+
 def outbox_row(engine: Engine) -> str:
     with engine.begin() as conn:
         return outbox.enqueue(conn, TRANSFER, PAYLOAD)
