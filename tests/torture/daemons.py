@@ -249,4 +249,3 @@ def traced(index: int) -> dict[str, str]:
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": DEAD_COLLECTOR,
         "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
     }
-
