@@ -8,7 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from outbox import tracing
 from outbox.filters import RowFilter
 from outbox.store import Store
 from tests.console.conftest import csrf_of, logged_in
@@ -168,3 +172,26 @@ def test_a_forced_cancel_without_dual_control_cancels(
     data = {"key": seeded.unknown, "csrf": token, "reason": "gone", "force": "yes"}
     assert operator.post("/row/cancel", data=data).status_code == 303
     assert store.get(seeded.unknown).state == "cancelled" and not store.approvals()
+
+
+def test_a_console_action_makes_its_span_with_the_console_user(
+    store: Store, seeded: Seeded, tmp_path: Path
+) -> None:
+    """``outbox console`` serves the CLI's store (``Outbox.store()``), whose operator actions
+    make spans: here with an in-memory exporter, the user as the actor, no reason text."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    traced = Store(store.engine, actions=tracing.with_provider(provider).action)
+    with serving(traced, settings_for(tmp_path)) as url:
+        operator = logged_in(url, "olga")
+        token = csrf_of(operator.get("/rows").text)
+        data = {"csrf": token, "action": "requeue", "reason": "WHY-console"}
+        answer = operator.post("/rows/selected", data=data | {"key": [seeded.precondition]})
+        operator.close()
+    assert answer.status_code == 200, answer.text
+    (span,) = exporter.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert (span.name, attributes["outbox.actor"]) == ("outbox requeue", "olga@console")
+    assert attributes["outbox.rows.acted"] == 1
+    assert not [v for v in attributes.values() if "WHY" in str(v)]
