@@ -35,8 +35,10 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import TYPE_CHECKING, Any, Protocol
 
+from outbox.errors import BadRowError
 from outbox.logs import kv
 from outbox.operations import ActionTrace
+from outbox.payload import check_key
 from outbox.vocabulary import SpanEvent
 
 if TYPE_CHECKING:
@@ -201,9 +203,11 @@ class _Otel(Tracing):
             "rpc.method": method,
             **self._server,
             "outbox.row.id": row.id,
-            "messaging.message.id": str(row.idempotency_key),
             "outbox.attempt": row.attempts + 1,
         }
+        key = _shown_key(row.idempotency_key)
+        if key is not None:
+            attributes["messaging.message.id"] = key
         span = self._tracer.start_span(
             f"{service}/{method}",
             context=self.parent(row.traceparent),
@@ -259,6 +263,15 @@ class _Otel(Tracing):
         closing = threading.Thread(target=done, name="outbox-tracing-close", daemon=True)
         closing.start()
         closing.join(CLOSE_SECONDS)
+
+
+def _shown_key(key: object) -> str | None:
+    """The row's key as a span names it: only a key (a canonical UUID). The column is the
+    writer's text: a bad row's may hold anything, of any length, and is parked, not shown."""
+    try:
+        return check_key(key)
+    except BadRowError:
+        return None
 
 
 def server_attributes(target: str) -> dict[str, str | int]:

@@ -212,6 +212,29 @@ def test_no_attribute_carries_the_payload_the_api_key_or_the_reference(
     assert not leaked
 
 
+def test_a_key_that_is_not_a_key_never_reaches_a_span(
+    daemon: Daemon, exported: InMemorySpanExporter
+) -> None:
+    """The key column is the writer's text too: a span names the row's key only when it is
+    one (a canonical UUID); anything else (here 5,000 characters of data) is left out."""
+    text = "NOT-A-KEY-" + REFERENCE * 300
+    with daemon.engine.begin() as conn:
+        conn.execute(
+            messages.insert().values(
+                idempotency_key=text[:64] if daemon.engine.dialect.name != "sqlite" else text,
+                method=TRANSFER,
+                payload=PAYLOAD,
+            )
+        )
+    run_job(daemon, "dispatch")
+
+    (attempt,) = attempts(exported)
+    attributes = dict(attempt.attributes or {})
+    assert "messaging.message.id" not in attributes
+    assert not [v for v in attributes.values() if "NOT-A-KEY" in str(v)]
+    assert attempt.status.status_code == StatusCode.ERROR  # parked bad_row, no call
+
+
 GARBAGE = {
     "text": "not a traceparent",
     "newline": "00-" + "a" * 32 + "\n-" + "b" * 16 + "-01",
