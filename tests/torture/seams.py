@@ -228,7 +228,8 @@ class Seams:
         self.report.faults["lane_race"] += 1
         self.report.extra["lane_race_in_flight"] += int(arrived)
         self.report.extra["lane_race_serialised"] += int(serialised)
-        self.note(f"lane race {lane}: B held={arrived} serialised={serialised}")
+        raced = first.raced_with is not None
+        self.note(f"lane race {lane}: B held={arrived} serialised={serialised} raced={raced}")
 
     def _commit_late(self, first: RowSpec, writer: threading.Thread, hold: Fault) -> bool:
         """T1 writes A, starts T2 (``writer``, B) and commits once B was sent or T2 has waited
