@@ -352,6 +352,19 @@ class Database:
             ).scalar_one()
         return int(found)
 
+    def claimed(self, key: str) -> bool:
+        """Whether a daemon has claimed the row with ``key`` at least once (the fingerprint is
+        stored at the first claim; a finished row was claimed or finished by hand)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                sa.text(
+                    "SELECT COUNT(*) FROM outbox_messages WHERE idempotency_key = :key "
+                    "AND (payload_fingerprint IS NOT NULL OR state <> 'pending')"
+                ),
+                {"key": key},
+            ).scalar_one()
+        return int(found) > 0
+
     def inflight_in_lane(self, lane: str) -> int:
         with self.engine.connect() as conn:
             found = conn.execute(

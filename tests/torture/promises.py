@@ -473,13 +473,15 @@ def _lane_order(lane: str, members: list[RowSpec], observed: Observed) -> list[s
     """Y (later id) may execute before X only if X was not yet visible when Y was first sent.
 
     A row whose INSERT committed after a later row of its lane was already sent may go after
-    it: no system can order by an id it cannot see yet.
+    it: no system can order by an id it cannot see yet. "Sent" is the call's arrival at the
+    simulator, later than the claim that decided it; so a row the harness saw already claimed
+    when X's commit returned (``raced_with``) may go first too.
     """
     ran = [s for s in members if s.key in observed.position]
     bad = []
     for i, x in enumerate(ran):
         for y in ran[i + 1 :]:
-            if observed.position[y.key] > observed.position[x.key]:
+            if observed.position[y.key] > observed.position[x.key] or x.raced_with == y.key:
                 continue
             sent = observed.first_call.get(y.key)
             if x.visible_at is None or sent is None or x.visible_at < sent:

@@ -594,6 +594,29 @@ def test_a_call_left_over_after_its_key_executed_holds_no_lane() -> None:
     assert not [line for line in found if "in flight at once" in line], found
 
 
+def test_a_lane_row_claimed_before_the_earlier_row_was_visible_may_run_first() -> None:
+    """The lane race under CPU starvation (seed 185558, MariaDB, load ~12): B was claimed
+    before A's late commit, but its call reached the simulator 60 ms after that commit had
+    returned. The harness saw B claimed then (``raced_with``): no violation. The same order
+    with B not yet claimed at A's commit is still one."""
+    catalog = Catalog.load()
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    rows = {a: _row(1, "committed"), b: _row(2, "committed")}
+    observed = Observed(
+        [_entry(catalog, b, BODY, at=0.7), _entry(catalog, a, BODY, at=0.8)],
+        [_span(b, 0.06, 0.7, executed=True), _span(a, 0.75, 0.8, executed=True)],
+    )
+    for raced, expected in ((b, []), (None, ["lane Q executed out of order: row 1"])):
+        specs = [
+            RowSpec(0, a, TRANSFER, BODY, "lane", "sql", lane="Q", visible_at=NOW),
+            RowSpec(1, b, TRANSFER, BODY, "lane", "sql", lane="Q", visible_at=NOW),
+        ]
+        specs[0].raced_with = raced
+        found = [line for line in check(specs, Table(rows), observed, catalog) if "order" in line]
+        assert [e for e in expected if not any(e in line for line in found)] == [], found
+        assert bool(found) == bool(expected), found
+
+
 class _RaceDuringPurge(Database):
     """The race of ``purge_finished``: a row inserted and finished just after the rows were
     read, and purged with the others (as a daemon can do between the read and the purge)."""

@@ -70,6 +70,11 @@ class RowSpec:
     #: A parked lane head finished by an operator (``lanes``): "cancel" or "requeue" (through
     #: the store) or "sql" (an UPDATE by hand). Its lane must then move on.
     unblocked: str | None = None
+    #: The lane race (``seams``): the key of the later row of its lane that a daemon had
+    #: already claimed when this row's late commit had returned. The daemon decided on a
+    #: snapshot this harness cannot see, so either may run first; that call's arrival at the
+    #: simulator is no bound, as a starved daemon may send long after its claim.
+    raced_with: str | None = None
 
 
 @dataclass
