@@ -12,7 +12,8 @@ Issue 14's target: the Rows page and the Overview answer in under 200 ms on 2,00
 2. Serves the console in this process (uvicorn on 127.0.0.1, a free port), logs in, and
    times each page warm: ``--requests`` requests after two unmeasured ones; p50/p95/max in ms.
 
-Standalone: it shares nothing with ``bench/__main__.py``.
+It takes ``fresh_database`` from ``bench/__main__.py`` and the console's server in a thread
+from ``tests/console/harness.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
-import uvicorn
 
+from bench.__main__ import fresh_database
 from outbox import migrate
 from outbox.console.app import make_app
 from outbox.console.settings import ConsoleSettings
@@ -38,6 +38,7 @@ from outbox.console.users import Role, User, hash_password, write_users
 from outbox.database import make_engine, normalise_url
 from outbox.store import Store
 from outbox.vocabulary import ParkReason
+from tests.console.harness import serving_app
 
 TRANSFER = "/recrypt.wallet.v1.Wallet/Transfer"
 PLACE_ORDER = "/recrypt.market.v1.Market/PlaceOrder"
@@ -64,19 +65,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- the table
-
-
-def fresh_database(url: str) -> sa.Engine:
-    parsed = normalise_url(url)
-    backend = parsed.get_backend_name()
-    admin_db = "postgres" if backend == "postgresql" else "mysql"
-    admin = sa.create_engine(parsed.set(database=admin_db), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        force = " WITH (FORCE)" if backend == "postgresql" else ""
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {parsed.database}{force}")
-        conn.exec_driver_sql(f"CREATE DATABASE {parsed.database}")
-    admin.dispose()
-    return make_engine(parsed)
 
 
 def _sql(dialect: str) -> dict[str, str]:
@@ -200,7 +188,6 @@ def prepared(args: argparse.Namespace) -> sa.Engine:
             return engine
         engine.dispose()
     engine = fresh_database(args.url)
-    migrate.upgrade(engine)
     began = time.perf_counter()
     fill_messages(engine, args.rows, args.hours)
     fill_history(engine)
@@ -218,26 +205,8 @@ def serving(store: Store, tmp: Path) -> Iterator[str]:
     users = tmp / "users.json"
     write_users(users, {"bench": User("bench", Role.VIEWER, hash_password(PASSWORD))})
     settings = ConsoleSettings(users, tmp / "secret", "127.0.0.1", 0, "", False, ())
-    config = uvicorn.Config(
-        make_app(store, settings, SECRET),
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="off",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the console did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving_app(make_app(store, settings, SECRET)) as url:
+        yield url
 
 
 def logged_in(base_url: str) -> httpx.Client:

@@ -19,6 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import uvicorn
 from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
 
 import outbox
 from outbox.console.app import make_app
@@ -157,8 +158,16 @@ def serving(
     store: Store, settings: ConsoleSettings, report_fields: FieldMap | None = None
 ) -> Iterator[str]:
     """The console's base URL, served by uvicorn on a free loopback port until exit."""
+    with serving_app(make_app(store, settings, SECRET, report_fields)) as url:
+        yield url
+
+
+@contextmanager
+def serving_app(app: Starlette) -> Iterator[str]:
+    """``app``'s base URL, served by uvicorn in a thread on a free loopback port until exit
+    (the tests' console, and ``bench.console``'s)."""
     config = uvicorn.Config(
-        make_app(store, settings, SECRET, report_fields),
+        app,
         host="127.0.0.1",
         port=0,
         proxy_headers=False,
