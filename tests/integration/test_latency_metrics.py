@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
 from outbox.daemon import Daemon
@@ -18,8 +17,7 @@ from outbox.simulator import Fault, Simulator
 from outbox.store import WorkerBeat
 from tests.integration.test_daemon import KEY, daemon_for
 from tests.integration.test_monitoring import TRANSFER, enqueue, now, run_job
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from tests.unit.test_metrics import Samples, samples_of
 
 
 @pytest.fixture
@@ -44,12 +42,7 @@ def any_daemon(db_url: str, sim: Simulator) -> Iterator[Daemon]:
 
 
 def samples(daemon: Daemon) -> Samples:
-    text = daemon.metrics.render().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    return samples_of(daemon.metrics.render().decode())
 
 
 def due_now(engine: Engine, key: str) -> None:

@@ -54,16 +54,24 @@ def get(server: HealthServer, path: str) -> tuple[int, str, str]:
             return err.code, err.headers["Content-Type"], err.read().decode()
 
 
-def scrape(server: HealthServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples_of(exposition: str) -> Samples:
     """Every sample as {(name, sorted labels): value}, through the Prometheus text parser."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+
+
+def scrape(server: HealthServer) -> Samples:
+    """Every sample ``/metrics`` serves (``samples_of``)."""
     status, ctype, body = get(server, "/metrics")
     assert status == 200
     assert ctype.startswith("text/plain; version=")
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-    }
+    return samples_of(body)
 
 
 def test_port_zero_binds_a_real_port(server: HealthServer) -> None:
