@@ -531,9 +531,9 @@ class Daemon:
     ) -> None:
         """How long the row waited: to its first send (the first claim's call, once per row)
         and to its commit (now: the commit is recorded when observers hear of it)."""
-        first = claim.stored_fingerprint is None and answer is not None and answer.started
-        sent_at = answer.sent_at if first and answer is not None else None
-        to_send = None if sent_at is None else sent_at - due
+        sent_at = answer.sent_at if answer is not None and answer.started else None
+        first = claim.stored_fingerprint is None  # the row's first claim
+        to_send = sent_at - due if first and sent_at is not None else None
         to_commit = self.clock().timestamp() - due if isinstance(outcome, Committed) else None
         if to_send is not None or to_commit is not None:
             self.metrics.observe_waited(claim.method, first_send=to_send, committed=to_commit)
