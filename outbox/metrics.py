@@ -73,8 +73,8 @@ class Metrics:
         self._declare_table(self.registry)
         self._declare_daemon(self.registry)
         self._declare_workers(self.registry)
-        self._methods: frozenset[str] = frozenset()
         self._calls: dict[tuple[str, str], Histogram] = {}
+        self.know_methods(())  # until the daemon knows its catalog: every method is "other"
         self._init_series()
 
     def _declare_calls(self, r: CollectorRegistry) -> None:
@@ -212,9 +212,10 @@ class Metrics:
         """The gRPC paths a ``method`` label may take (the catalog's); any other is ``other``.
         Their latency series start at 0, so a quantile shows before the first row."""
         self._methods = frozenset(methods)
-        for method in (*self._methods, OTHER):
-            self.to_first_send.labels(method=method)
-            self.to_committed.labels(method=method)
+        # the children, looked up once, as for the other per-row metrics
+        named = (*self._methods, OTHER)
+        self._first_sends = {m: self.to_first_send.labels(method=m) for m in named}
+        self._commits = {m: self.to_committed.labels(method=m) for m in named}
 
     def observe_call(self, code: str, seconds: float, method: str = OTHER) -> None:
         """One answered call: its gRPC code name (``"OK"``, ``"UNAVAILABLE"``…), its method's
@@ -235,11 +236,10 @@ class Metrics:
     ) -> None:
         """A row's waits, in seconds since it became due: to its first send, to its commit
         (each None when this outcome is not that moment)."""
-        label = _fixed(method, self._methods)
         if first_send is not None:
-            self.to_first_send.labels(method=label).observe(max(first_send, 0.0))
+            self._first_sends.get(method, self._first_sends[OTHER]).observe(max(first_send, 0.0))
         if committed is not None:
-            self.to_committed.labels(method=label).observe(max(committed, 0.0))
+            self._commits.get(method, self._commits[OTHER]).observe(max(committed, 0.0))
 
     def observe_outcome(self, outcome: str) -> None:
         """One row outcome: committed, retry, parked, handed_back or lost."""
